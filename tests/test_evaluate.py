@@ -1,0 +1,180 @@
+"""Evaluation helpers: significance, win rate, per-group RM accuracy, KL, alignment tax, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.models import load_causal_lm, load_tokenizer
+from trainer.config import EvalConfig
+from trainer.data import Comparison, user_turn
+from trainer.evaluate import (
+    accuracy_by_group,
+    binomial_sf_one_sided,
+    kl_to_reference,
+    pairwise_accuracy,
+    ptx_eval_loss,
+    sample_responses,
+    win_rate,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir, dtype="float32", device="cpu"), load_tokenizer(tiny_model_dir)
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize("k, n, p, expected", [
+    (8, 10, 0.5, 56 / 1024),  # C(10,8) + C(10,9) + C(10,10) = 45 + 10 + 1 = 56, over 2^10
+    (10, 10, 0.5, 1 / 1024),
+    (5, 10, 0.5, 638 / 1024),  # 252 + 210 + 120 + 45 + 10 + 1
+    (2, 3, 0.3, 0.216),  # 3 * 0.3^2 * 0.7 + 0.3^3 = 0.189 + 0.027
+    (0, 5, 0.5, 1.0),
+    (6, 5, 0.5, 0.0),
+])
+def test_binomial_sf_hand_values(k, n, p, expected):
+    assert binomial_sf_one_sided(k, n, p) == pytest.approx(expected, rel=1e-12)
+
+
+def test_binomial_sf_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        binomial_sf_one_sided(1, 5, 1.5)
+
+
+def test_win_rate_counts_ties_half():
+    a = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    b = torch.tensor([0.0, 2.0, 4.0, 5.0])
+    # win, tie, loss, tie -> (1 + 0.5 + 0 + 0.5) / 4
+    assert win_rate(a, b) == pytest.approx(0.5)
+    assert win_rate(b, a) == pytest.approx(0.5)
+    assert win_rate(torch.tensor([2.0]), torch.tensor([1.0])) == 1.0
+    with pytest.raises(ValueError):
+        win_rate(torch.zeros(2), torch.zeros(3))
+
+
+def test_accuracy_by_group_hand_case():
+    comparisons = [
+        # K = 3, strict ranking 0 > 1 > 2: 3 pairs
+        Comparison(user_turn("a"), ("x", "y", "z"), (0, 1, 2), labeler_group="train"),
+        # K = 3 with a tie: ranks (0, 0, 1) give 2 pairs, (0, 2) and (1, 2)
+        Comparison(user_turn("b"), ("x", "y", "z"), (0, 0, 1), labeler_group="heldout"),
+        # K = 2
+        Comparison(user_turn("c"), ("x", "y"), (1, 0), labeler_group="train"),
+    ]
+    scores = [
+        torch.tensor([3.0, 1.0, 2.0]),  # (0,1) right, (0,2) right, (1,2) wrong -> 2/3
+        torch.tensor([0.0, 5.0, 1.0]),  # (0,2) wrong, (1,2) right -> 1/2
+        torch.tensor([1.0, 1.0]),  # a score tie is wrong -> 0/1
+    ]
+    result = accuracy_by_group(scores, comparisons)
+    assert result["num_pairs"] == 6 and result["num_comparisons"] == 3
+    assert result["accuracy"] == pytest.approx(3 / 6)
+    assert result["by_group"]["train"] == {"accuracy": pytest.approx(2 / 4), "num_pairs": 4, "num_comparisons": 2}
+    assert result["by_group"]["heldout"] == {"accuracy": pytest.approx(1 / 2), "num_pairs": 2,
+                                             "num_comparisons": 1}
+
+
+class LengthScorer:
+    """Scores a response by its length in characters (the longest wins)."""
+
+    def __init__(self) -> None:
+        self.scored = 0
+
+    def score_texts(self, tokenizer, prompts, responses, batch_size=16):
+        self.scored += len(responses)
+        return torch.tensor([float(len(r)) for r in responses])
+
+
+def test_pairwise_accuracy_scores_each_completion_once():
+    comparisons = [
+        Comparison(user_turn("a"), ("long answer", "short", "mid one"), (0, 2, 1), labeler_group="g1"),
+        Comparison(user_turn("b"), ("tiny", "a longer one"), (0, 1), labeler_group="g2"),
+    ]
+    scorer = LengthScorer()
+    result = pairwise_accuracy(scorer, None, comparisons)
+    assert scorer.scored == 5
+    assert result["by_group"]["g1"]["accuracy"] == 1.0  # lengths 11 > 7 > 5 match ranks 0 < 1 < 2
+    assert result["by_group"]["g2"]["accuracy"] == 0.0
+    assert result["accuracy"] == pytest.approx(3 / 4)
+
+
+def test_eval_config_rejects_bad_values():
+    for field, value in [("max_new_tokens", 0), ("temperature", -1.0), ("significance_level", 1.0),
+                         ("max_prompts", 0), ("ptx_max_length", 1)]:
+        with pytest.raises(ValueError, match=field):
+            EvalConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------- model helpers
+
+
+def test_greedy_sampling_is_batch_invariant(tiny):
+    """Left padding: a prompt's greedy answer does not depend on its batch neighbours."""
+    model, tok = tiny
+    prompts = [user_turn("Hi"), user_turn("What is the capital of a very large country?")]
+    batched = sample_responses(model, tok, prompts, max_new_tokens=6, temperature=0.0, batch_size=2)
+    alone = [sample_responses(model, tok, [p], max_new_tokens=6, temperature=0.0)[0] for p in prompts]
+    assert batched == alone
+    assert all(isinstance(t, str) and t for t in batched)
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny):
+    model, tok = tiny
+    prompts = [user_turn("Say something")] * 3
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = sample_responses(model, tok, prompts, max_new_tokens=8, temperature=1.0, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert sample_responses(model, tok, prompts, max_new_tokens=8, temperature=1.0, seed=7) == first
+    assert sample_responses(model, tok, prompts, max_new_tokens=8, temperature=1.0, seed=8) != first
+
+
+def test_kl_to_reference_is_zero_for_the_same_model_and_matches_a_manual_sum(tiny, tiny_model_dir):
+    model, tok = tiny
+    prompts, responses = [user_turn("a"), user_turn("bb")], ["one two", "three"]
+    assert kl_to_reference(model, model, tok, prompts, responses) == pytest.approx(0.0, abs=1e-6)
+
+    other = load_causal_lm(tiny_model_dir, dtype="float32", device="cpu")
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)
+    kl = kl_to_reference(model, other, tok, prompts, responses)
+    expected = []
+    from trainer.data import encode_response, render_prompt
+
+    for p, r in zip(prompts, responses):
+        prompt_ids, response_ids = render_prompt(tok, p), encode_response(tok, r)
+        ids = torch.tensor([prompt_ids + response_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+            lq = torch.log_softmax(other(input_ids=ids).logits[0], -1)
+        # response token at position t is predicted at t - 1
+        total = sum(lp[t - 1, ids[0, t]] - lq[t - 1, ids[0, t]] for t in range(len(prompt_ids), ids.shape[1]))
+        expected.append(float(total))
+    assert kl == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+
+def test_ptx_eval_loss_is_the_token_mean_nll(tiny):
+    model, tok = tiny
+    texts = ["The river runs to the sea.", "Bread rises in a warm kitchen, slowly."]
+    loss = ptx_eval_loss(model, tok, texts, max_length=64, batch_size=1)
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+        nll -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+        count += ids.shape[1] - 1
+    assert loss == pytest.approx(nll / count, rel=1e-5)
+    # batching (right padding) changes nothing
+    assert ptx_eval_loss(model, tok, texts, max_length=64, batch_size=2) == pytest.approx(loss, rel=1e-5)

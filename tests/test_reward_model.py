@@ -1,0 +1,301 @@
+"""The K-way reward model: one forward per completion, learning, bias, save/load, train modes, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.config import RMConfig
+from trainer.data import Comparison, Demonstration, user_turn
+from trainer.losses import ranking_loss
+from trainer.reward_model import (
+    RewardModel,
+    encode_comparisons,
+    kway_loss,
+    micro_batches,
+    train_reward_model,
+)
+
+WORDS = "apple river stone cloud green table music paper light window garden orange silver forest".split()
+MARKER = "yes"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 shared cores: one intra-op thread is ~10x faster than two under contention.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def marker_comparisons(n: int, seed: int, k: int = 4, group: str = "") -> list[Comparison]:
+    """Completions with the marker word rank 0 (tied among themselves), the rest rank 1."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        good = set(rng.sample(range(k), k // 2))
+        completions, ranks = [], []
+        for j in range(k):
+            words = rng.sample(WORDS, 4)
+            if j in good:
+                words.insert(rng.randrange(5), MARKER)
+            completions.append(" ".join(words))
+            ranks.append(0 if j in good else 1)
+        out.append(Comparison(user_turn(f"Say something ({seed}-{i})"), tuple(completions), tuple(ranks),
+                              labeler_group=group or ("train" if i % 2 else "heldout")))
+    return out
+
+
+def strict_comparisons(ks: list[int], seed: int = 0) -> list[Comparison]:
+    """One comparison per K with a strict ranking (no ties): C(K, 2) ordered pairs each."""
+    rng = random.Random(seed)
+    return [Comparison(user_turn(f"prompt {i}"), tuple(" ".join(rng.sample(WORDS, 3)) for _ in range(k)),
+                       tuple(rng.sample(range(k), k)))
+            for i, k in enumerate(ks)]
+
+
+def fast_config(**overrides) -> RMConfig:
+    base = {"learning_rate": 3e-3, "epochs": 2, "batch_size": 4, "num_threads": 1, "show_progress": False}
+    return RMConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_model_dir) -> RewardModel:
+    torch.manual_seed(0)
+    return RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One RM trained on the marker preference (top_layers, the CPU default), reused below."""
+    out = tmp_path_factory.mktemp("rm")
+    demos = [Demonstration(user_turn(f"Say something ({i})"), f"{WORDS[i]} {MARKER} {WORDS[i + 1]}")
+             for i in range(6)]
+    val = marker_comparisons(24, seed=1)
+    result = train_reward_model(tiny_model_dir, marker_comparisons(48, seed=0), val,
+                                fast_config(train_mode="top_layers"), out, demonstrations=demos)
+    return result, out, demos, val
+
+
+# ---------------------------------------------------------------------------- one forward per completion
+
+
+@pytest.mark.parametrize("k", [4, 9])
+def test_one_forward_per_completion(tiny_rm, k):
+    """P = 3 prompts of K completions: exactly 3K sequences through the backbone, in ONE call."""
+    comparisons = strict_comparisons([k, k, k])
+    items = encode_comparisons(tiny_rm.tokenizer, comparisons, max_response_length=32)
+    rows_seen = []
+    handle = tiny_rm.backbone.register_forward_pre_hook(
+        lambda m, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    before = tiny_rm.forward_calls
+    try:
+        loss, stats = kway_loss(tiny_rm, items, tiny_rm.tokenizer.pad_token_id, max_length=None)
+        loss.backward()
+    finally:
+        handle.remove()
+        tiny_rm.zero_grad(set_to_none=True)
+    assert tiny_rm.forward_calls - before == 3 * k
+    assert rows_seen == [3 * k]  # one backbone call; never two passes per pair
+    assert int(stats.num_pairs) == 3 * k * (k - 1) // 2  # all C(K, 2) pairs of each prompt
+
+
+def test_training_counts_one_forward_per_completion(tiny_model_dir, tmp_path):
+    """Mixed K = 2..9 over one epoch: forward passes == sum of K, however the steps are cut."""
+    ks = [2, 3, 4, 5, 6, 7, 8, 9]
+    config = fast_config(epochs=1, batch_size=3, max_completions_per_step=10, train_mode="top_layers")
+    result = train_reward_model(tiny_model_dir, strict_comparisons(ks), [], config, tmp_path / "rm")
+    assert result.forward_passes == sum(ks)  # 44 sequences, not 2 * 120 pairs = 240
+
+
+def test_kway_loss_equals_mean_of_per_prompt_ranking_losses(tiny_rm):
+    """Padding to Kmax must not leak: the batched loss is the mean of each prompt's own loss."""
+    comparisons = strict_comparisons([2, 5, 3], seed=3)
+    items = encode_comparisons(tiny_rm.tokenizer, comparisons, max_response_length=32)
+    tiny_rm.eval()
+    with torch.no_grad():
+        loss, _ = kway_loss(tiny_rm, items, tiny_rm.tokenizer.pad_token_id, max_length=None)
+        expected = torch.stack([
+            ranking_loss(tiny_rm.score_texts(tiny_rm.tokenizer, [c.messages] * len(c.completions),
+                                             list(c.completions)), torch.tensor(c.ranks))
+            for c in comparisons]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_keep_prompts_whole():
+    items = encode_comparisons_stub([4, 4, 9, 2, 3])
+    groups = micro_batches(items, max_sequences=8)
+    # 4+4 = 8 fits; 9 exceeds the cap alone but is never split; 2+3 = 5.
+    assert [[len(i.completion_ids) for i in g] for g in groups] == [[4, 4], [9], [2, 3]]
+
+
+def encode_comparisons_stub(ks):
+    from trainer.reward_model import EncodedComparison
+
+    return [EncodedComparison([1], [[2, 3]] * k, list(range(k))) for k in ks]
+
+
+def test_all_tied_comparisons_are_skipped(tiny_model_dir, tmp_path):
+    tied = Comparison(user_turn("tied"), ("a", "b", "c"), (0, 0, 0))
+    result = train_reward_model(tiny_model_dir, [tied, *strict_comparisons([3])], [],
+                                fast_config(epochs=1), tmp_path / "rm")
+    assert result.skipped_all_tied == 1
+    assert result.num_train == 1
+    assert result.forward_passes == 3
+
+
+# ---------------------------------------------------------------------------- learning and bias
+
+
+def test_rm_learns_a_synthetic_preference(trained):
+    """Held-out comparisons (other prompts, other word draws): >= 90% pairwise accuracy."""
+    result, _, _, val = trained
+    assert result.val["accuracy"] >= 0.9, result.val
+    assert result.val["num_pairs"] == 24 * 4  # 2 good x 2 bad per K = 4 comparison
+    assert set(result.val["by_group"]) == {"train", "heldout"}
+    for group in result.val["by_group"].values():
+        assert group["num_comparisons"] == 12
+        assert group["accuracy"] >= 0.8
+    assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"]
+    json.dumps(result.to_dict())  # JSON-serialisable
+
+
+def test_bias_makes_demonstrations_score_mean_zero(trained):
+    result, out, demos, _ = trained
+    assert result.bias_source == "demonstrations"
+    rm = RewardModel.load(out, dtype="float32", device="cpu")
+    scores = rm.score_texts(rm.tokenizer, [d.messages for d in demos], [d.response for d in demos])
+    torch.testing.assert_close(scores.mean(), torch.tensor(0.0), atol=1e-4, rtol=0)
+    assert scores.std() > 0  # the bias shifts, it does not flatten
+    torch.testing.assert_close(torch.tensor(result.bias), rm.bias, atol=1e-6, rtol=0)
+
+
+def test_bias_from_bias_prompts(tiny_model_dir, tmp_path):
+    pairs = [(user_turn("q1"), "some answer"), (user_turn("q2"), "another answer here")]
+    result = train_reward_model(tiny_model_dir, strict_comparisons([3, 4]), [], fast_config(epochs=1),
+                                tmp_path / "rm", bias_prompts=pairs)
+    rm = RewardModel.load(tmp_path / "rm", device="cpu")
+    scores = rm.score_texts(rm.tokenizer, [m for m, _ in pairs], [r for _, r in pairs])
+    assert result.bias_source == "bias_prompts"
+    torch.testing.assert_close(scores.mean(), torch.tensor(0.0), atol=1e-4, rtol=0)
+
+
+def test_save_load_round_trip_gives_identical_scores(tiny_rm, tmp_path):
+    tiny_rm.set_bias(0.75)
+    prompts = [user_turn("a question"), user_turn("another, longer question here")]
+    responses = ["short", "a much longer response with several words"]
+    before = tiny_rm.score_texts(tiny_rm.tokenizer, prompts, responses)
+    tiny_rm.save(tmp_path / "rm")
+    loaded = RewardModel.load(tmp_path / "rm", dtype="float32", device="cpu")
+    after = loaded.score_texts(loaded.tokenizer, prompts, responses)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert float(loaded.bias) == 0.75
+    meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    assert meta["bias"] == 0.75 and meta["hidden_size"] == 128
+    tiny_rm.set_bias(0.0)
+
+
+def test_per_token_values_at_last_token_equal_the_score(tiny_rm):
+    from trainer.data import encode_response, pack_sequences, render_prompt
+
+    tok = tiny_rm.tokenizer
+    batch = pack_sequences([render_prompt(tok, user_turn("hi")), render_prompt(tok, user_turn("hello there"))],
+                           [encode_response(tok, "one two three"), encode_response(tok, "x")], tok.pad_token_id)
+    tiny_rm.eval()
+    with torch.no_grad():
+        scores = tiny_rm(batch.input_ids, batch.attention_mask)  # (B,)
+        values = tiny_rm.per_token_values(batch.input_ids, batch.attention_mask)  # (B, T)
+    assert values.shape == batch.input_ids.shape
+    torch.testing.assert_close(values[torch.arange(2), batch.last_token_index], scores, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- train modes
+
+
+def _layer_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_top_layers_mode_freezes_the_lower_layers(tiny_model_dir, tmp_path):
+    base = RewardModel.from_pretrained_lm(tiny_model_dir, device="cpu")
+    base.save(tmp_path / "base")
+    result = train_reward_model(tiny_model_dir, strict_comparisons([4, 4]), [],
+                                fast_config(epochs=1, train_mode="top_layers", top_layers=1), tmp_path / "rm")
+    before, after = _layer_weights(tmp_path / "base"), _layer_weights(tmp_path / "rm")
+    assert torch.equal(before["embed_tokens.weight"], after["embed_tokens.weight"])
+    assert torch.equal(before["layers.0.mlp.up_proj.weight"], after["layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["layers.1.mlp.up_proj.weight"], after["layers.1.mlp.up_proj.weight"])
+    assert result.trainable_params < result.total_params
+
+
+def test_lora_mode_merges_into_a_plain_backbone(tiny_model_dir, tmp_path):
+    result = train_reward_model(tiny_model_dir, strict_comparisons([4, 4]), [],
+                                fast_config(epochs=1, train_mode="lora", lora_r=4), tmp_path / "rm")
+    weights = _layer_weights(tmp_path / "rm")
+    assert not any("lora" in name for name in weights)
+    base = _layer_weights(tiny_model_dir)
+    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"], weights["layers.0.self_attn.q_proj.weight"])
+    rm = RewardModel.load(tmp_path / "rm", device="cpu")
+    assert all(p.requires_grad for p in rm.parameters())
+    assert result.trainable_params < 0.1 * result.total_params
+
+
+# ---------------------------------------------------------------------------- config and CLI
+
+
+@pytest.mark.parametrize("field, value", [
+    ("train_mode", "frozen"), ("top_layers", -1), ("lora_r", 0), ("epochs", 0), ("learning_rate", 0.0),
+    ("max_completions_per_step", 1), ("batch_size", 0), ("max_response_length", 512), ("device", "tpu"),
+    ("warmup_ratio", 1.0), ("max_grad_norm", 0.0),
+])
+def test_rm_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        RMConfig(**{field: value})
+
+
+def test_rm_config_defaults_follow_the_paper_where_cheap():
+    config = RMConfig()
+    assert config.epochs == 1 and config.min_lr_ratio == 0.1
+
+
+def test_jsonl_formats_parse_to_comparisons():
+    from trainer.cli import comparison_from_row
+
+    kway = comparison_from_row({"prompt": "q", "completions": ["a", "b", "c", "d"], "ranking": [[2], [0, 3], [1]],
+                                "labeler_group": "g1"})
+    assert kway.ranks == (1, 2, 0, 1) and kway.labeler_group == "g1"
+    assert kway.messages == user_turn("q")
+    pair = comparison_from_row({"prompt": "q", "chosen": "good", "rejected": "bad"})
+    assert pair.completions == ("good", "bad") and pair.ranks == (0, 1)
+    chat = comparison_from_row({"prompt": [{"role": "user", "content": "q"}],
+                                "chosen": [{"role": "assistant", "content": "good"}],
+                                "rejected": [{"role": "assistant", "content": "bad"}]})
+    assert chat.completions == ("good", "bad")
+    exported = comparison_from_row({"prompt": {"id": "p1", "text": "q", "messages": None},
+                                    "completions": [{"id": "c0", "text": "x"}, {"id": "c1", "text": "y"}],
+                                    "ranking": [["c1"], ["c0"]]})
+    assert exported.ranks == (1, 0) and exported.prompt_id == "p1"
+    with pytest.raises(ValueError, match="every completion"):
+        comparison_from_row({"prompt": "q", "completions": ["a", "b"], "ranking": [[0]]})
+
+
+def test_cli_trains_an_rm_from_pairwise_jsonl(tiny_model_dir, tmp_path):
+    from trainer.cli import main
+
+    rows = [{"prompt": f"q{i}", "chosen": f"{MARKER} {WORDS[i]}", "rejected": WORDS[i + 1]} for i in range(10)]
+    rankings = tmp_path / "pairs.jsonl"
+    rankings.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    code = main(["rm", "--model", str(tiny_model_dir), "--rankings", str(rankings), "--out", str(out),
+                 "--set", "num_threads=1", "--set", "show_progress=false", "--set", "batch_size=4"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["batch_size"] == 4
+    assert metrics["result"]["num_train"] == 9 and metrics["result"]["num_val"] == 1
+    assert metrics["result"]["forward_passes"] == 18  # 9 pairs, K = 2
+    RewardModel.load(out, device="cpu")
