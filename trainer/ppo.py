@@ -1,0 +1,719 @@
+"""Step 3: PPO-ptx, InstructGPT's RL stage.
+
+A bandit environment: a prompt in, a response out, the frozen reward model's score at the
+end, and a per-token KL penalty -beta * log(pi_RL / pi_SFT) against the frozen SFT
+reference. PPO-ptx adds gamma * (pretraining log-likelihood) to the objective, which keeps
+the policy's language modelling from regressing (the "alignment tax").
+
+``train_ppo`` reads top to bottom; each iteration (``ppo_iteration``) is:
+
+  1. sample prompts                         ``prompt_schedule``
+  2. rollout with the CURRENT weights       ``collect_rollouts``
+  3. score with the frozen RM               ``score_rollouts``
+  4. old log-probs (policy), reference log-probs (frozen SFT), values (trained copy of the
+     RM), entropy                           ``evaluate_rollouts``
+  5. per-token rewards                      ``trainer.losses.kl_penalized_rewards``
+  6. GAE (+ whitening)                      ``compute_advantages``
+  7. PPO epochs over minibatches            ``ppo_update`` -> ``ppo_minibatch_step``:
+     clipped policy loss + ptx_coef * pretraining NLL, then the clipped value loss
+  8. KL controller update
+
+All the math lives in ``trainer.losses``; this module moves tensors between models.
+
+Conventions (``trainer.data``): sequences are right-padded prompt ++ response (EOS
+included when the model stopped); every per-token quantity lives on the label grid
+(B, T - 1), where column t is the prediction of token t + 1, and ``mask`` is the response
+mask shifted by one. A value V(s_t) on that grid is the value of the prefix ending at
+token t, i.e. the state in which token t + 1 is chosen.
+
+Normalisation of ptx_coef (gamma): both terms are per-token means. The policy loss is the
+masked mean over the minibatch's response tokens of the clipped surrogate (with whitened,
+unit-scale advantages) and ``ptx_loss`` is the masked mean NLL over the pretraining
+batch's tokens, so gamma = 1 weighs one pretraining token like one RL token, whatever the
+batch sizes. The paper's 27.8 is reported without saying how its two terms are
+normalised, so it does not transfer; the default here was calibrated by measurement on
+the embedded model (see ``PPOConfig.ptx_coef``).
+
+Precision: frozen models (reference, RM) run in ``dtype`` (bf16 on a CUDA device that
+supports it); trained models (policy, value) keep fp32 weights under bf16 autocast there,
+since AdamW updates of ~1e-5 relative size vanish in bf16 weights. On CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import random
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from common.models import load_causal_lm, load_tokenizer
+from trainer.config import _check, _check_literals
+from trainer.corpus import PtxBatch, PtxBatcher, load_corpus, split_corpus
+from trainer.data import PromptExample, SequenceBatch, pack_sequences
+from trainer.device import num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_approx_kl,
+    entropy_from_logits,
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ptx_loss,
+    response_logprobs,
+    value_loss,
+)
+from trainer.reward_model import RewardModel
+from trainer.rollout import HFRolloutGenerator, RolloutGenerator, Rollouts
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4}  # measured on the 135M model (MACHINE-FACTS)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass
+class PPOConfig:
+    """Step 3: PPO-ptx against a frozen RM with a per-token KL penalty to the SFT reference.
+
+    Paper: beta = 0.02, gamma (ptx) = 27.8 under its own normalisation, value function
+    initialised from the RM. Defaults are sized for the embedded SmolLM2-135M on a 2-core CPU.
+    """
+
+    # -- rollouts
+    rollouts_per_iteration: int = field(
+        default=16, metadata={"help": "Prompts sampled (one response each) per PPO iteration."})
+    iterations: int = field(default=10, metadata={"help": "PPO iterations (rollout + update rounds)."})
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "Response token cap; a response that hits it has no EOS."})
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature (> 0). Log-probs of policy AND reference are taken at this "
+                  "temperature, so PPO optimises the distribution it samples from."})
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling; < 1 makes rollouts slightly off-policy (log-probs ignore the cut)."})
+    max_prompt_tokens: int = field(
+        default=256, metadata={"help": "Prompt tokens kept (the END of a longer prompt is kept)."})
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Subtracted from the RM score of responses cut at max_new_tokens (the RM was trained "
+                  "on responses ending with EOS); None = no penalty."})
+    # -- KL penalty
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "beta: per-token reward -beta * log(pi / pi_ref) (paper: 0.02). On the 135M model "
+                  "beta = 0.05 still let KL reach 6-8 nats in 12 iterations (MACHINE-FACTS); 0.1 is cleaner."})
+    kl_control: Literal["fixed", "adaptive"] = field(
+        default="fixed",
+        metadata={"help": "'fixed' beta, or 'adaptive' (Ziegler et al. 2019): beta moves to keep the per-sequence "
+                  "KL near kl_target."})
+    kl_target: float = field(
+        default=6.0, metadata={"help": "Target per-sequence KL in nats for kl_control='adaptive'."})
+    kl_horizon: int = field(
+        default=256,
+        metadata={"help": "Adaptive controller horizon in episodes: beta changes by at most 20% * episodes / "
+                  "horizon per update (Ziegler: 10000, for runs of millions of episodes)."})
+    # -- advantages
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount (1.0: the episode is one response)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "Whiten advantages over the iteration's response tokens."})
+    # -- PPO update
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
+    value_clip_eps: float = field(default=0.2, metadata={"help": "Value clip: V may move this far from V_old."})
+    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each iteration's rollouts."})
+    minibatch_size: int = field(default=4, metadata={"help": "Rollouts per optimizer step."})
+    policy_lr: float | None = field(
+        default=None, metadata={"help": "Policy AdamW LR; None = 2e-5 (full) or 2e-4 (lora)."})
+    value_lr: float | None = field(
+        default=None, metadata={"help": "Value-model AdamW LR; None = same rule as policy_lr."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip each model's gradient norm; None disables clipping."})
+    # -- pretraining mix (ptx)
+    ptx_coef: float = field(
+        default=1.0,
+        metadata={"help": "gamma: loss = policy loss + ptx_coef * pretraining NLL, both per-token means "
+                  "(gamma = 1 weighs one pretraining token like one RL token). 0 = plain PPO. The paper's 27.8 "
+                  "is under an unpublished normalisation. Calibrated on the embedded model: see the docs."})
+    ptx_batch_size: int = field(default=4, metadata={"help": "Pretraining windows per policy step."})
+    ptx_seq_len: int = field(default=128, metadata={"help": "Tokens per pretraining window."})
+    ptx_held_out_fraction: float = field(
+        default=0.1,
+        metadata={"help": "With the default corpus, the fraction of paragraphs held out (split seed 0) to measure "
+                  "the alignment tax; PPO trains on the rest."})
+    # -- which weights train
+    train_mode: Literal["full", "lora"] = field(
+        default="full",
+        metadata={"help": "'full': every policy and value weight trains; 'lora': adapters on lora_targets of both "
+                  "(the value head trains fully), merged into full weights when the policy is saved."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
+    lora_targets: tuple[str, ...] = field(
+        default=LORA_TARGETS, metadata={"help": "Module names that get LoRA adapters (default: all linear layers)."})
+    # -- runtime
+    forward_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per generate call and per no-grad forward (scoring, log-probs)."})
+    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and minibatch shuffles."})
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto", metadata={"help": "'auto': CUDA when available, else CPU."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Frozen models' dtype and the trained models' autocast dtype; 'auto': bf16 on a CUDA "
+                  "device that supports it, else fp32."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads during training; None leaves it."})
+
+    def __post_init__(self) -> None:
+        self.lora_targets = tuple(self.lora_targets)
+        positive_ints = ("rollouts_per_iteration", "iterations", "max_new_tokens", "max_prompt_tokens", "kl_horizon",
+                         "ppo_epochs", "minibatch_size", "ptx_batch_size", "ptx_seq_len", "lora_r", "lora_alpha",
+                         "forward_batch_size")
+        for name in positive_ints:
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.temperature > 0, "temperature", "must be > 0 (PPO samples)", self.temperature)
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)
+        _check(self.kl_target > 0, "kl_target", "must be > 0", self.kl_target)
+        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]", self.gamma)
+        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]", self.lam)
+        _check(self.clip_eps > 0, "clip_eps", "must be > 0", self.clip_eps)
+        _check(self.value_clip_eps > 0, "value_clip_eps", "must be > 0", self.value_clip_eps)
+        for name in ("policy_lr", "value_lr", "max_grad_norm"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, "must be > 0 or None", value)
+        _check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0, "missing_eos_penalty",
+               "must be >= 0 or None", self.missing_eos_penalty)
+        _check(self.ptx_coef >= 0, "ptx_coef", "must be >= 0", self.ptx_coef)
+        _check(0 <= self.ptx_held_out_fraction < 1, "ptx_held_out_fraction", "must be in [0, 1)",
+               self.ptx_held_out_fraction)
+        _check(len(self.lora_targets) >= 1, "lora_targets", "must name at least one module", self.lora_targets)
+        _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1 or None",
+               self.num_threads)
+        _check_literals(self)
+
+    @property
+    def resolved_policy_lr(self) -> float:
+        return self.policy_lr if self.policy_lr is not None else DEFAULT_LR[self.train_mode]
+
+    @property
+    def resolved_value_lr(self) -> float:
+        return self.value_lr if self.value_lr is not None else DEFAULT_LR[self.train_mode]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@dataclass
+class PPOModels:
+    """The four networks of PPO-ptx and the shared tokenizer."""
+
+    policy: torch.nn.Module  # causal LM (peft-wrapped in lora mode), trained
+    reference: torch.nn.Module | None  # frozen SFT policy; None: the policy with its adapters disabled
+    reward_model: RewardModel  # frozen
+    value_model: RewardModel  # trained; starts as a copy of the RM (paper)
+    tokenizer: Any
+    device: torch.device
+    autocast_dtype: torch.dtype  # for the trained models' forwards
+
+
+def load_models(policy_dir: Path | str, ref_dir: Path | str, rm_dir: Path | str, config: PPOConfig,
+                device: torch.device, dtype: torch.dtype) -> PPOModels:
+    """Policy (fp32, trained), reference and RM (``dtype``, frozen), value model (fp32 copy of the RM)."""
+    tokenizer = load_tokenizer(policy_dir, padding_side="right")
+    policy = load_causal_lm(policy_dir, dtype=torch.float32, device=device)
+    share_reference = config.train_mode == "lora" and Path(ref_dir).resolve() == Path(policy_dir).resolve()
+    reference = None if share_reference else freeze(load_causal_lm(ref_dir, dtype=dtype, device=device))
+    reward_model = freeze(RewardModel.load(rm_dir, dtype=dtype, device=device))
+    check_same_vocabulary(tokenizer, reward_model.tokenizer, rm_dir)
+    value_model = copy.deepcopy(reward_model).float()  # on CUDA: from bf16-rounded RM weights
+    value_model.requires_grad_(True)
+    if config.train_mode == "lora":
+        policy = add_lora(policy, config, task_type="CAUSAL_LM")
+        value_model.backbone = add_lora(value_model.backbone, config)
+        value_model.head.requires_grad_(True)
+    # Dropout stays off (eval mode) so old and new log-probs come from the same function.
+    policy.eval()
+    value_model.eval()
+    return PPOModels(policy, reference, reward_model, value_model, tokenizer, device, dtype)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def check_same_vocabulary(policy_tokenizer: Any, rm_tokenizer: Any, rm_dir: Path | str) -> None:
+    """The RM reads the policy's token ids directly: their vocabularies must agree."""
+    if rm_tokenizer is not None and rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise ValueError(f"the reward model in {rm_dir} uses another tokenizer than the policy")
+
+
+def add_lora(module: torch.nn.Module, config: PPOConfig, task_type: str | None = None) -> torch.nn.Module:
+    """Wrap ``module`` with LoRA adapters on ``config.lora_targets`` (base weights frozen)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - peft is a declared dependency
+        raise ImportError("train_mode='lora' needs peft: pip install 'peft>=0.21,<0.22'") from exc
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(config.lora_targets), task_type=task_type)
+    return get_peft_model(module, lora)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizers(models: PPOModels, config: PPOConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Constant-LR AdamW for the policy and for the value model (eps 1e-5, as in PPO codebases)."""
+    def adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(trainable_parameters(model), lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
+
+    return adamw(models.policy, config.resolved_policy_lr), adamw(models.value_model, config.resolved_value_lr)
+
+
+def autocast(models: PPOModels) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast for the trained fp32 models on CUDA; a no-op on CPU or in fp32."""
+    enabled = models.device.type == "cuda" and models.autocast_dtype != torch.float32
+    return torch.autocast(models.device.type, dtype=models.autocast_dtype, enabled=enabled)
+
+
+def build_kl_controller(config: PPOConfig) -> FixedKLController | AdaptiveKLController:
+    if config.kl_control == "fixed":
+        return FixedKLController(config.kl_coef)
+    if config.kl_control == "adaptive":
+        return AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    raise ValueError(f"Unknown kl_control: {config.kl_control}")
+
+
+def build_ptx_batcher(tokenizer: Any, corpus_texts: Sequence[str] | None, config: PPOConfig) -> PtxBatcher | None:
+    """Pretraining batches from ``corpus_texts`` (default: the shipped corpus's train slice); None when ptx is off."""
+    if config.ptx_coef == 0:
+        return None
+    if corpus_texts is None:
+        corpus_texts, _held_out = split_corpus(load_corpus(), config.ptx_held_out_fraction, seed=0)
+    return PtxBatcher(tokenizer, corpus_texts, config.ptx_batch_size, config.ptx_seq_len, seed=config.seed)
+
+
+# ---------------------------------------------------------------------------- rollouts
+
+
+def prompt_schedule(prompts: Sequence[PromptExample], per_iteration: int, seed: int) -> Iterator[list[PromptExample]]:
+    """Batches of prompts from a reshuffled order per pass: every prompt is used once per pass."""
+    rng = random.Random(seed)
+    queue: list[PromptExample] = []
+    while True:
+        while len(queue) < per_iteration:
+            order = list(prompts)
+            rng.shuffle(order)
+            queue += order
+        batch, queue = queue[:per_iteration], queue[per_iteration:]
+        yield batch
+
+
+def collect_rollouts(generator: RolloutGenerator, prompts: Sequence[PromptExample], config: PPOConfig,
+                     seed: int) -> Rollouts:
+    """One sampled response per prompt from the current policy."""
+    return generator.generate(prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                              top_p=config.top_p, seed=seed, max_prompt_tokens=config.max_prompt_tokens)
+
+
+def rollout_batch(rollouts: Rollouts, pad_token_id: int) -> SequenceBatch:
+    """Right-padded prompt ++ response ids of the rollouts. Shapes: (B, T)."""
+    return pack_sequences(rollouts.prompt_ids, rollouts.response_ids, pad_token_id)
+
+
+@torch.no_grad()
+def score_rollouts(reward_model: RewardModel, batch: SequenceBatch, chunk_size: int) -> torch.Tensor:
+    """The frozen RM's score of each sequence, read at its last token. Shape: (B,) float32."""
+    scores = [reward_model(ids, mask) for ids, mask in _row_chunks(batch, chunk_size)]
+    return torch.cat(scores).float()
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, stopped: Sequence[bool], penalty: float | None) -> torch.Tensor:
+    """Scores minus ``penalty`` where the response was cut before EOS. Shape: (B,) -> (B,)."""
+    if penalty is None:
+        return scores
+    cut = torch.tensor([not s for s in stopped], dtype=scores.dtype, device=scores.device)
+    return scores - penalty * cut
+
+
+def _row_chunks(batch: SequenceBatch, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, batch.input_ids.shape[0], size):
+        yield batch.input_ids[start:start + size], batch.attention_mask[start:start + size]
+
+
+# ---------------------------------------------------------------------------- log-probs and values
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0, with_entropy: bool = False, start: int = 0):
+    """log pi(token t+1 | tokens <= t) on the label grid, optionally with the entropy there.
+
+    Shape: input_ids, attention_mask (B, T) -> (B, T-1) float32 [, (B, T-1) float32].
+    Only grid columns >= ``start`` are computed (the LM head runs on those positions only,
+    via ``logits_to_keep``); earlier columns hold 0. Pass the first response column: the
+    prompt's logits are never needed and the head is the costliest layer of small models.
+    """
+    width = input_ids.shape[1] - 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=input_ids.shape[1] - start).logits[:, :-1, :]  # (B, T-1-start, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = _left_pad(response_logprobs(logits, input_ids[:, start + 1:]).float(), width)
+    if not with_entropy:
+        return logprobs
+    return logprobs, _left_pad(entropy_from_logits(logits.float()).float(), width)
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros on the left up to ``width`` columns. Shape: (B, w) -> (B, width)."""
+    return torch.nn.functional.pad(x, (width - x.shape[1], 0))
+
+
+def first_response_column(mask: torch.Tensor) -> int:
+    """The first label-grid column where any row has a response token (0 for an empty mask)."""
+    return int(mask.argmax(dim=1).min()) if mask.any() else 0
+
+
+def token_values(value_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """V(s_t) on the label grid: the value of the prefix ending at token t. Shape: (B, T) -> (B, T-1)."""
+    return value_model.per_token_values(input_ids, attention_mask)[:, :-1].float()
+
+
+def reference_logprobs(models: PPOModels, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       temperature: float, start: int = 0) -> torch.Tensor:
+    """log pi_SFT on the label grid. Shape: (B, T) -> (B, T-1)."""
+    if models.reference is not None:
+        return token_logprobs(models.reference, input_ids, attention_mask, temperature, start=start)
+    with models.policy.disable_adapter():  # lora mode with ref_dir == policy_dir: the base IS the reference
+        return token_logprobs(models.policy, input_ids, attention_mask, temperature, start=start)
+
+
+@dataclass
+class Experience:
+    """One iteration's rollouts with everything PPO needs.
+
+    Shapes: input_ids, attention_mask (B, T); every other per-token tensor (B, T-1) on the
+    label grid, 0 where ``mask`` is 0; scores (B,).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    entropy: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> Experience:
+        """The given rows, with trailing all-padding columns dropped."""
+        width = int(self.attention_mask[rows].sum(dim=1).max())
+        picked = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "scores":
+                picked[f.name] = None if value is None else value[rows]
+            elif f.name in ("input_ids", "attention_mask"):
+                picked[f.name] = value[rows, :width]
+            else:
+                picked[f.name] = value[rows, : width - 1]
+        return Experience(**picked)
+
+
+@torch.no_grad()
+def evaluate_rollouts(models: PPOModels, batch: SequenceBatch, scores: torch.Tensor, temperature: float,
+                      chunk_size: int) -> Experience:
+    """Old log-probs and entropy (policy), reference log-probs and values, in no-grad chunks."""
+    parts: dict[str, list[torch.Tensor]] = {"old": [], "entropy": [], "ref": [], "values": []}
+    mask = batch.response_mask[:, 1:].to(models.device)  # (B, T-1)
+    start = first_response_column(mask)
+    for ids, attn in _row_chunks(batch, chunk_size):
+        with autocast(models):
+            old, entropy = token_logprobs(models.policy, ids, attn, temperature, with_entropy=True, start=start)
+            parts["ref"].append(reference_logprobs(models, ids, attn, temperature, start=start))
+            parts["values"].append(token_values(models.value_model, ids, attn))
+        parts["old"].append(old)
+        parts["entropy"].append(entropy)
+    old, entropy, ref, values = (torch.cat(parts[k]) * mask for k in ("old", "entropy", "ref", "values"))
+    return Experience(batch.input_ids, batch.attention_mask, mask, old, ref, values, entropy, scores)
+
+
+# ---------------------------------------------------------------------------- advantages
+
+
+def compute_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float,
+                       lam: float, whiten: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages (whitened over all response tokens when asked) and returns.
+
+    Shape: values, rewards, mask (B, T-1) -> two (B, T-1). Returns are computed before
+    whitening: they are the value targets.
+    """
+    advantages, returns = gae(values, rewards, mask, gamma, lam)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------- the PPO update
+
+
+def pretraining_loss(policy: torch.nn.Module, batch: PtxBatch) -> torch.Tensor:
+    """Masked mean NLL of a pretraining batch (labels already aligned with the logits). 0-dim."""
+    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return ptx_loss(logits, batch.labels, batch.mask)
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
+    """Clip the gradient norm (when asked), step, clear; returns the norm before clipping."""
+    params = trainable_parameters(model)
+    if max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def policy_step(models: PPOModels, optimizer: torch.optim.Optimizer, mb: Experience, ptx_batch: PtxBatch | None,
+                *, clip_eps: float, ptx_coef: float, temperature: float, max_grad_norm: float | None
+                ) -> dict[str, float]:
+    """loss = clipped PPO surrogate + ptx_coef * pretraining NLL; one optimizer step."""
+    with autocast(models):
+        logprobs = token_logprobs(models.policy, mb.input_ids, mb.attention_mask, temperature,
+                                  start=first_response_column(mb.mask))  # (b, T-1)
+    loss, stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps)
+    loss.backward()  # before the ptx forward: the two graphs never live together
+    out = {"policy_loss": float(loss.detach()), "clip_frac": float(stats.clip_frac),
+           "approx_kl": float(stats.approx_kl), "ratio_mean": float(stats.ratio_mean)}
+    if ptx_batch is not None and ptx_coef > 0:
+        with autocast(models):
+            lm_loss = pretraining_loss(models.policy, ptx_batch.to(models.device))
+        (ptx_coef * lm_loss).backward()
+        out["ptx_loss"] = float(lm_loss.detach())
+    out["policy_grad_norm"] = clip_and_step(models.policy, optimizer, max_grad_norm)
+    return out
+
+
+def value_step(models: PPOModels, optimizer: torch.optim.Optimizer, mb: Experience, *, value_clip_eps: float,
+               max_grad_norm: float | None) -> dict[str, float]:
+    """Clipped value loss toward the GAE returns; one optimizer step."""
+    with autocast(models):
+        values = token_values(models.value_model, mb.input_ids, mb.attention_mask)  # (b, T-1)
+    loss, stats = value_loss(values, mb.old_values, mb.returns, mb.mask, value_clip_eps)
+    loss.backward()
+    return {"value_loss": float(loss.detach()), "value_clip_frac": float(stats.clip_frac),
+            "value_mean": float(stats.value_mean),
+            "value_grad_norm": clip_and_step(models.value_model, optimizer, max_grad_norm)}
+
+
+def ppo_minibatch_step(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+                       mb: Experience, ptx_batch: PtxBatch | None, config: PPOConfig) -> dict[str, float]:
+    """One policy step (with the pretraining mix) and one value step on a minibatch."""
+    policy_optimizer, value_optimizer = optimizers
+    stats = policy_step(models, policy_optimizer, mb, ptx_batch, clip_eps=config.clip_eps, ptx_coef=config.ptx_coef,
+                        temperature=config.temperature, max_grad_norm=config.max_grad_norm)
+    stats |= value_step(models, value_optimizer, mb, value_clip_eps=config.value_clip_eps,
+                        max_grad_norm=config.max_grad_norm)
+    return stats
+
+
+def ppo_update(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+               experience: Experience, ptx_batches: PtxBatcher | None, config: PPOConfig) -> dict[str, float]:
+    """``ppo_epochs`` passes over shuffled minibatches; returns each statistic's mean over steps."""
+    steps: list[dict[str, float]] = []
+    for _epoch in range(config.ppo_epochs):
+        order = torch.randperm(len(experience), device=experience.input_ids.device)
+        for rows in order.split(config.minibatch_size):
+            ptx_batch = ptx_batches.next_batch() if ptx_batches is not None else None
+            steps.append(ppo_minibatch_step(models, optimizers, experience.select(rows), ptx_batch, config))
+    return {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+
+
+# ---------------------------------------------------------------------------- one iteration
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase (CUDA work is synchronised at each phase's end)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def ppo_iteration(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+                  generator: RolloutGenerator, ptx_batches: PtxBatcher | None,
+                  kl_controller: FixedKLController | AdaptiveKLController, prompts: list[PromptExample],
+                  config: PPOConfig, iteration: int) -> dict[str, Any]:
+    """Rollout -> score -> log-probs and values -> rewards -> GAE -> PPO epochs -> KL control."""
+    timer = PhaseTimer(models.device)
+    with timer("rollout"):
+        rollouts = collect_rollouts(generator, prompts, config, seed=config.seed * 1_000_003 + iteration)
+        batch = rollout_batch(rollouts, models.tokenizer.pad_token_id).to(models.device)
+    with timer("score"):
+        scores = score_rollouts(models.reward_model, batch, config.forward_batch_size)  # (B,)
+        scores = apply_missing_eos_penalty(scores, rollouts.stopped, config.missing_eos_penalty)
+    with timer("logprobs_values"):
+        experience = evaluate_rollouts(models, batch, scores, config.temperature, config.forward_batch_size)
+    with timer("advantages"):
+        kl_coef = kl_controller.value
+        rewards = kl_penalized_rewards(scores, experience.old_logprobs, experience.ref_logprobs, experience.mask,
+                                       kl_coef)  # (B, T-1)
+        advantages, returns = compute_advantages(experience.old_values, rewards, experience.mask,
+                                                 gamma=config.gamma, lam=config.lam,
+                                                 whiten=config.whiten_advantages)
+        experience = dataclasses.replace(experience, rewards=rewards, advantages=advantages, returns=returns)
+    with timer("train"):
+        train_stats = ppo_update(models, optimizers, experience, ptx_batches, config)
+    kl_per_sequence = sequence_kl(experience)  # (B,)
+    kl_controller.update(float(kl_per_sequence.mean()), n_steps=len(rollouts))
+    return iteration_stats(iteration, rollouts, experience, kl_per_sequence, kl_coef, train_stats, timer,
+                           peak_memory_mb(models.device))
+
+
+def sequence_kl(experience: Experience) -> torch.Tensor:
+    """Per-sequence KL(pi || pi_ref) estimate: the sum of k1 over response tokens. Shape: (B,)."""
+    return compute_approx_kl(experience.old_logprobs, experience.ref_logprobs, experience.mask).sum(dim=1)
+
+
+def iteration_stats(iteration: int, rollouts: Rollouts, experience: Experience, kl_per_sequence: torch.Tensor,
+                    kl_coef: float, train_stats: dict[str, float], timer: PhaseTimer, peak_mb: float
+                    ) -> dict[str, Any]:
+    """A JSON-serialisable summary of one iteration."""
+    lengths = rollouts.response_lengths
+    return {
+        "iteration": iteration,
+        "rm_score": float(experience.scores.mean()),
+        "rm_score_std": float(experience.scores.std()) if len(rollouts) > 1 else 0.0,
+        "kl_ref": float(kl_per_sequence.mean()),  # nats per sequence (k1 sum), before this update
+        "kl_coef": kl_coef,
+        "non_score_reward": float(-kl_coef * kl_per_sequence.mean()),
+        "entropy": float(masked_mean(experience.entropy, experience.mask)),  # nats per token
+        "return_mean": float(masked_mean(experience.returns, experience.mask)),
+        "response_length": sum(lengths) / len(lengths),
+        "response_length_max": max(lengths),
+        "stopped_fraction": sum(rollouts.stopped) / len(rollouts),
+        **train_stats,
+        "ptx_loss": train_stats.get("ptx_loss"),
+        "seconds": {**timer.seconds, "total": sum(timer.seconds.values())},
+        "peak_memory_mb": peak_mb,
+    }
+
+
+# ---------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class PPOResult:
+    """What a PPO run did; JSON-serialisable through ``to_dict``."""
+
+    out_dir: str
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+    final_kl_coef: float
+    policy_trainable_params: int
+    value_trainable_params: int
+    device: str
+    seconds: float
+    peak_memory_mb: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train_ppo(
+    policy_dir: Path | str,
+    ref_dir: Path | str,
+    rm_dir: Path | str,
+    prompts: Sequence[PromptExample],
+    config: PPOConfig,
+    out_dir: Path | str,
+    corpus_texts: Sequence[str] | None = None,
+    *,
+    rollout_generator: RolloutGenerator | None = None,
+    progress: bool = True,
+) -> PPOResult:
+    """PPO-ptx from the policy in ``policy_dir`` against the RM in ``rm_dir``, with a KL penalty to
+    the frozen reference in ``ref_dir`` (the SFT model); saves the final policy (+ tokenizer) to
+    ``out_dir`` as a HF folder (LoRA adapters merged).
+
+    ``corpus_texts``: the pretraining texts for the ptx term (default: the shipped corpus minus
+    its held-out slice). ``rollout_generator``: an engine that samples from the CURRENT policy
+    weights (default: HF generate on the policy module itself).
+    """
+    if not prompts:
+        raise ValueError("train_ppo needs at least one prompt")
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    with num_threads(config.num_threads):
+        models = load_models(policy_dir, ref_dir, rm_dir, config, device, resolve_dtype(config.dtype, device))
+        optimizers = build_optimizers(models, config)
+        ptx_batches = build_ptx_batcher(models.tokenizer, corpus_texts, config)
+        generator = rollout_generator or HFRolloutGenerator(models.policy, models.tokenizer,
+                                                            batch_size=config.forward_batch_size)
+        kl_controller = build_kl_controller(config)
+        prompt_batches = prompt_schedule(list(prompts), config.rollouts_per_iteration, config.seed)
+        history: list[dict[str, Any]] = []
+        bar = tqdm(range(config.iterations), desc=f"ppo ({config.train_mode})", disable=not progress_enabled(progress))
+        for iteration in bar:
+            stats = ppo_iteration(models, optimizers, generator, ptx_batches, kl_controller, next(prompt_batches),
+                                  config, iteration)
+            history.append(stats)
+            bar.set_postfix(score=f"{stats['rm_score']:.3f}", kl=f"{stats['kl_ref']:.2f}")
+        save_policy(models.policy, models.tokenizer, Path(out_dir))
+    return PPOResult(
+        out_dir=str(out_dir), history=history, config=config.to_dict(), final_kl_coef=kl_controller.value,
+        policy_trainable_params=sum(p.numel() for p in trainable_parameters(models.policy)),
+        value_trainable_params=sum(p.numel() for p in trainable_parameters(models.value_model)),
+        device=str(device), seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(device))
+
+
+def save_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+    """Save the policy as a plain HF folder with its tokenizer, LoRA adapters merged in."""
+    if callable(getattr(policy, "merge_and_unload", None)):
+        policy = policy.merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
