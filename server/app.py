@@ -43,6 +43,7 @@ from server.logging_sink import CompletionLog
 from server.metrics import MetricsInterceptor, ServerMetrics
 from server.policies import PolicySwitcher, SwapRefused, startup_policy
 from server.servicers import ServerDeps, ServiceRegistration
+from server.servicers.feedback import FeedbackServicer
 from server.servicers.admin import AdminServicer
 from server.servicers.inference import InferenceServicer
 
@@ -61,26 +62,6 @@ def _service_name(module: Any, name: str) -> str:
     return module.DESCRIPTOR.services_by_name[name].full_name
 
 
-class FeedbackPlaceholder(feedback_pb2_grpc.FeedbackServicer):
-    """Answers every Feedback call UNIMPLEMENTED until server/servicers/feedback.py lands."""
-
-    async def _unimplemented(self, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "the Feedback service is not implemented in this server build yet")
-
-    async def NextComparison(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._unimplemented(context)
-
-    async def SubmitRanking(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._unimplemented(context)
-
-    async def SubmitDemonstration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._unimplemented(context)
-
-    async def SubmitRating(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._unimplemented(context)
-
-
 INFERENCE = ServiceRegistration(
     name=_service_name(inference_pb2, "Inference"),
     add_to_server=lambda deps, server: inference_pb2_grpc.add_InferenceServicer_to_server(
@@ -92,12 +73,10 @@ ADMIN = ServiceRegistration(
     add_to_server=lambda deps, server: admin_pb2_grpc.add_AdminServicer_to_server(
         AdminServicer(deps.engine, deps.store, deps.switcher, deps.auth), server),
 )
-# Replace with the real Feedback registration (servicer built from `deps`) when it lands.
 FEEDBACK = ServiceRegistration(
     name=_service_name(feedback_pb2, "Feedback"),
     add_to_server=lambda deps, server: feedback_pb2_grpc.add_FeedbackServicer_to_server(
-        FeedbackPlaceholder(), server),
-    implemented=False,
+        FeedbackServicer(deps.store, deps.engine, deps.auth, engine_ready=deps.engine_ready), server),
 )
 SERVICES: list[ServiceRegistration] = [INFERENCE, ADMIN, FEEDBACK]
 

@@ -25,7 +25,6 @@ from clients import admin_cli, query_cli
 from clients.client import RlhfClient
 from common.paths import REPO_ROOT
 from common.store import Store
-from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 from server import keys_cli
 from server.app import SERVICES, OpenModeError, build_server
 from server.config import ServerConfig, is_loopback
@@ -147,14 +146,7 @@ def test_health_is_not_serving_while_the_engine_loads(unloaded: tuple[ServerThre
         server.load()
         assert [client.health_status(s) for s in ("", "rlhf.v1.Inference", "rlhf.v1.Admin")] == [SERVING] * 3
         assert client.generate("hi", max_new_tokens=2).completions[0].completion_tokens == 2
-        # A placeholder service (Feedback, until its servicer is registered) says so honestly.
-        for service in SERVICES:
-            assert client.health_status(service.name) == (SERVING if service.implemented else NOT_SERVING)
-        if not next(s for s in SERVICES if s.name == "rlhf.v1.Feedback").implemented:
-            with pytest.raises(grpc.RpcError) as unimplemented:
-                feedback_pb2_grpc.FeedbackStub(client.channel).NextComparison(
-                    feedback_pb2.NextComparisonRequest(), metadata=client.metadata)
-            assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert [client.health_status(service.name) for service in SERVICES] == [SERVING] * len(SERVICES)
 
 
 def test_reflection_lists_every_service(unloaded: tuple[ServerThread, str]) -> None:

@@ -1,0 +1,259 @@
+"""A simulated labeler: ranks completions by a HIDDEN RULE, with calibrated noise.
+
+Demos and tests need labels without people. A `SimulatedLabeler` scores each of a task's
+K completions with a rule (a function of the prompt and the completion text, higher is
+better) and submits the best-first order, ties where the rule ties.
+
+Noise. The paper's labelers agree with each other 72.6% of the time; a simulated labeler
+who gets each pair wrong with probability p agrees with the rule 1 - p of the time, and two
+of them agree (1 - p)^2 + p^2 = 1 - 2p(1 - p) of the time (p = 0.16: 84% and 73%). Two
+obvious ways to add noise do NOT give that:
+
+- flipping each pair independently yields a tournament, which is often not a ranking
+  (a > b > c > a); repairing it changes the flip rate;
+- adding noise to the scores flips close pairs more than distant ones, so the pairwise
+  error depends on the score gaps of the samples instead of being p.
+
+`noisy_ranking` uses a mixture that IS exact: with probability 1 - 2p the labeler follows
+the rule; with probability 2p it is inattentive and orders the K completions uniformly at
+random. Each untied pair is then reversed with probability 2p * 1/2 = p, whatever its gap,
+and two labelers with independent random streams agree with probability 1 - 2p(1 - p) on
+each pair. The price: errors are correlated within one ranking (a ranking is either right
+or random), which is a real failure mode of human labelers (a lapse of attention), and
+one the reward model sees as whole noisy batch elements. p is limited to [0, 0.5].
+
+Rules. `concise_polite` (the default) is graded: closeness of the word count to 20 words,
+politeness words, overlap with the prompt's content words, a penalty for digits, so K
+samples of one prompt almost always score differently and every ranking carries signal;
+a policy can move toward it (shorter, politer, on topic, no digits). Measured on the
+base SmolLM2-135M (48 replies to 12 shipped prompts, temperature 1, 64 new tokens):
+score mean 0.47, sd 0.27; no group of K = 4 fully tied; its yes/no reading
+(`meets_concise_polite`: 8..30 words, no digits) met by 4.2% (2/48). `short_no_digits`
+is that yes/no rule as a score (the PPO scratch experiment's: ~3% at a 48-token cap);
+it ties most samples, so rankings under it carry little.
+
+The client side speaks the gRPC contract only (`rlhf.v1` stubs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import re
+import time
+import uuid
+from typing import Callable, Sequence
+
+import grpc
+
+from rlhf.v1 import feedback_pb2
+
+log = logging.getLogger(__name__)
+
+Rule = Callable[[str, str], float]
+Groups = list[list[int]]
+
+_WORD = re.compile(r"[A-Za-z']+")
+POLITE_WORDS = frozenset({"please", "thank", "thanks", "glad", "happy", "hope", "welcome", "sorry"})
+_STOPWORDS = frozenset(
+    """about above after again also because been before being could does doing down each
+    from have having here into just more most other over same should some such than that
+    their them then there these they this those through under until very what when where
+    which while with would your yours give tell write make explain""".split()
+)
+TARGET_WORDS = 20
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphabetic words (digits and punctuation dropped)."""
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def content_words(text: str) -> set[str]:
+    """Words of 4+ letters that are not stop words: what a relevant answer would reuse."""
+    return {w for w in words(text) if len(w) >= 4 and w not in _STOPWORDS}
+
+
+def concise_polite(prompt: str, completion: str) -> float:
+    """Graded hidden rule, higher is better; range about [-0.5, 2.0].
+
+    length  = 1 / (1 + |words - 20| / 10)          1 at 20 words, 0.33 at 0 or 40, 0.2 at 60
+    polite  = 0.25 * min(#polite words, 2)          "please", "thanks", "glad", ...
+    overlap = 0.5 * share of the prompt's content words the reply uses
+    digits  = -0.5 if the reply contains any digit
+    """
+    reply_words = words(completion)
+    length = 1.0 / (1.0 + abs(len(reply_words) - TARGET_WORDS) / 10.0)
+    polite = 0.25 * min(sum(w in POLITE_WORDS for w in reply_words), 2)
+    wanted = content_words(prompt)
+    overlap = 0.5 * len(wanted & set(reply_words)) / len(wanted) if wanted else 0.0
+    digits = -0.5 if any(ch.isdigit() for ch in completion) else 0.0
+    return length + polite + overlap + digits
+
+
+def short_no_digits(prompt: str, completion: str) -> float:
+    """Binary rule: 1.0 for replies of 8..30 words without digits, else 0.0."""
+    n = len(completion.split())
+    return float(8 <= n <= 30 and not any(ch.isdigit() for ch in completion))
+
+
+RULES: dict[str, Rule] = {"concise_polite": concise_polite, "short_no_digits": short_no_digits}
+
+
+def meets_concise_polite(prompt: str, completion: str) -> bool:
+    """The yes/no reading of the default rule, for base rates: 8..30 words, no digits."""
+    return short_no_digits(prompt, completion) == 1.0
+
+
+def rule_from_name(name: str) -> Rule:
+    if name not in RULES:
+        raise ValueError(f"Unknown rule: {name!r} (expected one of {sorted(RULES)})")
+    return RULES[name]
+
+
+# ------------------------------------------------------------------------------- ranking
+
+
+def groups_by_score(scores: Sequence[float]) -> Groups:
+    """Indexes grouped by equal score, best group first: [0.2, 0.9, 0.2] -> [[1], [0, 2]]."""
+    groups: Groups = []
+    for i in sorted(range(len(scores)), key=lambda j: (-scores[j], j)):
+        if groups and scores[groups[-1][0]] == scores[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def noisy_ranking(scores: Sequence[float], p: float, rng: random.Random) -> Groups:
+    """The rule's order (ties kept) with probability 1 - 2p, else a uniformly random strict
+    order: every pair the rule does not tie comes out reversed with probability exactly p."""
+    if not 0.0 <= p <= 0.5:
+        raise ValueError(f"noise p must be in [0, 0.5], got {p}")
+    if rng.random() < 2.0 * p:
+        order = list(range(len(scores)))
+        rng.shuffle(order)
+        return [[i] for i in order]
+    return groups_by_score(scores)
+
+
+def pairwise_agreement(groups_a: Groups, groups_b: Groups) -> tuple[int, int]:
+    """(agreeing pairs, compared pairs) over the pairs BOTH orders rank strictly."""
+    rank_a = {i: r for r, g in enumerate(groups_a) for i in g}
+    rank_b = {i: r for r, g in enumerate(groups_b) for i in g}
+    agree = total = 0
+    items = sorted(rank_a)
+    for x, i in enumerate(items):
+        for j in items[x + 1 :]:
+            da, db = rank_a[i] - rank_a[j], rank_b[i] - rank_b[j]
+            if da and db:
+                total += 1
+                agree += (da > 0) == (db > 0)
+    return agree, total
+
+
+# ------------------------------------------------------------------------------ labeler
+
+
+@dataclasses.dataclass
+class LabelingReport:
+    """What `SimulatedLabeler.run` did: submitted rankings, skipped tasks (the rule tied
+    every completion), and calls refused by the server (code name -> count)."""
+
+    submitted: int = 0
+    skipped: int = 0
+    comparisons: int = 0
+    refused: dict[str, int] = dataclasses.field(default_factory=dict)
+    no_task: int = 0
+
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class SimulatedLabeler:
+    """A labeler with a hidden rule and pairwise noise p, deterministic given `seed`.
+
+    `labeler_group` is descriptive here: the server takes the group from the caller's
+    identity (the API key), so a "heldout" labeler needs a key issued in that group.
+    """
+
+    def __init__(
+        self,
+        rule: str | Rule = "concise_polite",
+        p: float = 0.16,
+        seed: int = 0,
+        labeler_group: str = "train",
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if not 0.0 <= p <= 0.5:
+            raise ValueError(f"noise p must be in [0, 0.5], got {p}")
+        self.rule = rule_from_name(rule) if isinstance(rule, str) else rule
+        self.p = p
+        self.labeler_group = labeler_group
+        self.metadata = tuple(metadata)
+        self._rng = random.Random(seed)
+
+    def rank(self, prompt: str, completions: Sequence[str]) -> Groups | None:
+        """Best-first groups of completion indexes; None when the rule ties them all (any
+        order would then be made up, so the labeler passes)."""
+        scores = [self.rule(prompt, c) for c in completions]
+        if len(set(scores)) == 1 and len(scores) > 1:
+            return None
+        return noisy_ranking(scores, self.p, self._rng)
+
+    def rank_task(self, task: feedback_pb2.ComparisonTask) -> list[list[str]] | None:
+        """Groups of completion ids for a leased task (None: pass)."""
+        groups = self.rank(task.prompt_text, [c.text for c in task.completions])
+        if groups is None:
+            return None
+        ids = [c.completion_id for c in task.completions]
+        return [[ids[i] for i in group] for group in groups]
+
+    def run(self, client, n_tasks: int, *, k: int = 0, timeout: float = 60.0) -> LabelingReport:
+        """Lease, rank and submit up to `n_tasks` tasks through a `FeedbackStub`; stops early
+        when the queue is empty (NOT_FOUND). Transient failures are retried with the same
+        request_id, which the server answers idempotently."""
+        report = LabelingReport()
+        for _ in range(n_tasks):
+            try:
+                task = self._call(client.NextComparison, feedback_pb2.NextComparisonRequest(k=k, request_id=_new_id()), timeout)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    report.no_task += 1
+                    break
+                raise
+            groups = self.rank_task(task)
+            if groups is None:
+                report.skipped += 1
+                continue
+            request = feedback_pb2.SubmitRankingRequest(
+                request_id=_new_id(),
+                task_id=task.task_id,
+                prompt_id=task.prompt_id,
+                ranking=[feedback_pb2.RankGroup(completion_ids=g) for g in groups],
+            )
+            try:
+                response = self._call(client.SubmitRanking, request, timeout)
+            except grpc.RpcError as err:
+                name = err.code().name
+                report.refused[name] = report.refused.get(name, 0) + 1
+                log.warning("ranking refused: %s %s", name, err.details())
+                continue
+            report.submitted += 1
+            report.comparisons += response.comparisons
+        return report
+
+    def _call(self, method, request, timeout: float, attempts: int = 5):
+        for attempt in range(attempts):
+            try:
+                return method(request, metadata=self.metadata, timeout=timeout)
+            except grpc.RpcError as err:
+                if err.code() not in _RETRYABLE or attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex

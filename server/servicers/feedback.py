@@ -1,0 +1,610 @@
+"""rlhf.v1.Feedback: where human judgement enters the system (role labeler or higher).
+
+NextComparison leases a labeling task: a logged prompt of a TRAIN- or VAL-split user
+(val comparisons are what the reward model and the gate are judged on; test prompts are
+never shown), chosen freshest first: fewest rankings, then newest. A prompt the caller
+has ranked, a prompt someone holds a live lease on, and a prompt flagged as holding PII
+that was never redacted are skipped; a redacted prompt is shown (and sampled) as its
+redacted text. The K completions are sampled NOW from the serving policy (temperature
+1.0, purpose "label", each logged with its policy version) and committed, with the
+lease and the idempotency record, before the task is returned. When the queue is empty
+the answer is NOT_FOUND "no prompt waiting for labels" (nothing the caller can fix;
+retry later).
+
+Leases. A lease lasts `lease_seconds`. An expired lease frees its prompt for anyone;
+when the serving policy has not changed since and K matches, its completions are
+leased again (as a new task) instead of being sampled anew. A retry of NextComparison
+with the same request_id while the lease lasts returns the same task; after it ended,
+the id leases a new one. The prompt is picked by a READ (it scans the prompts) and
+claimed by a short write that re-checks it is still free, so the single writer, which
+also logs the serving traffic, never waits on the scan; the claim holds the prompt
+while the completions are sampled, and is released if sampling fails or the caller
+leaves.
+
+Submissions (SubmitRanking, SubmitDemonstration, SubmitRating) need a request_id: a
+retry returns the first answer and stores nothing twice; the same id with another
+payload is refused with ALREADY_EXISTS. Each submission, its validation against the
+stored rows and its idempotency record are ONE store transaction: a refused call
+stores nothing, an acknowledged one is committed.
+
+A ranking names a leased task (and must order exactly its K completions) or, without
+a task, a prompt and 4..9 of that prompt's logged completions (any of them: served or
+sampled for labeling). Statuses: malformed rankings (empty group, a completion twice,
+missing or foreign completions, K outside 4..9, all tied) INVALID_ARGUMENT; unknown
+prompt or task NOT_FOUND; an expired or already answered task FAILED_PRECONDITION;
+another labeler's task, or a caller below the labeler role, PERMISSION_DENIED. The
+labeler group stored with each piece of feedback is the caller's API key's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from sqlite_utils import Database
+
+from common.exchange import (
+    LABEL_MAX_K,
+    LABEL_MIN_K,
+    check_k,
+    check_not_all_tied,
+    check_ranking_shape,
+    count_pairs,
+)
+from common.store import (
+    Completion,
+    NewCompletion,
+    Prompt,
+    Store,
+    add_completions,
+    add_demonstration,
+    add_prompt,
+    add_rating,
+    expire_tasks,
+    get_completion,
+    get_prompt,
+    record_idempotent,
+)
+from common.store.errors import InvalidArgumentError
+from common.store.records import from_row
+from rlhf.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
+from server.auth import Authenticator, Caller
+from server.engines.base import Engine, SamplingOptions
+from server.generation import sampling_record
+from server.servicers import convert, require_ready, rpc_errors
+from server.servicers.admin import payload_sha256
+from server.servicers.inference import _KeyedLocks
+
+SERVICE = "rlhf.v1.Feedback"
+MAX_REQUEST_ID_CHARS = 128
+MAX_COMMENT_CHARS = 4096  # the contract's limit
+MAX_RESPONSE_CHARS = 32768
+MAX_PROMPT_CHARS = 65536
+RATING_FLAGS = tuple(f.name for f in feedback_pb2.RatingFlags.DESCRIPTOR.fields)
+NO_PROMPT_WAITING = "no prompt waiting for labels"
+
+
+class Refusal(Exception):
+    """A call refused with a specific gRPC status (raised inside store ops, so the
+    transaction rolls back, and answered by the servicer)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> Refusal:
+    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@contextlib.asynccontextmanager
+async def feedback_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """`rpc_errors`, plus our Refusals with their own status."""
+    async with rpc_errors(context):
+        try:
+            yield
+        except Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
+
+
+def _iso(unix_seconds: float) -> str:
+    return datetime.fromtimestamp(unix_seconds, timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- queue queries (store ops)
+
+
+def pick_prompts(labeler_id: str, now: float, limit: int) -> Callable[[Database], list[Prompt]]:
+    """Up to `limit` prompts this labeler may be given now, freshest first (see the module
+    docstring). A READ: it scans the prompts, so it must not hold the single writer."""
+
+    def op(db: Database) -> list[Prompt]:
+        rows = db.query(
+            """
+            SELECT p.* FROM prompts p
+            LEFT JOIN (SELECT prompt_id, COUNT(*) AS n FROM rankings GROUP BY prompt_id) r
+                   ON r.prompt_id = p.id
+            WHERE p.split IN ('train', 'val')
+              AND (p.has_pii = 0 OR p.redacted_text IS NOT NULL)
+              AND p.id NOT IN (SELECT prompt_id FROM rankings WHERE labeler_id = ?)
+              AND p.id NOT IN (SELECT prompt_id FROM comparison_tasks
+                               WHERE status = 'leased' AND expires_at > ?)
+            ORDER BY COALESCE(r.n, 0), p.created_at DESC, p.id
+            LIMIT ?
+            """, [labeler_id, now, limit])  # fmt: skip
+        return [from_row(Prompt, row) for row in rows]
+
+    return op
+
+
+def still_free(db: Database, prompt_id: str, labeler_id: str, now: float) -> bool:
+    """Inside the claim's write: nobody leased the prompt and this labeler did not rank
+    it since it was picked (two indexed lookups)."""
+    leased = db.conn.execute(
+        "SELECT 1 FROM comparison_tasks WHERE status = 'leased' AND expires_at > ? AND prompt_id = ?",
+        [now, prompt_id]).fetchone()  # fmt: skip
+    ranked = db.conn.execute(
+        "SELECT 1 FROM rankings WHERE prompt_id = ? AND labeler_id = ?", [prompt_id, labeler_id]).fetchone()  # fmt: skip
+    return leased is None and ranked is None
+
+
+def reusable_completions(prompt_id: str, k: int, version: int) -> Callable[[Database], list[str] | None]:
+    """The completion ids of the newest expired task of this prompt with K = k whose
+    completions all come from policy `version`, or None."""
+
+    def op(db: Database) -> list[str] | None:
+        for row in db.query(
+            "SELECT completion_ids_json FROM comparison_tasks "
+            "WHERE prompt_id = ? AND status = 'expired' AND k = ? ORDER BY created_at DESC LIMIT 5",
+            [prompt_id, k],
+        ):
+            ids = json.loads(row["completion_ids_json"])
+            if len(ids) != k:
+                continue
+            marks = ",".join("?" * k)
+            versions = {r["policy_version"] for r in db.query(
+                f"SELECT policy_version FROM completions WHERE id IN ({marks})", ids)}  # fmt: skip
+            if versions == {version}:
+                return ids
+        return None
+
+    return op
+
+
+def _insert_task(db: Database, task_id: str, prompt_id: str, labeler_id: str, k: int,
+                 completion_ids: list[str], now: float, lease_seconds: float) -> None:  # fmt: skip
+    """A lease row. While its completions are being sampled it holds `[]`: the prompt is
+    claimed (no one else gets it) but the task cannot be answered yet."""
+    db.conn.execute(
+        "INSERT INTO comparison_tasks (id, prompt_id, labeler_id, k, completion_ids_json, status, "
+        "created_at, expires_at) VALUES (?, ?, ?, ?, ?, 'leased', ?, ?)",
+        [task_id, prompt_id, labeler_id, k, json.dumps(completion_ids, separators=(",", ":")),
+         now, now + lease_seconds],
+    )  # fmt: skip
+
+
+def shown_text(prompt: Prompt) -> str:
+    """What the labeler sees and the policy answers: the redacted text of a PII prompt."""
+    return prompt.redacted_text if prompt.has_pii and prompt.redacted_text is not None else prompt.text
+
+
+def shown_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """The conversation to sample from. A redacted prompt is its redacted text alone
+    (earlier turns were not redacted, so they are never shown)."""
+    if prompt.messages and not prompt.has_pii:
+        return [dict(m) for m in prompt.messages]
+    return [{"role": "user", "content": shown_text(prompt)}]
+
+
+def task_message(task_id: str, prompt: Prompt, completions: list[Completion], expires_at: float) -> feedback_pb2.ComparisonTask:
+    messages = shown_messages(prompt) if prompt.messages and not prompt.has_pii else []
+    return feedback_pb2.ComparisonTask(
+        task_id=task_id,
+        prompt_id=prompt.id,
+        prompt_text=shown_text(prompt),
+        messages=[common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        completions=[convert.completion(c) for c in sorted(completions, key=lambda c: c.idx)],
+        lease_expires_at=convert.timestamp(expires_at),
+    )
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """What the claim transaction decided: a task id on a prompt, with completions to
+    reuse, or none (sample new ones)."""
+
+    task_id: str
+    prompt: Prompt
+    reused: list[Completion] | None
+
+
+# ---------------------------------------------------------------- the servicer
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
+    """Labeling queue and feedback intake (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        auth: Authenticator,
+        *,
+        k_default: int = 4,
+        lease_seconds: float = 600.0,
+        max_new_tokens: int = 128,
+        engine_ready: asyncio.Event | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        check_k(k_default, min_k=LABEL_MIN_K, max_k=LABEL_MAX_K)
+        if lease_seconds <= 0 or max_new_tokens < 1:
+            raise ValueError(f"lease_seconds must be > 0 and max_new_tokens >= 1, got {lease_seconds}, {max_new_tokens}")
+        self._store = store
+        self._engine = engine
+        self._auth = auth
+        self._k_default = k_default
+        self._lease_seconds = lease_seconds
+        self._max_new_tokens = max_new_tokens
+        self._ready = engine_ready
+        self._clock = clock
+        self._request_ids = _KeyedLocks()
+
+    # ------------------------------------------------------------ NextComparison
+
+    async def NextComparison(
+        self, request: feedback_pb2.NextComparisonRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.ComparisonTask:
+        async with feedback_errors(context):
+            caller = await self._auth.authorize(context, "labeler")
+            k = request.k or self._k_default
+            if not LABEL_MIN_K <= k <= LABEL_MAX_K:
+                raise _invalid(f"k = {k}: a task holds {LABEL_MIN_K}..{LABEL_MAX_K} completions (0 = the server default, {self._k_default})")
+            _check_request_id(request.request_id, required=False)
+            method = f"{SERVICE}/NextComparison"
+            payload = payload_sha256(request)
+            key = (caller.user_id, method, request.request_id)
+            async with self._request_ids.hold(key) if request.request_id else contextlib.nullcontext():
+                if request.request_id:
+                    replay = await self._store.read(_live_replay(*key, payload, self._clock()))
+                    if replay is not None:
+                        return feedback_pb2.ComparisonTask.FromString(replay)
+                if self._ready is not None:
+                    require_ready(self._ready)
+                claim = await self._claim(caller, k)
+                try:
+                    samples = [] if claim.reused else await self._sample(claim, k)
+                    return await self._store.write(self._lease_op(claim, samples, key, payload))
+                except BaseException:  # failed or cancelled: the task never reached the caller
+                    await asyncio.shield(self._store.write(_release_claim(claim.task_id, self._clock())))
+                    raise
+
+    async def _claim(self, caller: Caller, k: int, candidates: int = 8, attempts: int = 5) -> _Claim:
+        """Pick prompts with a read, then claim the first one still free with a lease row,
+        in a short write. Concurrent labelers may take the picked ones first: pick again."""
+        for _ in range(attempts):
+            prompts = await self._store.read(pick_prompts(caller.user_id, self._clock(), candidates))
+            if not prompts:
+                break
+            claim = await self._store.write(self._claim_op(caller, k, prompts))
+            if claim is not None:
+                return claim
+        raise Refusal(grpc.StatusCode.NOT_FOUND, NO_PROMPT_WAITING)
+
+    def _claim_op(self, caller: Caller, k: int, prompts: list[Prompt]) -> Callable[[Database], _Claim | None]:
+        """Lease the first of `prompts` still free, reusing an expired task's completions
+        when they come from the serving policy; None when all were taken meanwhile."""
+
+        def op(db: Database) -> _Claim | None:
+            now = self._clock()
+            expire_tasks(now)(db)
+            prompt = next((p for p in prompts if still_free(db, p.id, caller.user_id, now)), None)
+            if prompt is None:
+                return None
+            reused_ids = reusable_completions(prompt.id, k, self._engine.version)(db)
+            task_id = uuid.uuid4().hex
+            _insert_task(db, task_id, prompt.id, caller.user_id, k, reused_ids or [], now, self._lease_seconds)
+            reused = [get_completion(cid)(db) for cid in reused_ids] if reused_ids else None
+            return _Claim(task_id, prompt, reused)  # type: ignore[arg-type]
+
+        return op
+
+    async def _sample(self, claim: _Claim, k: int) -> list[NewCompletion]:
+        """K samples of the serving policy for the claimed prompt (not yet logged)."""
+        prompt_ids = self._engine.render_chat(shown_messages(claim.prompt))
+        options = SamplingOptions(n=k, max_new_tokens=self._max_new_tokens, temperature=1.0)
+        texts, done, versions, tokens = [""] * k, [None] * k, [-1] * k, [0] * k
+        first_token: list[float | None] = [None] * k
+        started = time.perf_counter()
+        latency = [0.0] * k
+        async for update in self._engine.generate(f"label-{claim.task_id}", prompt_ids, options):
+            i = update.index
+            texts[i] += update.text_delta
+            versions[i], tokens[i] = update.policy_version, update.completion_tokens
+            if first_token[i] is None and update.completion_tokens > 0:
+                first_token[i] = time.perf_counter() - started
+            if update.finished:
+                done[i], latency[i] = update.finish_reason or "stop", time.perf_counter() - started
+        if any(reason in (None, "abort") for reason in done):
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "sampling the completions was aborted (the server may be shutting down); retry")
+        sampling = sampling_record(options)
+        return [
+            NewCompletion(idx=i, text=texts[i], policy_version=versions[i], finish_reason=done[i],  # type: ignore[arg-type]
+                          prompt_tokens=len(prompt_ids), completion_tokens=tokens[i], latency_s=latency[i],
+                          sampling=sampling, ttft_s=first_token[i], purpose="label")
+            for i in range(k)
+        ]  # fmt: skip
+
+    def _lease_op(self, claim: _Claim, samples: list[NewCompletion], key: tuple[str, str, str],
+                  payload: str) -> Callable[[Database], feedback_pb2.ComparisonTask]:  # fmt: skip
+        """Log the new samples, fill in and start the lease, record the answer under the
+        request_id: one transaction, committed before the task is returned."""
+
+        def op(db: Database) -> feedback_pb2.ComparisonTask:
+            now = self._clock()
+            stored = claim.reused or add_completions(claim.prompt.id, samples, now=now)(db)
+            expires_at = now + self._lease_seconds
+            db.conn.execute(
+                "UPDATE comparison_tasks SET completion_ids_json = ?, expires_at = ? WHERE id = ?",
+                [json.dumps([c.id for c in stored], separators=(",", ":")), expires_at, claim.task_id],
+            )
+            task = task_message(claim.task_id, claim.prompt, stored, expires_at)
+            caller_id, method, request_id = key
+            if request_id:
+                # An earlier record under this id names an expired lease: replace it.
+                db.conn.execute("DELETE FROM idempotency WHERE caller_id = ? AND method = ? AND request_id = ?",
+                                [caller_id, method, request_id])  # fmt: skip
+                record_idempotent(caller_id, method, request_id, payload, task.SerializeToString(), now)(db)
+            return task
+
+        return op
+
+    # ------------------------------------------------------------ SubmitRanking
+
+    async def SubmitRanking(
+        self, request: feedback_pb2.SubmitRankingRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.SubmitRankingResponse:
+        async with feedback_errors(context):
+            caller = await self._auth.authorize(context, "labeler")
+            _check_request_id(request.request_id, required=True)
+            groups = [list(g.completion_ids) for g in request.ranking]
+
+            def work(db: Database) -> bytes:
+                now = self._clock()
+                ids = _check_shape(groups)
+                if request.task_id:
+                    prompt_id = _claim_task_answer(db, caller.user_id, request.task_id, request.prompt_id, ids, now)
+                elif request.prompt_id:
+                    prompt_id = request.prompt_id
+                    _check_prompt_completions(db, prompt_id, ids)
+                else:
+                    raise _invalid("give the task_id of a leased task (or a prompt_id)")
+                _check_k_and_ties(groups)
+                ranking_id = _insert_ranking(db, prompt_id, caller, groups, request.task_id or None, now)
+                return feedback_pb2.SubmitRankingResponse(ranking_id=ranking_id, comparisons=count_pairs(groups)).SerializeToString()
+
+            return await self._idempotent(caller, "SubmitRanking", request, work, feedback_pb2.SubmitRankingResponse)
+
+    # ------------------------------------------------------------ SubmitDemonstration
+
+    async def SubmitDemonstration(
+        self, request: feedback_pb2.SubmitDemonstrationRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.SubmitDemonstrationResponse:
+        async with feedback_errors(context):
+            caller = await self._auth.authorize(context, "labeler")
+            _check_request_id(request.request_id, required=True)
+            if not request.response.strip():
+                raise _invalid("the response is empty: write the answer the model should give")
+            if len(request.response) > MAX_RESPONSE_CHARS:
+                raise _invalid(f"the response is {len(request.response)} characters; at most {MAX_RESPONSE_CHARS}")
+            kind = request.WhichOneof("prompt")
+            if kind is None:
+                raise _invalid("give a prompt_id (an existing prompt) or a prompt_text (a new one)")
+            if kind == "prompt_text" and not request.prompt_text.strip():
+                raise _invalid("prompt_text is empty")
+            if len(request.prompt_text) > MAX_PROMPT_CHARS:
+                raise _invalid(f"prompt_text is {len(request.prompt_text)} characters; at most {MAX_PROMPT_CHARS}")
+
+            def work(db: Database) -> bytes:
+                now = self._clock()
+                if kind == "prompt_id":
+                    if get_prompt(request.prompt_id)(db) is None:
+                        raise Refusal(grpc.StatusCode.NOT_FOUND, f"prompt {request.prompt_id!r} not found")
+                    prompt_id = request.prompt_id
+                else:
+                    prompt_id = add_prompt(caller.user_id, request.prompt_text, source="demonstration",
+                                           request_id=request.request_id, now=now)(db).id  # fmt: skip
+                demo = add_demonstration(prompt_id, caller.user_id, request.response,
+                                         labeler_group=caller.identity.labeler_group, now=now)(db)  # fmt: skip
+                return feedback_pb2.SubmitDemonstrationResponse(demonstration_id=demo.id, prompt_id=prompt_id).SerializeToString()
+
+            return await self._idempotent(caller, "SubmitDemonstration", request, work, feedback_pb2.SubmitDemonstrationResponse)
+
+    # ------------------------------------------------------------ SubmitRating
+
+    async def SubmitRating(
+        self, request: feedback_pb2.SubmitRatingRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.SubmitRatingResponse:
+        async with feedback_errors(context):
+            caller = await self._auth.authorize(context, "labeler")
+            _check_request_id(request.request_id, required=True)
+            if not request.completion_id:
+                raise _invalid("completion_id is required")
+            if not 1 <= request.overall <= 7:
+                raise _invalid(f"overall = {request.overall}: the Likert scale is 1..7 (7 best)")
+            if len(request.comment) > MAX_COMMENT_CHARS:
+                raise _invalid(f"the comment is {len(request.comment)} characters; at most {MAX_COMMENT_CHARS}")
+            flags = {name: getattr(request.flags, name) for name in RATING_FLAGS}
+
+            def work(db: Database) -> bytes:
+                if get_completion(request.completion_id)(db) is None:
+                    raise Refusal(grpc.StatusCode.NOT_FOUND, f"completion {request.completion_id!r} not found")
+                rating = add_rating(request.completion_id, caller.user_id, request.overall, flags,
+                                    comment=request.comment, labeler_group=caller.identity.labeler_group,
+                                    now=self._clock())(db)  # fmt: skip
+                return feedback_pb2.SubmitRatingResponse(rating_id=rating.id).SerializeToString()
+
+            return await self._idempotent(caller, "SubmitRating", request, work, feedback_pb2.SubmitRatingResponse)
+
+    # ------------------------------------------------------------ shared
+
+    async def _idempotent(self, caller: Caller, name: str, request: Message,
+                          work: Callable[[Database], bytes], response_type: type[Any]) -> Any:  # fmt: skip
+        """Replay the first answer to this request_id, or run `work` and record its answer
+        in the same transaction (the single writer serializes concurrent retries)."""
+        method = f"{SERVICE}/{name}"
+        payload = payload_sha256(request)
+
+        def op(db: Database) -> bytes:
+            answer = _recorded_answer(db, caller.user_id, method, request.request_id, payload)
+            if answer is None:
+                answer = work(db)
+                db.conn.execute(
+                    "INSERT INTO idempotency (caller_id, method, request_id, payload_sha256, response, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", [caller.user_id, method, request.request_id, payload, answer, self._clock()])  # fmt: skip
+            return answer
+
+        return response_type.FromString(await self._store.write(op))
+
+
+# SubmitRanking is the hot path (one call per ranking, all through the single writer):
+# its checks are plain conn.execute calls, one query each (sqlite-utils' query() and the
+# records' from_row cost more than the SQL itself at this size).
+
+
+def _recorded_answer(db: Database, caller_id: str, method: str, request_id: str, payload: str) -> bytes | None:
+    """The answer recorded under this request_id, or None; ALREADY_EXISTS when the id
+    was used with another payload."""
+    row = db.conn.execute(
+        "SELECT payload_sha256, response FROM idempotency WHERE caller_id = ? AND method = ? AND request_id = ?",
+        [caller_id, method, request_id]).fetchone()  # fmt: skip
+    if row is None:
+        return None
+    if row[0] != payload:
+        name = method.rsplit("/", 1)[-1]
+        raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
+                      f"request_id {request_id!r} was already used for a different {name} request; "
+                      "use a new request_id for a new request")  # fmt: skip
+    return bytes(row[1])
+
+
+def _claim_task_answer(db: Database, labeler_id: str, task_id: str, prompt_id: str, ids: list[str], now: float) -> str:
+    """Mark `task_id` submitted, or raise why this labeler may not answer it with `ids`
+    (exactly its completions); return the task's prompt id."""
+    row = db.conn.execute(
+        "SELECT prompt_id, labeler_id, status, expires_at, completion_ids_json FROM comparison_tasks WHERE id = ?",
+        [task_id]).fetchone()  # fmt: skip
+    if row is None:
+        raise Refusal(grpc.StatusCode.NOT_FOUND, f"task {task_id!r} not found")
+    task_prompt, owner, status, expires_at, completion_ids_json = row
+    if owner != labeler_id:
+        raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"task {task_id!r} is leased to another labeler")
+    if prompt_id and prompt_id != task_prompt:
+        raise _invalid(f"prompt_id {prompt_id!r} is not the prompt of task {task_id!r} ({task_prompt!r})")
+    if status == "submitted":
+        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id!r} was already answered")
+    if status != "leased" or now >= expires_at:
+        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"task {task_id!r} expired at {_iso(expires_at)}: ask NextComparison for a new task")  # fmt: skip
+    own = json.loads(completion_ids_json)
+    if not own:
+        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id!r} is still being prepared")
+    foreign = [cid for cid in ids if cid not in set(own)]
+    if foreign:
+        raise _invalid(f"completion {foreign[0]!r} is not one of task {task_id!r}'s completions")
+    missing = [cid for cid in own if cid not in set(ids)]
+    if missing:
+        raise _invalid(f"completion {missing[0]!r} of task {task_id!r} is missing from the ranking: rank all {len(own)}")
+    db.conn.execute("UPDATE comparison_tasks SET status = 'submitted' WHERE id = ?", [task_id])
+    return task_prompt
+
+
+def _insert_ranking(db: Database, prompt_id: str, caller: Caller, groups: list[list[str]],
+                    task_id: str | None, now: float) -> str:  # fmt: skip
+    """The rankings row, as `common.store.add_ranking` writes it, minus the checks
+    SubmitRanking has already made; returns its id."""
+    ranking_id = uuid.uuid4().hex
+    db.conn.execute(
+        "INSERT INTO rankings (id, prompt_id, labeler_id, labeler_group, task_id, ranking_json, k, source, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, 'label', ?)",
+        [ranking_id, prompt_id, caller.user_id, caller.identity.labeler_group, task_id,
+         json.dumps(groups, separators=(",", ":")), sum(len(g) for g in groups), now],
+    )  # fmt: skip
+    return ranking_id
+
+
+def _check_request_id(request_id: str, *, required: bool) -> None:
+    if required and not request_id:
+        raise _invalid("request_id is required: a client-chosen id (e.g. a uuid4) that makes retries safe")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise _invalid(f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
+
+
+def _check_shape(groups: list[list[str]]) -> list[str]:
+    """Empty groups, blank or repeated ids: checked before anything is looked up."""
+    try:
+        return check_ranking_shape(groups)
+    except InvalidArgumentError as err:
+        raise _invalid(str(err)) from None
+
+
+def _check_k_and_ties(groups: list[list[str]]) -> None:
+    """4 <= K <= 9 and not all tied: checked after the ids are known to be right, so a
+    missing or foreign id is named rather than reported as a wrong K."""
+    try:
+        check_k(sum(len(g) for g in groups), min_k=LABEL_MIN_K, max_k=LABEL_MAX_K)
+        check_not_all_tied(groups)
+    except InvalidArgumentError as err:
+        raise _invalid(str(err)) from None
+
+
+def _check_prompt_completions(db: Database, prompt_id: str, ids: list[str]) -> None:
+    """Raise unless the prompt exists and every id is one of its logged completions."""
+    if db.conn.execute("SELECT 1 FROM prompts WHERE id = ?", [prompt_id]).fetchone() is None:
+        raise Refusal(grpc.StatusCode.NOT_FOUND, f"prompt {prompt_id!r} not found")
+    marks = ",".join("?" * len(ids))
+    owner = dict(db.conn.execute(f"SELECT id, prompt_id FROM completions WHERE id IN ({marks})", ids).fetchall())
+    for cid in ids:
+        if cid not in owner:
+            raise _invalid(f"completion {cid!r} not found")
+        if owner[cid] != prompt_id:
+            raise _invalid(f"completion {cid!r} belongs to prompt {owner[cid]!r}, not {prompt_id!r}")
+
+
+def _live_replay(caller_id: str, method: str, request_id: str, payload: str, now: float) -> Callable[[Database], bytes | None]:
+    """The recorded task of a NextComparison retry while its lease lasts, or None (new
+    request, or the lease is over). The same id with another k is ALREADY_EXISTS."""
+
+    def op(db: Database) -> bytes | None:
+        answer = _recorded_answer(db, caller_id, method, request_id, payload)
+        if answer is None:
+            return None
+        task_id = feedback_pb2.ComparisonTask.FromString(answer).task_id
+        live = db.conn.execute(
+            "SELECT 1 FROM comparison_tasks WHERE id = ? AND status = 'leased' AND expires_at > ?", [task_id, now]
+        ).fetchone()  # fmt: skip
+        return answer if live else None
+
+    return op
+
+
+def _release_claim(task_id: str, now: float) -> Callable[[Database], None]:
+    """Sampling failed: end the claim at once, so the prompt is free again."""
+
+    def op(db: Database) -> None:
+        db.conn.execute("UPDATE comparison_tasks SET status = 'expired', expires_at = ? WHERE id = ?", [now, task_id])
+
+    return op
+
+
+def add_to_server(servicer: FeedbackServicer, server: grpc.aio.Server) -> None:
+    feedback_pb2_grpc.add_FeedbackServicer_to_server(servicer, server)
