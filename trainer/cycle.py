@@ -1,0 +1,522 @@
+"""One training cycle of the loop, as a recipe (``cycle_recipe``) that reads top to bottom:
+
+  snapshot   a consistent copy of the store (``Store.snapshot``); the serving policy and
+             the watermark of the last trained cycle come from it
+  hygiene    ``trainer.hygiene.run_hygiene`` on its prompts, then records by split
+             (``trainer.snapshot_data``); too little new data ends the cycle as "skipped"
+  sft        only when the demonstrations changed since the lineage's SFT: SFT from the
+             base v0, published as a checkpoint: it starts a new LINEAGE (its own KL
+             reference, PPO starts from it); otherwise PPO starts from the SERVING policy
+             and the reference stays the SFT model of the serving lineage
+  rm         the reward model on ALL train-split rankings (val-split ones measure it, per
+             labeler group), and the gate's JUDGE on the val-split rankings (the train-split
+             ones measure it): an RM PPO never optimises against
+  ppo        PPO-ptx on the train-split prompts logged since the last trained cycle
+  evaluate   candidate vs serving on held-out prompts (``trainer.gate.evaluate_candidate``)
+  gate       promote only within the bounds of ``GateConfig``; else "rejected"
+  publish    ``common.checkpoints.write_checkpoint`` (write aside, fsync, rename, hashes),
+             then the store's policies table (candidate)
+  swap       ``Admin.SwapPolicy`` on the running server (or, with no server configured,
+             the store alone: ``StoreSwapper``)
+  record     retention (``prune_checkpoints``), then the cycle's final state
+
+Every stage writes its name to the cycle row when it starts and its metrics when it ends
+(``StageLog``), so `rlhf cycles` and a crash both show where a cycle was. A heartbeat
+thread stamps the row while the cycle runs. Crash safety: the cycle starts by cleaning up
+after any trainer that died (``clean_up_after_crashes``, under the store's one-running-cycle
+lock): partial ``*.tmp`` checkpoints, checkpoints published but never recorded, stale
+scratch folders. A visible ``vN/`` is always complete (``write_checkpoint``), and the
+server keeps serving its version until a swap succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from common.checkpoints import (
+    checkpoint_path,
+    clean_partial,
+    list_checkpoints,
+    prune_checkpoints,
+    read_manifest,
+    write_checkpoint,
+)
+from common.store import (
+    ConflictError,
+    Cycle,
+    Policy,
+    Store,
+    add_policy,
+    get_cycle,
+    get_policy,
+    list_cycles,
+    list_policies,
+    previous_serving_policy,
+    serving_policy,
+    set_policy_status,
+    update_cycle,
+)
+from trainer.gate import decide, evaluate_candidate
+from trainer.hygiene import HygieneReport, run_hygiene
+from trainer.loop_config import CycleConfig, DataConfig, TrainerConfig
+from trainer.snapshot_data import CycleData, StoreRows, prompt_records, read_rows, split_cycle_data
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[str], None]
+TRAINED_STATES = ("promoted", "rejected")  # cycles whose PPO consumed the prompts before their watermark
+
+
+class CycleSkipped(Exception):
+    """Too little data for a cycle: it ends as "skipped", nothing trained."""
+
+
+def _no_hook(point: str) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------- swapping
+
+
+class PolicySwapper(Protocol):
+    """Makes a published version serve; raises when it cannot."""
+
+    def swap(self, version: int, request_id: str) -> dict[str, Any]: ...
+
+
+class AdminSwapper:
+    """``Admin.SwapPolicy`` on the running server (which verifies, hot-swaps and records)."""
+
+    def __init__(self, target: str, api_key: str | None, timeout_s: float) -> None:
+        self.target, self.api_key, self.timeout_s = target, api_key, timeout_s
+
+    def swap(self, version: int, request_id: str) -> dict[str, Any]:
+        from clients.client import RlhfClient
+
+        with RlhfClient(self.target, self.api_key) as client:
+            reply = client.swap_policy(version, request_id=request_id, timeout=self.timeout_s)
+        return {"via": "admin", "previous_version": reply.previous_version, "version": reply.version,
+                "stall_seconds": reply.stall_seconds, "total_seconds": reply.total_seconds}
+
+
+class StoreSwapper:
+    """No server: mark the version serving in the store (a server started later serves it)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def swap(self, version: int, request_id: str) -> dict[str, Any]:
+        self.store.write_sync(set_policy_status(version, "serving"))
+        return {"via": "store", "version": version}
+
+
+@dataclass
+class CycleContext:
+    """What a cycle needs from the process that runs it."""
+
+    store: Store
+    config: TrainerConfig
+    swapper: PolicySwapper
+    hook: Hook = field(default=_no_hook)  # called at named points (fault-injection tests)
+
+    @property
+    def cycle_config(self) -> CycleConfig:
+        return self.config.cycle
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+
+
+class StageLog:
+    """``with stages("rm") as metrics:`` records the stage when it starts and its metrics
+    (plus wall and CPU seconds) when it ends, also when it raises."""
+
+    def __init__(self, store: Store, cycle_id: int, hook: Hook) -> None:
+        self.store, self.cycle_id, self.hook = store, cycle_id, hook
+        self.current: str | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[dict[str, Any]]:
+        self.current = name
+        self.store.write_sync(update_cycle(self.cycle_id, stage=name, heartbeat=True))
+        log.info("cycle %d: %s", self.cycle_id, name)
+        metrics: dict[str, Any] = {}
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            self.hook(f"stage:{name}")
+            yield metrics
+        finally:
+            metrics["seconds"] = round(time.perf_counter() - started, 3)
+            # CPU seconds of the whole process (all threads): on a shared machine, the
+            # figure to budget with (wall time there depends on the neighbours)
+            metrics["cpu_seconds"] = round(time.process_time() - cpu_started, 3)
+            self.store.write_sync(update_cycle(self.cycle_id, stage_metrics={name: _jsonable(metrics)}))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+@contextlib.contextmanager
+def heartbeat(store: Store, cycle_id: int, every_s: float) -> Iterator[None]:
+    """Stamp the cycle's heartbeat every ``every_s`` seconds while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                store.write_sync(update_cycle(cycle_id, heartbeat=True))
+            except Exception:  # noqa: BLE001 - a missed beat must not kill the cycle
+                log.warning("cycle %d: heartbeat failed", cycle_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"cycle-{cycle_id}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---------------------------------------------------------------------------- running a cycle
+
+
+def run_cycle(cycle: Cycle, ctx: CycleContext) -> Cycle:
+    """Run a claimed (running) cycle to its final state and record it; returns the final row.
+
+    Exceptions of a stage end the cycle as "failed" with the error recorded; an interrupt
+    (KeyboardInterrupt, SystemExit) is recorded the same way and re-raised.
+    """
+    work = ctx.config.work_dir / f"cycle-{cycle.id}"
+    stages = StageLog(ctx.store, cycle.id, ctx.hook)
+    try:
+        with heartbeat(ctx.store, cycle.id, ctx.config.heartbeat_s):
+            state, note = cycle_recipe(cycle.id, ctx, stages, work)
+    except CycleSkipped as skip:
+        state, note = "skipped", str(skip)
+    except Exception as exc:
+        log.exception("cycle %d failed in stage %s", cycle.id, stages.current)
+        state, note = "failed", _describe(exc, stages.current)
+    except BaseException as exc:
+        ctx.store.write_sync(update_cycle(cycle.id, state="failed", error=f"interrupted ({type(exc).__name__}) "
+                                          f"in stage {stages.current}"))
+        raise
+    finally:
+        if not ctx.config.keep_work_dirs:
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("cycle %d: %s%s", cycle.id, state, f" ({note})" if note else "")
+    try:
+        return ctx.store.write_sync(update_cycle(cycle.id, state=state, error=note or None))
+    except ConflictError:  # marked failed meanwhile (no heartbeat for stale_after_s): that stands
+        log.error("cycle %d ended %s, but was already marked failed (heartbeats too late?)", cycle.id, state)
+        return ctx.store.read_sync(get_cycle(cycle.id))
+
+
+def _describe(exc: BaseException, stage: str | None) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    return f"{type(exc).__name__} in stage {stage}{at}: {exc}"
+
+
+def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: Path) -> tuple[str, str]:
+    """The cycle, stage by stage; returns (final state, note)."""
+    cfg = ctx.cycle_config
+    with stage("snapshot") as m:
+        m["cleaned_up"] = clean_up_after_crashes(ctx, keep_work=work)
+        snap = take_snapshot(ctx.store, work, cfg.data.window_s)
+        ctx.store.write_sync(update_cycle(cycle_id, base_version=snap.serving.version))
+        m.update(snap.summary())
+    with stage("hygiene") as m:
+        data, report = clean_and_split(snap, cfg)
+        m.update(hygiene_summary(report), data=data.counts())
+        check_enough_data(data, cfg.data)
+    with stage("sft") as m:
+        lineage, sft_metrics = sft_if_demonstrations_changed(ctx, cycle_id, snap, data, work / "sft")
+        m.update(sft_metrics, lineage=lineage.summary())
+    with stage("rm") as m:
+        m.update(train_reward_models(lineage.reference_dir, data, cfg, work))
+    with stage("ppo") as m:
+        m.update(run_ppo(lineage, data, cfg, work))
+    with stage("evaluate") as m:
+        evaluation = evaluate_against_serving(snap.serving, lineage, data, cfg, work)
+        m.update(evaluation)
+    with stage("gate") as m:
+        decision = decide(evaluation, cfg.gate)
+        m.update(decision.to_dict())
+    if not decision.promote:
+        return "rejected", decision.reason
+    with stage("publish") as m:
+        candidate = publish_policy(ctx, cycle_id, work / "ppo", parent=lineage.start_version, metrics={
+            "kind": "ppo", "sft_version": lineage.reference_version, "judge_win_rate": evaluation["judge_win_rate"],
+            "kl_to_sft": evaluation["kl_to_sft"], "ptx_regression": evaluation["ptx_regression"]})
+        m.update(version=candidate.version, path=candidate.path)
+    with stage("swap") as m:
+        m.update(swap_to(ctx, cycle_id, candidate.version))
+    with stage("record") as m:
+        m.update(apply_retention(ctx.store, ctx.config.checkpoints_root, ctx.config.keep_last))
+    return "promoted", ""
+
+
+# ---------------------------------------------------------------------------- snapshot and data
+
+
+@dataclass
+class Snapshot:
+    """What a cycle read from its store snapshot."""
+
+    rows: StoreRows
+    policies: dict[int, Policy]
+    serving: Policy
+    taken_at: float
+    watermark: float  # created_at of the newest prompt in the snapshot: the next cycle's `since`
+    since: float  # PPO's new prompts were logged after this
+
+    def policy(self, version: int) -> Policy:
+        """A recorded policy whose checkpoint is on disk (the serving lineage needs it)."""
+        policy = self.policies.get(version)
+        if policy is None or not Path(policy.path).is_dir():
+            raise RuntimeError(f"policy v{version} is not in the store or its checkpoint is gone")
+        return policy
+
+    def summary(self) -> dict[str, Any]:
+        return {"taken_at": self.taken_at, "watermark": self.watermark, "since": self.since,
+                "serving_version": self.serving.version, "prompts": len(self.rows.prompts),
+                "rankings": len(self.rows.rankings), "demonstrations": len(self.rows.demonstrations)}
+
+
+def take_snapshot(store: Store, work: Path, window_s: float | None) -> Snapshot:
+    """Copy the store, read the rows a cycle trains on, find the serving policy and `since`."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = store.snapshot(work / "snapshot.sqlite")
+    taken_at = time.time()
+    with Store.open_readonly(path) as snap:
+        rows = snap.read_sync(read_rows)
+        policies = {p.version: p for p in snap.read_sync(list_policies())}
+        trained = [c for c in snap.read_sync(list_cycles(limit=0)) if c.state in TRAINED_STATES]
+    serving = next((p for p in policies.values() if p.status == "serving"), None)
+    if serving is None:
+        raise RuntimeError("no serving policy in the store: start the server once (it publishes v0)")
+    since = max((c.metrics.get("snapshot", {}).get("watermark", 0.0) for c in trained), default=0.0)
+    if window_s is not None:
+        since = max(since, taken_at - window_s)
+    watermark = max((p.created_at for p in rows.prompts), default=since)
+    return Snapshot(rows, policies, serving, taken_at, watermark, since)
+
+
+def clean_and_split(snap: Snapshot, cfg: CycleConfig) -> tuple[CycleData, HygieneReport]:
+    """Hygiene on every prompt of the snapshot, then the kept rows as records by split."""
+    kept, report = run_hygiene(prompt_records(snap.rows.prompts), cfg.hygiene)
+    data = split_cycle_data(
+        snap.rows, kept, since=snap.since, until=snap.watermark, max_ppo_prompts=cfg.data.max_ppo_prompts,
+        ppo_sources=cfg.data.ppo_sources, eval_splits=cfg.data.eval_splits, max_eval_prompts=cfg.eval.max_prompts)
+    return data, report
+
+
+def hygiene_summary(report: HygieneReport) -> dict[str, Any]:
+    """The report without per-prompt lists (ids of PII prompts stay out of the metrics)."""
+    summary = report.to_dict()
+    summary["split_disagreements"] = len(report.split_disagreements)
+    summary["pii_prompts"] = len(summary.pop("pii_prompt_ids"))
+    return summary
+
+
+def check_enough_data(data: CycleData, need: DataConfig) -> None:
+    """Raise CycleSkipped naming every shortfall."""
+    counts = data.counts()
+    wanted = {"ppo_prompts": need.min_new_prompts, "comparisons_train": need.min_train_comparisons,
+              "comparisons_val": need.min_val_comparisons, "eval_prompts": 1}
+    short = [f"{name} {counts[name]} < {least}" for name, least in wanted.items() if counts[name] < least]
+    if short:
+        raise CycleSkipped("too little new data: " + ", ".join(short))
+
+
+# ---------------------------------------------------------------------------- lineage and SFT
+
+
+@dataclass
+class Lineage:
+    """Where PPO starts and what it is held to: the SFT reference of the start policy."""
+
+    start_version: int
+    start_dir: Path
+    reference_version: int
+    reference_dir: Path
+
+    def summary(self) -> dict[str, Any]:
+        return {"start_version": self.start_version, "reference_version": self.reference_version}
+
+    @classmethod
+    def of(cls, start: Policy, reference: Policy) -> Lineage:
+        return cls(start.version, Path(start.path), reference.version, Path(reference.path))
+
+
+def sft_version_of(policy: Policy) -> int:
+    """The SFT reference of a policy's lineage (a base model is its own)."""
+    return int(policy.metrics.get("sft_version", policy.version))
+
+
+def sft_if_demonstrations_changed(
+    ctx: CycleContext, cycle_id: int, snap: Snapshot, data: CycleData, out_dir: Path
+) -> tuple[Lineage, dict[str, Any]]:
+    """The serving lineage, an earlier SFT on the same demonstrations, or a fresh SFT."""
+    serving = snap.serving
+    current = Lineage.of(serving, snap.policy(sft_version_of(serving)))
+    train, val = data.demonstrations["train"], data.demonstrations["val"]
+    if len(train) < ctx.cycle_config.data.min_sft_demonstrations:
+        return current, {"ran": False, "reason": f"{len(train)} train demonstrations"}
+    same = [p for p in snap.policies.values() if p.metrics.get("kind") == "sft"
+            and p.metrics.get("demonstrations_sha256") == data.demonstrations_sha256 and Path(p.path).is_dir()]
+    if same:
+        newest = max(same, key=lambda p: p.version)
+        lineage = current if newest.version == current.reference_version else Lineage.of(newest, newest)
+        return lineage, {"ran": False, "reason": f"demonstrations unchanged since SFT v{newest.version}"}
+    from trainer.sft import train_sft
+
+    result = train_sft(snap.policy(0).path, train, val, ctx.cycle_config.sft, out_dir)
+    sft = publish_policy(ctx, cycle_id, out_dir, parent=0, metrics={
+        "kind": "sft", "demonstrations_sha256": data.demonstrations_sha256, "best_epoch": result.best_epoch})
+    return Lineage.of(sft, sft), {"ran": True, "version": sft.version, "result": result.to_dict()}
+
+
+# ---------------------------------------------------------------------------- training stages
+
+
+def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, work: Path) -> dict[str, Any]:
+    """PPO's RM on the train-split rankings (measured on val), and the gate's judge on the
+    val-split ones (measured on train: rankings it never saw), both from the lineage's SFT model."""
+    from trainer.reward_model import train_reward_model
+
+    demos = data.demonstrations["train"] or None
+    comparisons = data.comparisons
+    rm = train_reward_model(reference_dir, comparisons["train"], comparisons["val"], cfg.rm, work / "rm",
+                            demonstrations=demos)
+    unseen = comparisons["train"][-cfg.data.judge_eval_comparisons:]
+    judge = train_reward_model(reference_dir, comparisons["val"], unseen, cfg.rm, work / "judge", demonstrations=demos)
+    return {"rm": rm.to_dict(), "judge": judge.to_dict()}
+
+
+def pretraining_texts(cfg: CycleConfig) -> tuple[list[str], list[str]]:
+    """(train, held-out) paragraphs of the shipped corpus, split as PPO splits it by default."""
+    from trainer.corpus import load_corpus, split_corpus
+
+    return split_corpus(load_corpus(), cfg.ppo.ptx_held_out_fraction, seed=0)
+
+
+def run_ppo(lineage: Lineage, data: CycleData, cfg: CycleConfig, work: Path) -> dict[str, Any]:
+    """PPO-ptx from the lineage's start policy against the cycle's RM."""
+    from trainer.ppo import train_ppo
+
+    ptx_train, _ = pretraining_texts(cfg)
+    result = train_ppo(lineage.start_dir, lineage.reference_dir, work / "rm", data.ppo_prompts, cfg.ppo,
+                       work / "ppo", corpus_texts=ptx_train, progress=False)
+    summary = result.to_dict()
+    summary.pop("config", None)  # the cycle's config is the source of truth
+    summary["num_prompts"] = len(data.ppo_prompts)
+    summary["last"] = result.history[-1] if result.history else {}
+    return summary
+
+
+def evaluate_against_serving(serving: Policy, lineage: Lineage, data: CycleData, cfg: CycleConfig,
+                             work: Path) -> dict[str, Any]:
+    """Candidate vs serving on the held-out prompts, judged by the judge RM."""
+    _, ptx_held_out = pretraining_texts(cfg)
+    e = cfg.eval
+    return evaluate_candidate(
+        work / "ppo", Path(serving.path), lineage.reference_dir, work / "judge", work / "rm", data.eval_prompts,
+        ptx_held_out, max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
+        ptx_max_length=e.ptx_max_length, seed=e.seed)
+
+
+# ---------------------------------------------------------------------------- publish, swap, retention
+
+
+def next_version(store: Store, root: Path) -> int:
+    """One above every version recorded in the store or present on disk."""
+    recorded = [p.version for p in store.read_sync(list_policies())]
+    return max(recorded + list_checkpoints(root) + [-1]) + 1
+
+
+def publish_policy(ctx: CycleContext, cycle_id: int, model_dir: Path, parent: int, metrics: dict[str, Any]) -> Policy:
+    """Publish ``model_dir`` atomically as the next version and record it as a candidate
+    (``metrics["kind"]``: "sft" or "ppo")."""
+    root = ctx.config.checkpoints_root
+    version = next_version(ctx.store, root)
+    base_model = read_manifest(checkpoint_path(root, parent)).base_model
+
+    point = f"publish:{metrics['kind']}"  # fault-injection points: publish:ppo:renamed, ...
+
+    def save(tmp: Path) -> None:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        ctx.hook(f"{point}:files_written")
+
+    path = write_checkpoint(root, version, save, parent_version=parent, cycle_id=cycle_id, base_model=base_model,
+                            metrics=metrics)
+    ctx.hook(f"{point}:renamed")
+    policy = ctx.store.write_sync(add_policy(version, str(path.resolve()), parent_version=parent, cycle_id=cycle_id,
+                                             metrics=metrics))
+    ctx.store.write_sync(update_cycle(cycle_id, candidate_version=version))
+    return policy
+
+
+def swap_to(ctx: CycleContext, cycle_id: int, version: int) -> dict[str, Any]:
+    """Ask for ``version`` to serve. A failed call whose swap nevertheless happened (the reply
+    was lost) counts as done; otherwise the candidate is marked rejected and the error raised."""
+    try:
+        return ctx.swapper.swap(version, request_id=f"cycle-{cycle_id}-swap-v{version}")
+    except Exception:
+        serving = ctx.store.read_sync(serving_policy())
+        if serving is not None and serving.version == version:
+            log.warning("swap to v%d raised, but v%d serves: keeping it", version, version, exc_info=True)
+            return {"version": version, "note": "the swap call failed, yet the store shows the version serving"}
+        if (policy := ctx.store.read_sync(get_policy(version))) is not None and policy.status == "candidate":
+            ctx.store.write_sync(set_policy_status(version, "rejected"))
+        raise
+
+
+def retained_versions(policies: list[Policy], previous: Policy | None, on_disk: list[int], keep_last: int) -> set[int]:
+    """v0, the serving and previous serving versions with their SFT references, and the newest
+    ``keep_last`` versions on disk."""
+    keep = {0} | set(sorted(on_disk)[-keep_last:])
+    for policy in [p for p in policies if p.status == "serving"] + ([previous] if previous else []):
+        keep |= {policy.version, sft_version_of(policy)}
+    return keep
+
+
+def apply_retention(store: Store, root: Path, keep_last: int) -> dict[str, Any]:
+    """Delete the checkpoints ``retained_versions`` does not keep."""
+    keep = retained_versions(store.read_sync(list_policies()), store.read_sync(previous_serving_policy()),
+                             list_checkpoints(root), keep_last)
+    return {"kept": sorted(keep & set(list_checkpoints(root))), "pruned": prune_checkpoints(root, keep)}
+
+
+def clean_up_after_crashes(ctx: CycleContext, keep_work: Path) -> dict[str, Any]:
+    """Remove what a killed trainer left: ``*.tmp``/``*.trash`` checkpoint folders, checkpoints
+    published by a cycle but never recorded in the store, and old scratch folders.
+
+    Runs inside a claimed cycle: the store's one-running-cycle lock guarantees no other
+    trainer is publishing meanwhile.
+    """
+    root = ctx.config.checkpoints_root
+    partial = clean_partial(root)
+    recorded = {p.version for p in ctx.store.read_sync(list_policies())}
+    orphans = [v for v in list_checkpoints(root) if v not in recorded
+               and read_manifest(checkpoint_path(root, v)).cycle_id is not None]
+    if orphans:
+        prune_checkpoints(root, (set(list_checkpoints(root)) - set(orphans)) | {0})
+    stale = [d for d in ctx.config.work_dir.glob("cycle-*") if d.is_dir() and d != keep_work]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    if partial or orphans or stale:
+        log.warning("cleaned up after a crash: partial %s, unrecorded checkpoints %s, scratch %s",
+                    [p.name for p in partial], orphans, [d.name for d in stale])
+    return {"partial": [p.name for p in partial], "orphans": orphans, "scratch": [d.name for d in stale]}

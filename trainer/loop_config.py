@@ -1,0 +1,214 @@
+"""Configuration of the loop: ``TrainerConfig`` (the process) holding ``CycleConfig`` (one
+cycle), which nests every stage's config (``HygieneConfig``, ``SFTConfig``, ``RMConfig``,
+``PPOConfig``, ``EvalConfig``, ``GateConfig``).
+
+Every field has a help string and is validated at construction. ``load_trainer_config``
+reads a TOML or JSON file whose tables mirror the nesting, then applies ``--set`` overrides
+with dotted keys::
+
+    # trainer.toml
+    schedule = "interval"
+    interval_s = 1800
+    [cycle.data]
+    min_new_prompts = 32
+    [cycle.ppo]
+    kl_coef = 0.05
+
+    rlhf trainer --config trainer.toml --set cycle.gate.min_win_rate=0.55 --set poll_s=1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, get_type_hints
+
+from common import paths
+from trainer.config import EvalConfig, RMConfig, SFTConfig, config_from_overrides
+from trainer.gate import GateConfig
+from trainer.hygiene import HygieneConfig
+from trainer.ppo import PPOConfig
+
+Schedule = Literal["interval", "cron", "off"]
+ADMIN_KEY_ENV = "RLHF_ADMIN_KEY"
+
+
+def _check(condition: bool, name: str, message: str, value: Any) -> None:
+    if not condition:
+        raise ValueError(f"{name} {message}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Which data a cycle needs, and which prompts PPO and evaluation use."""
+
+    min_new_prompts: int = field(
+        default=16,
+        metadata={"help": "Fewest new train-split prompts (logged since the last trained cycle) for PPO; "
+                  "fewer ends the cycle as 'skipped'."})
+    max_ppo_prompts: int = field(
+        default=256, metadata={"help": "PPO uses at most this many new prompts (the newest)."})
+    window_s: float | None = field(
+        default=None,
+        metadata={"help": "Only prompts logged in the last window_s seconds count as new; None = every "
+                  "prompt since the last trained cycle."})
+    ppo_sources: list[str] = field(
+        default_factory=lambda: ["traffic", "import"],
+        metadata={"help": "Prompt sources (store `prompts.source`) PPO trains on."})
+    min_train_comparisons: int = field(
+        default=8, metadata={"help": "Fewest train-split rankings to train the reward model; fewer: 'skipped'."})
+    min_val_comparisons: int = field(
+        default=4,
+        metadata={"help": "Fewest val-split rankings to train the gate's judge (an RM PPO never optimises "
+                  "against); fewer: 'skipped'."})
+    judge_eval_comparisons: int = field(
+        default=64,
+        metadata={"help": "The newest train-split rankings (which the judge never sees) that measure the judge's "
+                  "accuracy; scoring them costs one forward pass per completion."})
+    min_sft_demonstrations: int = field(
+        default=4, metadata={"help": "Fewest train-split demonstrations before SFT runs at all."})
+    eval_splits: list[str] = field(
+        default_factory=lambda: ["test", "val"],
+        metadata={"help": "Splits whose prompts evaluate the candidate (at most eval.max_prompts of them)."})
+
+    def __post_init__(self) -> None:
+        for name in ("min_new_prompts", "max_ppo_prompts", "min_train_comparisons", "min_val_comparisons",
+                     "judge_eval_comparisons", "min_sft_demonstrations"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.window_s is None or self.window_s > 0, "window_s", "must be > 0 or None", self.window_s)
+        _check(self.min_new_prompts <= self.max_ppo_prompts, "min_new_prompts", "must be <= max_ppo_prompts",
+               self.min_new_prompts)
+        _check(bool(self.ppo_sources), "ppo_sources", "must name a source", self.ppo_sources)
+        _check(bool(self.eval_splits) and set(self.eval_splits) <= {"val", "test"}, "eval_splits",
+               "must be a non-empty subset of ['val', 'test'] (never train)", self.eval_splits)
+
+
+@dataclass
+class CycleConfig:
+    """One training cycle: data selection and every stage's config."""
+
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data needs and selection."})
+    hygiene: HygieneConfig = field(default_factory=HygieneConfig, metadata={"help": "Data hygiene."})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Step 1: SFT."})
+    rm: RMConfig = field(default_factory=RMConfig, metadata={"help": "Step 2: the reward model (and the judge)."})
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "Step 3: PPO-ptx."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation of the candidate."})
+    gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "Promotion bounds."})
+
+
+@dataclass
+class TrainerConfig:
+    """The trainer process (`rlhf trainer`): where things live, when cycles run, how it swaps."""
+
+    store_path: Path = field(
+        default_factory=lambda: paths.data_dir() / "rlhf.sqlite", metadata={"help": "The SQLite store."})
+    checkpoints_root: Path = field(
+        default_factory=lambda: paths.data_dir() / "checkpoints",
+        metadata={"help": "Folder of published checkpoints vN/ (shared with the server)."})
+    work_dir: Path = field(
+        default_factory=lambda: paths.data_dir() / "trainer",
+        metadata={"help": "Scratch space: one folder per running cycle (snapshot, stage outputs)."})
+    server_address: str | None = field(
+        default="127.0.0.1:50051",
+        metadata={"help": "host:port of the server's Admin service; None = no server: the trainer marks the "
+                  "promoted version serving in the store itself."})
+    admin_key: str | None = field(
+        default=None,
+        metadata={"help": f"Admin API key for Admin.SwapPolicy; None = ${ADMIN_KEY_ENV}, or no key (a keyless "
+                  "store on loopback)."})
+    swap_timeout_s: float = field(default=300.0, metadata={"help": "Deadline of the SwapPolicy call."})
+    schedule: Schedule = field(
+        default="interval", metadata={"help": "'interval' every interval_s, 'cron' by `cron`, 'off': triggers only."})
+    interval_s: float = field(default=3600.0, metadata={"help": "Seconds between scheduled cycles."})
+    cron: str = field(default="0 * * * *", metadata={"help": "Crontab expression (schedule='cron')."})
+    poll_s: float = field(
+        default=2.0, metadata={"help": "How often the store is polled for queued cycles (triggers)."})
+    heartbeat_s: float = field(default=5.0, metadata={"help": "How often a running cycle stamps its heartbeat."})
+    stale_after_s: float = field(
+        default=120.0,
+        metadata={"help": "A running cycle without a heartbeat for this long is marked failed (its trainer "
+                  "died); one whose trainer pid is gone on this host is failed at once."})
+    keep_last: int = field(
+        default=3,
+        metadata={"help": "Retention: the newest keep_last checkpoints stay, plus (always) v0, the serving, "
+                  "the previous serving and their SFT references."})
+    torch_threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads for the process; None = torch's choice."})
+    keep_work_dirs: bool = field(
+        default=False, metadata={"help": "Keep a finished cycle's scratch folder (debugging)."})
+    cycle: CycleConfig = field(default_factory=CycleConfig, metadata={"help": "One cycle."})
+
+    def __post_init__(self) -> None:
+        self.store_path, self.checkpoints_root, self.work_dir = (
+            Path(self.store_path), Path(self.checkpoints_root), Path(self.work_dir))
+        if self.server_address == "":
+            self.server_address = None
+        for name in ("swap_timeout_s", "interval_s", "poll_s", "heartbeat_s"):
+            _check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        _check(self.stale_after_s > 2 * self.heartbeat_s, "stale_after_s", "must exceed 2 * heartbeat_s",
+               self.stale_after_s)
+        _check(self.schedule in ("interval", "cron", "off"), "schedule", "must be interval | cron | off",
+               self.schedule)
+        _check(self.keep_last >= 1, "keep_last", "must be >= 1", self.keep_last)
+        _check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or None",
+               self.torch_threads)
+        if self.schedule == "cron":
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger.from_crontab(self.cron)  # raises ValueError on a bad expression
+
+    def resolved_admin_key(self) -> str | None:
+        return self.admin_key or os.environ.get(ADMIN_KEY_ENV) or None
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_trainer_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> TrainerConfig:
+    """``TrainerConfig`` from a TOML/JSON file (tables = nesting) and dotted ``key=value`` overrides."""
+    values = read_config_file(Path(path)) if path is not None else {}
+    return build_config(TrainerConfig, values, overrides)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a .toml or .json config file."""
+    if path.suffix == ".toml":
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    raise ValueError(f"Unknown config file type: {path.suffix!r} (expected .toml or .json)")
+
+
+def build_config(cls: type, values: Mapping[str, Any], overrides: Sequence[str] = ()) -> Any:
+    """Build the dataclass ``cls`` from nested ``values`` and ``a.b.c=value`` overrides.
+
+    Nested dataclass fields recurse; the rest go through ``trainer.config.config_from_overrides``,
+    which types each value by its field (so file values and overrides validate alike).
+    """
+    hints = get_type_hints(cls)
+    nested = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+    unknown = [k for k in values if isinstance(values[k], Mapping) and k not in nested]
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} section: {unknown[0]} (sections: {', '.join(sorted(nested))})")
+    children = {}
+    for name in nested:
+        prefix = f"{name}."
+        inner = [o[len(prefix):] for o in overrides if o.startswith(prefix)]
+        children[name] = build_config(hints[name], values.get(name, {}), inner)
+    flat = [f"{k}={_as_text(v)}" for k, v in values.items() if k not in nested]
+    flat += [o for o in overrides if o.partition("=")[0].strip().split(".")[0] not in nested]
+    return dataclasses.replace(config_from_overrides(cls, flat), **children)
+
+
+def _as_text(value: Any) -> str:
+    """A file value as override text: strings verbatim, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready nested dict of a config (paths as strings)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))

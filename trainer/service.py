@@ -1,0 +1,237 @@
+"""`rlhf trainer`: the trainer process. It runs one training cycle at a time, forever.
+
+Where cycles come from: every cycle is a row in the store's `cycles` table.
+- APScheduler (3.x, a BackgroundScheduler) queues one on the configured schedule
+  (`schedule = "interval"` every `interval_s`, or `"cron"` by a crontab expression);
+- `Admin.TriggerCycle` (and `rlhf cycle now`, through it) makes the SERVER queue one;
+- `rlhf trainer --once --trigger` queues one and runs it without any server.
+The main thread polls the store every `poll_s` and claims the oldest queued cycle with
+`claim_queued_cycle`, whose single UPDATE and the store's one-running-cycle index are the
+lock: two trainer processes can never run cycles at once.
+
+A trigger while a cycle runs is QUEUED, not refused: the server records it, and the
+trainer runs it after the current one (triggers are requests for training on the data
+that will be there by then). The scheduler coalesces: it queues nothing while a cycle is
+queued or running, so a long cycle never builds a backlog of scheduled ones.
+
+Crash safety: before claiming, running cycles whose trainer is gone are marked failed
+(its pid no longer exists on this host, or no heartbeat for `stale_after_s`), so the
+queue never wedges; each cycle then cleans up partial checkpoints itself
+(`trainer.cycle.clean_up_after_crashes`). SIGTERM/SIGINT interrupt the running cycle,
+which is recorded as failed ("interrupted"), and the process exits.
+
+Fault injection (tests): `RLHF_TRAINER_PAUSE_AT=<point>` makes the process stop at a
+hook point (`stage:<name>`, `publish:<sft|ppo>:files_written`, `publish:<sft|ppo>:renamed`)
+and sleep until
+killed, after writing the point's name to stderr; `RLHF_TRAINER_FAIL_AT=<point>` raises
+there instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Sequence
+
+from common.store import (
+    ConflictError,
+    Cycle,
+    Store,
+    claim_queued_cycle,
+    create_cycle,
+    fail_stale_cycles,
+    list_cycles,
+    update_cycle,
+)
+from trainer.cycle import AdminSwapper, CycleContext, Hook, PolicySwapper, StoreSwapper, run_cycle
+from trainer.loop_config import TrainerConfig, config_to_dict, load_trainer_config
+
+log = logging.getLogger(__name__)
+
+PAUSE_ENV = "RLHF_TRAINER_PAUSE_AT"
+FAIL_ENV = "RLHF_TRAINER_FAIL_AT"
+
+
+def env_hook(point: str) -> None:
+    """The fault-injection hook driven by RLHF_TRAINER_PAUSE_AT / RLHF_TRAINER_FAIL_AT."""
+    if os.environ.get(FAIL_ENV) == point:
+        raise RuntimeError(f"injected failure at {point}")
+    if os.environ.get(PAUSE_ENV) == point:
+        print(f"paused at {point}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+
+def owner_is_dead(pid: int | None) -> bool:
+    """True when no process with this pid exists on this host."""
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class TrainerService:
+    """Claims queued cycles from the store and runs them, one at a time."""
+
+    def __init__(self, config: TrainerConfig, store: Store, swapper: PolicySwapper | None = None,
+                 hook: Hook = env_hook) -> None:
+        self.config = config
+        self.store = store
+        self.swapper = swapper or default_swapper(config, store)
+        self.hook = hook
+
+    def fail_dead_cycles(self) -> list[int]:
+        """Mark failed the running cycles whose trainer died (pid gone, or no heartbeat)."""
+        dead = []
+        for cycle in self.store.read_sync(list_cycles(limit=0, state="running")):
+            if owner_is_dead(cycle.owner_pid):
+                error = f"the trainer (pid {cycle.owner_pid}) died in stage {cycle.stage}"
+                try:
+                    self.store.write_sync(update_cycle(cycle.id, state="failed", error=error))
+                    dead.append(cycle.id)
+                except ConflictError:  # it finished meanwhile
+                    pass
+        dead += self.store.write_sync(fail_stale_cycles(self.config.stale_after_s))
+        if dead:
+            log.warning("marked cycles %s failed: their trainer is gone", dead)
+        return dead
+
+    def enqueue(self, trigger: str = "schedule", reason: str = "") -> Cycle | None:
+        """Queue a cycle unless one is already queued or running (coalescing); None then."""
+        self.fail_dead_cycles()  # a crashed trainer's cycle must not swallow the trigger
+        busy = [c for state in ("queued", "running") for c in self.store.read_sync(list_cycles(1, state=state))]
+        if busy:
+            log.info("%s trigger coalesced into cycle %d (%s)", trigger, busy[0].id, busy[0].state)
+            return None
+        return self.store.write_sync(create_cycle(trigger, reason))
+
+    def run_pending(self) -> list[Cycle]:
+        """Run queued cycles until none is left (or another trainer holds the lock)."""
+        finished = []
+        self.fail_dead_cycles()
+        while (cycle := self.store.write_sync(claim_queued_cycle())) is not None:
+            context = CycleContext(self.store, self.config, self.swapper, self.hook)
+            finished.append(run_cycle(cycle, context))
+        return finished
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """The scheduler queues cycles; this thread polls for them until ``stop`` is set."""
+        scheduler = build_scheduler(self.config, lambda: self.enqueue("schedule", "scheduled"))
+        if scheduler is not None:
+            scheduler.start()
+        log.info("trainer up: schedule %s, polling the store every %.1f s", describe_schedule(self.config),
+                 self.config.poll_s)
+        try:
+            while not stop.is_set():
+                try:
+                    self.run_pending()
+                except Exception:  # noqa: BLE001 - e.g. the store briefly unavailable: poll again
+                    log.exception("polling for cycles failed; retrying in %.1f s", self.config.poll_s)
+                stop.wait(self.config.poll_s)
+        finally:
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
+
+
+def default_swapper(config: TrainerConfig, store: Store) -> PolicySwapper:
+    """Admin.SwapPolicy on the configured server, or the store alone when there is none."""
+    if config.server_address is None:
+        return StoreSwapper(store)
+    return AdminSwapper(config.server_address, config.resolved_admin_key(), config.swap_timeout_s)
+
+
+def build_scheduler(config: TrainerConfig, enqueue: Any) -> Any:
+    """A BackgroundScheduler running ``enqueue`` on the configured schedule (None when 'off')."""
+    if config.schedule == "off":
+        return None
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    trigger = (IntervalTrigger(seconds=config.interval_s) if config.schedule == "interval"
+               else CronTrigger.from_crontab(config.cron))
+    scheduler = BackgroundScheduler(daemon=True)
+    scheduler.add_job(enqueue, trigger, id="training-cycle", max_instances=1, coalesce=True)
+    return scheduler
+
+
+def describe_schedule(config: TrainerConfig) -> str:
+    if config.schedule == "interval":
+        return f"every {config.interval_s:g} s"
+    return f"cron '{config.cron}'" if config.schedule == "cron" else "off (triggers only)"
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="rlhf trainer", description="Run the scheduled trainer process (one training cycle at a time).")
+    parser.add_argument("--config", help="TOML or JSON file (tables mirror TrainerConfig's nesting)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field by its dotted path, e.g. cycle.ppo.kl_coef=0.05 (repeatable)")
+    parser.add_argument("--once", action="store_true",
+                        help="run the queued cycles (if any), then exit instead of serving forever")
+    parser.add_argument("--trigger", action="store_true",
+                        help="queue a cycle first (trigger 'cli'), e.g. with --once for one cycle without a server")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    return parser.parse_args(list(argv))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `rlhf trainer`."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_trainer_config(args.config, args.overrides)
+    except (ValueError, OSError) as exc:
+        print(f"rlhf trainer: bad config: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config_to_dict(config), indent=2))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with Store(config.store_path) as store:
+            return run_service(TrainerService(config, store), once=args.once, trigger=args.trigger)
+    except KeyboardInterrupt as stop:
+        log.info("stopping (%s)", stop or "interrupt")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def run_service(service: TrainerService, *, once: bool, trigger: bool) -> int:
+    """Queue a cycle if asked, then run queued cycles once (exit 1 if one failed) or forever."""
+    if trigger:
+        service.enqueue("cli", "rlhf trainer --trigger")
+    if not once:
+        service.serve_forever(threading.Event())
+        return 0
+    cycles = service.run_pending()
+    for cycle in cycles:
+        print(f"cycle {cycle.id}: {cycle.state}" + (f" ({cycle.error})" if cycle.error else ""))
+    return 0 if all(c.state != "failed" for c in cycles) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Store rows -> the records one training cycle uses.
+
+A cycle reads a SNAPSHOT of the store (``Store.snapshot``: one consistent file), never
+the live database, so the server's writes during a cycle change nothing it trains on.
+``read_rows`` loads what training needs from it; ``split_cycle_data`` maps the rows that
+data hygiene kept (``trainer.hygiene.run_hygiene`` on ``prompt_records``) to the plain
+records of ``trainer.data``, by split:
+
+- PPO prompts: TRAIN-split prompts logged after ``since`` (the newest ``max_ppo_prompts``);
+- comparisons (one per ranking) and demonstrations: every split, the train split trains,
+  val measures (and trains the gate's independent judge);
+- evaluation prompts: the prompts of ``eval_splits`` (never train), oldest first.
+
+A prompt dropped by hygiene drops its rankings and demonstrations too; a redacted
+prompt trains on its redacted text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from sqlite_utils import Database
+
+from common.store.records import Completion, Demonstration, Prompt, Ranking, from_row
+from trainer.data import Comparison, Messages, PromptExample, ranks_from_groups, user_turn
+from trainer.data import Demonstration as DemoExample
+from trainer.hygiene import PromptRecord
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class StoreRows:
+    """The rows of one snapshot a cycle trains on; completions only where a ranking names them."""
+
+    prompts: list[Prompt]
+    completions: dict[str, Completion]
+    rankings: list[Ranking]
+    demonstrations: list[Demonstration]
+
+
+def read_rows(db: Database) -> StoreRows:
+    """Op: load prompts, rankings, the completions they rank, and demonstrations."""
+    prompts = [from_row(Prompt, r) for r in db.query("SELECT * FROM prompts ORDER BY created_at, id")]
+    rankings = [from_row(Ranking, r) for r in db.query("SELECT * FROM rankings ORDER BY created_at, id")]
+    ranked = db.query(
+        "SELECT * FROM completions WHERE id IN (SELECT c.value FROM rankings AS r, "
+        "json_each(r.ranking_json) AS g, json_each(g.value) AS c)"
+    )
+    completions = {r["id"]: from_row(Completion, r) for r in ranked}
+    demos = [from_row(Demonstration, r) for r in db.query("SELECT * FROM demonstrations ORDER BY created_at, id")]
+    return StoreRows(prompts, completions, rankings, demos)
+
+
+def prompt_records(prompts: Sequence[Prompt]) -> list[PromptRecord]:
+    """The hygiene view of stored prompts (text = the prompt, or a chat's last user turn)."""
+    return [PromptRecord(p.id, p.user_id, p.text, p.created_at, p.split) for p in prompts]
+
+
+def messages_for(prompt: Prompt, text: str) -> Messages:
+    """The chat to train on: the stored conversation with its last user turn set to ``text``
+    (hygiene's possibly redacted version), or a one-turn chat."""
+    turns = [dict(m) for m in prompt.messages or []]
+    users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
+    if not users:
+        return user_turn(text)
+    turns[users[-1]]["content"] = text
+    return tuple(turns)
+
+
+@dataclass
+class CycleData:
+    """What one cycle trains and evaluates on, after hygiene, by split."""
+
+    ppo_prompts: list[PromptExample]
+    eval_prompts: list[PromptExample]
+    comparisons: dict[str, list[Comparison]] = field(default_factory=dict)
+    demonstrations: dict[str, list[DemoExample]] = field(default_factory=dict)
+    demonstrations_sha256: str = ""  # of the train+val demonstration ids: SFT reruns when it changes
+
+    def counts(self) -> dict[str, int]:
+        """Sizes for the cycle's metrics."""
+        sizes = {"ppo_prompts": len(self.ppo_prompts), "eval_prompts": len(self.eval_prompts)}
+        for split in SPLITS:
+            sizes[f"comparisons_{split}"] = len(self.comparisons.get(split, []))
+            sizes[f"demonstrations_{split}"] = len(self.demonstrations.get(split, []))
+        return sizes
+
+
+def split_cycle_data(
+    rows: StoreRows,
+    kept: Sequence[PromptRecord],
+    *,
+    since: float,
+    until: float,
+    max_ppo_prompts: int,
+    ppo_sources: Sequence[str],
+    eval_splits: Sequence[str],
+    max_eval_prompts: int | None,
+) -> CycleData:
+    """Map the rows of the prompts hygiene ``kept`` to training records (module docstring)."""
+    stored = {p.id: p for p in rows.prompts}
+    messages = {k.id: messages_for(stored[k.id], k.text) for k in kept}
+    split_of = {k.id: str(k.split) for k in kept}
+
+    new_train = [k for k in kept if k.split == "train" and since < k.created_at <= until
+                 and stored[k.id].source in ppo_sources]
+    newest = sorted(new_train, key=lambda k: k.created_at)[-max_ppo_prompts:] if max_ppo_prompts else []
+    held_out = [k for k in sorted(kept, key=lambda k: k.created_at) if k.split in eval_splits]
+    held_out = held_out[:max_eval_prompts] if max_eval_prompts is not None else held_out
+
+    data = CycleData(
+        ppo_prompts=[PromptExample(k.id, messages[k.id]) for k in newest],
+        eval_prompts=[PromptExample(k.id, messages[k.id]) for k in held_out],
+        comparisons=_by_split(_comparisons(rows, messages), split_of),
+        demonstrations=_by_split(_demonstrations(rows, messages), split_of),
+    )
+    used_demos = sorted(d.id for d in rows.demonstrations if split_of.get(d.prompt_id) in ("train", "val"))
+    data.demonstrations_sha256 = hashlib.sha256("\n".join(used_demos).encode()).hexdigest() if used_demos else ""
+    return data
+
+
+def _comparisons(rows: StoreRows, messages: dict[str, Messages]) -> list[Comparison]:
+    """One comparison per ranking of a kept prompt (ties share a rank)."""
+    out = []
+    for r in rows.rankings:
+        ids = [cid for group in r.ranking for cid in group]
+        if r.prompt_id not in messages or any(cid not in rows.completions for cid in ids):
+            continue
+        out.append(Comparison(
+            messages=messages[r.prompt_id], completions=tuple(rows.completions[c].text for c in ids),
+            ranks=ranks_from_groups(r.ranking, ids), labeler_group=r.labeler_group or "",
+            labeler_id=r.labeler_id, prompt_id=r.prompt_id))
+    return out
+
+
+def _demonstrations(rows: StoreRows, messages: dict[str, Messages]) -> list[DemoExample]:
+    return [DemoExample(messages[d.prompt_id], d.response, d.prompt_id)
+            for d in rows.demonstrations if d.prompt_id in messages]
+
+
+def _by_split(items: Sequence, split_of: dict[str, str]) -> dict[str, list]:
+    grouped: dict[str, list] = defaultdict(list)
+    for item in items:
+        grouped[split_of[item.prompt_id]].append(item)
+    return {split: grouped.get(split, []) for split in SPLITS}
+
