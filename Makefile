@@ -31,7 +31,7 @@ protos: venv
 	$(PY) scripts/gen_protos.py
 
 demo: model
-	$(PY) -m trainer.demo
+	$(PY) scripts/demo.py
 
 test: model
 	$(PY) -m pytest
