@@ -169,14 +169,42 @@ def mode_run(model_dir: Path, mode: str, lr: float, train: list[Comparison], val
             "final_train_loss": result.epochs[-1]["train_loss"]}
 
 
+def step_seconds_by_mode(model_dir: Path, modes: tuple[str, ...], *, top_layers: int, steps: int = STEPS
+                         ) -> dict[str, float]:
+    """Median seconds per optimizer step (4 prompts x K = 4 = 16 sequences) of each mode, the
+    modes' steps alternated in one process so that machine load hits them alike."""
+    batch = marker_task(4, seed=7)
+    models = {}
+    for mode in modes:
+        torch.manual_seed(0)
+        rm = RewardModel.from_pretrained_lm(model_dir, dtype="float32", device="cpu")
+        configure_trainable(rm, mode, top_layers=top_layers, lora_r=16, lora_alpha=32, lora_dropout=0.0)
+        optimizer, _ = build_optimizer(list(rm.named_parameters()), 1e-5, 0.0, (0.9, 0.95), 100, 0.0, 1.0)
+        models[mode] = (rm.train(), optimizer, encode_comparisons(rm.tokenizer, batch, max_response_length=256))
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for step in range(steps + 1):  # step 0 warms up
+        for mode, (rm, optimizer, items) in models.items():
+            optimizer.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            loss, _ = kway_loss(rm, items, rm.tokenizer.pad_token_id, max_length=None)
+            loss.backward()
+            optimizer.step()
+            elapsed = time.perf_counter() - start
+            print(f"  {mode} step {step}: {elapsed:.2f} s", file=sys.stderr, flush=True)
+            if step > 0:
+                times[mode].append(elapsed)
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
 def mode_comparison(model_dir: Path, grid: dict[str, list[float]], *, n_train: int, n_val: int, epochs: int,
                     top_layers: int, batch_size: int, threads: int | None) -> list[dict[str, Any]]:
     train, val = marker_task(n_train, seed=0), marker_task(n_val, seed=1)
+    step_s = step_seconds_by_mode(model_dir, tuple(grid), top_layers=top_layers)
     rows = []
     for mode, lrs in grid.items():
         for lr in lrs:
-            rows.append(mode_run(model_dir, mode, lr, train, val, epochs=epochs, top_layers=top_layers,
-                                 batch_size=batch_size, threads=threads))
+            rows.append({**mode_run(model_dir, mode, lr, train, val, epochs=epochs, top_layers=top_layers,
+                                    batch_size=batch_size, threads=threads), "step_s": step_s[mode]})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -199,10 +227,14 @@ def speed_markdown(rows: list[dict[str, Any]], model_name: str) -> str:
 
 
 def modes_markdown(rows: list[dict[str, Any]], title: str) -> str:
-    lines = [title, "", "| train mode | lr | held-out pairwise accuracy | train s | trainable / total params |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [title + " Step time: median s per optimizer step of 16 sequences, the modes' steps alternated in "
+             "one process (robust to machine load); training s: the run's own wall time (runs are sequential, so "
+             "load changes between them show there).", "",
+             "| train mode | lr | held-out pairwise accuracy | s/step (alternated) | training s | "
+             "trainable / total params |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['lr']:g} | {r['val_accuracy']:.3f} | {r['train_s']:.1f} | "
+        lines.append(f"| {r['mode']} | {r['lr']:g} | {r['val_accuracy']:.3f} | {r['step_s']:.2f} | {r['train_s']:.1f} | "
                      f"{r['trainable'] / 1e6:.2f}M / {r['total'] / 1e6:.1f}M |")
     return "\n".join(lines)
 

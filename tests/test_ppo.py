@@ -8,7 +8,8 @@ The tiny world (built once per module, ~10-30 s on 2 cores):
 - RM = a real ``RewardModel`` on that policy's backbone whose head is a linear probe
   (closed-form ridge regression on corpus hidden states) for "this token is one of
   , . the of and a". The RM reads the last token, so it prefers responses that END in a
-  function word: ~30% of the SFT policy's samples do, so the signal is there from the start.
+  function word: ~20% of the SFT policy's samples do, so the signal is there from the start.
+- PPO samples two-token responses, so the choice of the last token IS the reward.
 """
 
 from __future__ import annotations
@@ -268,12 +269,14 @@ def test_experience_select_trims_padding_columns():
 def test_ppo_raises_rm_score_of_fresh_samples_with_bounded_kl(learning_runs: LearningRuns):
     before, after = learning_runs.before, learning_runs.plain
     gain = after.rm_score - before.rm_score
-    assert gain > 0.1, (before, after)
+    assert gain > 0.1, (before, after)  # measured over seeds 0, 1, 2: 0.64, 0.23, 0.40
     # Bound: PPO maximises E[score] - beta * KL(pi || pi_ref), which is E_ref[score] at the
     # start (KL = 0). If it improved that objective, then beta * KL <= score gain, i.e.
-    # KL <= gain / beta. Fresh-sample estimates are noisy, hence the 1.5x slack.
+    # KL <= gain / beta: the policy bought no more divergence than its reward gain pays for.
+    # Measured (world seed = PPO seed = 0, 1, 2): gain 0.64 / 0.23 / 0.40, KL 5.1 / 2.1 / 3.8
+    # nats, bound 12.8 / 4.6 / 8.0.
     beta = PPO_TEST_CONFIG["kl_coef"]
-    assert 0 <= after.kl_ref <= 1.5 * gain / beta, (gain, after.kl_ref)
+    assert 0 <= after.kl_ref <= gain / beta, (gain, after.kl_ref)
     for stats in learning_runs.plain_history:
         assert all(math.isfinite(v) for v in (stats["rm_score"], stats["kl_ref"], stats["value_loss"]))
 
@@ -282,9 +285,11 @@ def test_ptx_reduces_the_alignment_tax(learning_runs: LearningRuns):
     before = learning_runs.before.heldout_nll
     tax_plain = learning_runs.plain.heldout_nll - before
     tax_ptx = learning_runs.ptx.heldout_nll - before
+    # Measured over seeds 0, 1, 2 (nats/token): plain 2.05 / 1.31 / 2.26, ptx 0.96 / 0.83 / 0.91.
     assert tax_plain > 0, "plain PPO should cost held-out likelihood"
-    assert tax_ptx < tax_plain - 0.1, (tax_plain, tax_ptx)
-    assert learning_runs.ptx.rm_score > learning_runs.before.rm_score  # still learns
+    assert tax_ptx < tax_plain - 0.2, (tax_plain, tax_ptx)
+    # It still learns, more slowly (score gain 0.15 / 0.12 / 0.17 over the same seeds).
+    assert learning_runs.ptx.rm_score > learning_runs.before.rm_score + 0.05
     assert all(s["ptx_loss"] is not None for s in learning_runs.ptx_history)
     assert all(s["ptx_loss"] is None for s in learning_runs.plain_history)
 

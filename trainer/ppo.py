@@ -31,8 +31,21 @@ masked mean over the minibatch's response tokens of the clipped surrogate (with 
 unit-scale advantages) and ``ptx_loss`` is the masked mean NLL over the pretraining
 batch's tokens, so gamma = 1 weighs one pretraining token like one RL token, whatever the
 batch sizes. The paper's 27.8 is reported without saying how its two terms are
-normalised, so it does not transfer; the default here was calibrated by measurement on
-the embedded model (see ``PPOConfig.ptx_coef``).
+normalised, so it does not transfer. Calibration on SmolLM2-135M (one fixed batch of 8
+rollouts x 24 tokens from a brevity RM; from the same weights, the same 4 policy steps at
+lr 2e-5 with gradient clip 1.0 for each gamma; tax = change of the held-out corpus NLL,
+3.300 before; RL progress = PPO surrogate gain on the batch):
+
+    gamma   tax (nats/token)   RL progress      policy grad norm, step 1
+    0       +0.0067            0.475 (100%)     7.45  (ptx grad alone: 5.6-5.9)
+    0.3     -0.0112            0.450 (95%)      7.54
+    1       -0.0286            0.370 (78%)      9.19
+    3       -0.0394            0.232 (49%)      18.8
+    27.8    -0.0437            0.042 (9%)       164
+
+The PPO and ptx gradients are nearly orthogonal with norms of the same order (7.5 vs 5.8),
+so under clipping gamma sets the share of each step spent on RL: 0.3 is the smallest
+measured value that turns the tax negative, and the default.
 
 Precision: frozen models (reference, RM) run in ``dtype`` (bf16 on a CUDA device that
 supports it); trained models (policy, value) keep fp32 weights under bf16 autocast there,
@@ -144,10 +157,12 @@ class PPOConfig:
         default=1.0, metadata={"help": "Clip each model's gradient norm; None disables clipping."})
     # -- pretraining mix (ptx)
     ptx_coef: float = field(
-        default=1.0,
+        default=0.3,
         metadata={"help": "gamma: loss = policy loss + ptx_coef * pretraining NLL, both per-token means "
-                  "(gamma = 1 weighs one pretraining token like one RL token). 0 = plain PPO. The paper's 27.8 "
-                  "is under an unpublished normalisation. Calibrated on the embedded model: see the docs."})
+                  "(gamma = 1 weighs one pretraining token like one RL token); 0 = plain PPO. The paper's 27.8 "
+                  "is under an unpublished normalisation: here it would leave ~9% of the RL progress. Calibrated "
+                  "on the embedded model (module docstring): 0.3 turns the alignment tax negative and keeps ~95% "
+                  "of the RL progress; 1.0 protects more and keeps ~78%."})
     ptx_batch_size: int = field(default=4, metadata={"help": "Pretraining windows per policy step."})
     ptx_seq_len: int = field(default=128, metadata={"help": "Tokens per pretraining window."})
     ptx_held_out_fraction: float = field(
