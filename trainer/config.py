@@ -151,7 +151,12 @@ class RMConfig(_OptimConfig):
     Each prompt's K completions are ONE batch element: one forward pass per completion and
     all C(K, 2) pairs in the loss. Paper: 6B RM, one epoch, lr 9e-6, cosine decay to 10%,
     batch 64 prompts. On a CPU a full fine-tune of even a 135M RM is slow, hence the
-    ``train_mode`` options; the full RM stays available for a GPU.
+    ``train_mode`` options; the full RM stays available for a GPU (``--set train_mode=full``).
+
+    Default ``top_layers`` (2 of SmolLM2's 30): measured by ``bench.reward_model`` on the
+    embedded model (synthetic preference, 24 comparisons x K = 4, one epoch, 72 held-out
+    pairs) at 0.83 held-out accuracy vs 0.88 for LoRA and 0.92 for full, with steps ~2.5x
+    cheaper than full and ~4x cheaper than LoRA on these CPUs.
     """
 
     learning_rate: float = field(
