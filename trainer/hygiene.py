@@ -21,11 +21,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Literal, NamedTuple, Sequence
 
 from common.identity import Split, split_for_user
+from common.text import normalize_text
 
 DEFAULT_PREFIX_CHARS = 64
 PiiMode = Literal["drop", "redact"]
@@ -49,15 +49,6 @@ def _chronological(prompts: Sequence[PromptRecord]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- dedup and cap
-
-
-def normalize_text(text: str) -> str:
-    """NFKC, lower-cased, every whitespace run turned into one space, stripped.
-
-    The same normalisation as the store's ``dedup_key`` column, so that
-    ``dedup_key(text, n) == stored_key[:n]``.
-    """
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
 def dedup_key(text: str, prefix_chars: int = DEFAULT_PREFIX_CHARS) -> str:

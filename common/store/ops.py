@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -60,6 +59,7 @@ from common.store.records import (
     User,
     from_row,
 )
+from common.text import normalize_text
 
 T = TypeVar("T")
 Op = Callable[[Database], T]
@@ -84,9 +84,8 @@ def new_id() -> str:
 
 
 def dedup_key(text: str) -> str:
-    """The key under which near-identical prompts collide: NFKC, lowercase, whitespace
-    collapsed to single spaces."""
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    """The key under which near-identical prompts collide (``common.text.normalize_text``)."""
+    return normalize_text(text)
 
 
 def _clock(now: float | None) -> float:

@@ -80,9 +80,7 @@ from rlhf.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
 from server.auth import Authenticator, Caller
 from server.engines.base import Engine, SamplingOptions
 from server.generation import sampling_record
-from server.servicers import convert, require_ready, rpc_errors
-from server.servicers.admin import payload_sha256
-from server.servicers.inference import _KeyedLocks
+from server.servicers import KeyedLocks, convert, payload_sha256, require_ready, rpc_errors
 
 SERVICE = "rlhf.v1.Feedback"
 MAX_REQUEST_ID_CHARS = 128
@@ -257,7 +255,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         self._max_new_tokens = max_new_tokens
         self._ready = engine_ready
         self._clock = clock
-        self._request_ids = _KeyedLocks()
+        self._request_ids = KeyedLocks()
 
     # ------------------------------------------------------------ NextComparison
 

@@ -32,7 +32,6 @@ from server.limits import GenerationInput, parse_generate_request
 from server.logging_sink import CompletionLog, IdempotencyKey, PromptRecord, ResponseBuilder
 from server.servicers import KeyedLocks, convert, payload_sha256, require_ready, rpc_errors
 
-_KeyedLocks = KeyedLocks  # the name server/servicers/feedback.py imports
 
 GENERATE_METHOD = "rlhf.v1.Inference/Generate"
 
