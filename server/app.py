@@ -76,7 +76,9 @@ ADMIN = ServiceRegistration(
 FEEDBACK = ServiceRegistration(
     name=_service_name(feedback_pb2, "Feedback"),
     add_to_server=lambda deps, server: feedback_pb2_grpc.add_FeedbackServicer_to_server(
-        FeedbackServicer(deps.store, deps.engine, deps.auth, engine_ready=deps.engine_ready), server),
+        FeedbackServicer(deps.store, deps.engine, deps.auth, k_default=deps.config.label_k,
+                         lease_seconds=deps.config.label_lease_seconds,
+                         max_new_tokens=deps.config.label_max_new_tokens, engine_ready=deps.engine_ready), server),
 )
 SERVICES: list[ServiceRegistration] = [INFERENCE, ADMIN, FEEDBACK]
 
@@ -195,7 +197,7 @@ async def build_server(
     """
     await _check_open_mode(config, store)
     metrics = ServerMetrics()
-    auth = Authenticator(store)
+    auth = Authenticator(store, cache_seconds=config.key_cache_seconds)
     completion_log = CompletionLog(store)
     limiter = ConcurrencyLimiter(config.max_concurrent_per_key)
     sampler = Sampler(engine, completion_log, metrics, config.limits, limiter)

@@ -102,6 +102,18 @@ class ServerConfig:
     max_concurrent_per_key: int = field(
         default=8, metadata={"help": "Generate calls in flight per API key (open mode: per user)"}
     )
+    key_cache_seconds: float = field(
+        default=2.0, metadata={"help": "seconds a found API key is remembered (a revoked key works that long); 0 = off"}
+    )
+    label_k: int = field(
+        default=4, metadata={"help": "completions per labeling task when NextComparison leaves k 0 (4..9)"}
+    )
+    label_max_new_tokens: int = field(
+        default=128, metadata={"help": "max_new_tokens of the K completions sampled for a labeling task"}
+    )
+    label_lease_seconds: float = field(
+        default=600.0, metadata={"help": "seconds a labeling task stays leased before it is handed out again"}
+    )
     limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
@@ -121,6 +133,13 @@ class ServerConfig:
             raise ValueError(
                 f"max_concurrent_per_key must be >= 1, got {self.max_concurrent_per_key}"
             )
+        if self.key_cache_seconds < 0:
+            raise ValueError(f"key_cache_seconds must be >= 0, got {self.key_cache_seconds}")
+        if not 4 <= self.label_k <= 9:
+            raise ValueError(f"label_k must lie in 4..9 (the paper's K), got {self.label_k}")
+        if self.label_max_new_tokens < 1 or self.label_lease_seconds <= 0:
+            raise ValueError(f"label_max_new_tokens must be >= 1 and label_lease_seconds > 0, got "
+                             f"{self.label_max_new_tokens} and {self.label_lease_seconds}")
 
     @property
     def tls(self) -> bool:
