@@ -227,7 +227,13 @@ def test_split_cycle_data_selects_new_train_prompts_and_maps_rankings_by_split()
     # c2 is best (rank 0); c1 and c3 are tied (rank 1)
     assert comparison.completions == ("text c2", "text c1", "text c3") and comparison.ranks == (0, 1, 1)
     assert comparison.labeler_group == "B" and data.comparisons["train"] == []
-    assert data.demonstrations_sha256 == ""
+    assert data.demonstrations_sha256 == "" and data.held_out_comparisons == []
+
+    # Group B held out (the paper's held-out labelers): its ranking measures, never trains.
+    held = split_cycle_data(rows, kept, since=10.0, until=20.0, max_ppo_prompts=8, ppo_sources=["traffic"],
+                            eval_splits=["val"], max_eval_prompts=None, held_out_groups=["B"])
+    assert held.comparisons["val"] == [] and held.held_out_comparisons == [comparison]
+    assert held.counts()["comparisons_held_out"] == 1 and held.counts()["comparisons_val"] == 0
 
 
 # ---------------------------------------------------------------------------- gate

@@ -10,7 +10,9 @@
              and the reference stays the SFT model of the serving lineage
   rm         the reward model on ALL train-split rankings (val-split ones measure it, per
              labeler group), and the gate's JUDGE on the val-split rankings (the train-split
-             ones measure it): an RM PPO never optimises against
+             ones measure it): an RM PPO never optimises against. Rankings of the
+             held-out labeler groups (``data.held_out_groups``) train neither; they
+             measure both
   ppo        PPO-ptx on the train-split prompts logged since the last trained cycle
   evaluate   candidate vs serving on held-out prompts (``trainer.gate.evaluate_candidate``)
   gate       promote only within the bounds of ``GateConfig``; else "rejected"
@@ -318,7 +320,8 @@ def clean_and_split(snap: Snapshot, cfg: CycleConfig) -> tuple[CycleData, Hygien
     kept, report = run_hygiene(prompt_records(snap.rows.prompts), cfg.hygiene)
     data = split_cycle_data(
         snap.rows, kept, since=snap.since, until=snap.watermark, max_ppo_prompts=cfg.data.max_ppo_prompts,
-        ppo_sources=cfg.data.ppo_sources, eval_splits=cfg.data.eval_splits, max_eval_prompts=cfg.eval.max_prompts)
+        ppo_sources=cfg.data.ppo_sources, eval_splits=cfg.data.eval_splits, max_eval_prompts=cfg.eval.max_prompts,
+        held_out_groups=cfg.data.held_out_groups)
     return data, report
 
 
@@ -393,15 +396,17 @@ def sft_if_demonstrations_changed(
 
 def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, work: Path) -> dict[str, Any]:
     """PPO's RM on the train-split rankings (measured on val), and the gate's judge on the
-    val-split ones (measured on train: rankings it never saw), both from the lineage's SFT model."""
+    val-split ones (measured on train: rankings it never saw), both from the lineage's SFT model.
+    Both are also measured on the held-out labelers' rankings (their accuracy ``by_group``)."""
     from trainer.reward_model import train_reward_model
 
     demos = data.demonstrations["train"] or None
-    comparisons = data.comparisons
-    rm = train_reward_model(reference_dir, comparisons["train"], comparisons["val"], cfg.rm, work / "rm",
+    comparisons, held_out = data.comparisons, data.held_out_comparisons
+    rm = train_reward_model(reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm, work / "rm",
                             demonstrations=demos)
     unseen = comparisons["train"][-cfg.data.judge_eval_comparisons:]
-    judge = train_reward_model(reference_dir, comparisons["val"], unseen, cfg.rm, work / "judge", demonstrations=demos)
+    judge = train_reward_model(reference_dir, comparisons["val"], unseen + held_out, cfg.rm, work / "judge",
+                               demonstrations=demos)
     return {"rm": rm.to_dict(), "judge": judge.to_dict()}
 
 

@@ -71,9 +71,14 @@ class DataConfig:
                   "accuracy; scoring them costs one forward pass per completion."})
     min_sft_demonstrations: int = field(
         default=4, metadata={"help": "Fewest train-split demonstrations before SFT runs at all."})
+    held_out_groups: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Labeler groups whose rankings never train a reward model (the paper's held-out "
+                  "labelers): they only measure the RM's and the judge's accuracy on unseen people."})
     eval_splits: list[str] = field(
-        default_factory=lambda: ["test", "val"],
-        metadata={"help": "Splits whose prompts evaluate the candidate (at most eval.max_prompts of them)."})
+        default_factory=lambda: ["val"],
+        metadata={"help": "Splits whose prompts evaluate the candidate (at most eval.max_prompts of them). The "
+                  "test split is left out by default: it stays untouched for final evaluation."})
 
     def __post_init__(self) -> None:
         for name in ("min_new_prompts", "max_ppo_prompts", "min_train_comparisons", "min_val_comparisons",

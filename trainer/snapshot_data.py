@@ -9,6 +9,9 @@ records of ``trainer.data``, by split:
 - PPO prompts: TRAIN-split prompts logged after ``since`` (the newest ``max_ppo_prompts``);
 - comparisons (one per ranking) and demonstrations: every split, the train split trains,
   val measures (and trains the gate's independent judge);
+- held-out labelers' comparisons (``held_out_groups``, the paper's held-out labelers): never
+  trained on, whatever their split; they only measure how well the reward models generalise
+  to people whose judgements they never saw;
 - evaluation prompts: the prompts of ``eval_splits`` (never train), oldest first.
 
 A prompt dropped by hygiene drops its rankings and demonstrations too; a redacted
@@ -77,8 +80,9 @@ class CycleData:
 
     ppo_prompts: list[PromptExample]
     eval_prompts: list[PromptExample]
-    comparisons: dict[str, list[Comparison]] = field(default_factory=dict)
+    comparisons: dict[str, list[Comparison]] = field(default_factory=dict)  # training labelers' only
     demonstrations: dict[str, list[DemoExample]] = field(default_factory=dict)
+    held_out_comparisons: list[Comparison] = field(default_factory=list)  # held-out labelers', every split
     demonstrations_sha256: str = ""  # of the train+val demonstration ids: SFT reruns when it changes
 
     def counts(self) -> dict[str, int]:
@@ -87,6 +91,7 @@ class CycleData:
         for split in SPLITS:
             sizes[f"comparisons_{split}"] = len(self.comparisons.get(split, []))
             sizes[f"demonstrations_{split}"] = len(self.demonstrations.get(split, []))
+        sizes["comparisons_held_out"] = len(self.held_out_comparisons)
         return sizes
 
 
@@ -100,6 +105,7 @@ def split_cycle_data(
     ppo_sources: Sequence[str],
     eval_splits: Sequence[str],
     max_eval_prompts: int | None,
+    held_out_groups: Sequence[str] = (),
 ) -> CycleData:
     """Map the rows of the prompts hygiene ``kept`` to training records (module docstring)."""
     stored = {p.id: p for p in rows.prompts}
@@ -112,11 +118,13 @@ def split_cycle_data(
     held_out = [k for k in sorted(kept, key=lambda k: k.created_at) if k.split in eval_splits]
     held_out = held_out[:max_eval_prompts] if max_eval_prompts is not None else held_out
 
+    comparisons = _comparisons(rows, messages)
     data = CycleData(
         ppo_prompts=[PromptExample(k.id, messages[k.id]) for k in newest],
         eval_prompts=[PromptExample(k.id, messages[k.id]) for k in held_out],
-        comparisons=_by_split(_comparisons(rows, messages), split_of),
+        comparisons=_by_split([c for c in comparisons if c.labeler_group not in held_out_groups], split_of),
         demonstrations=_by_split(_demonstrations(rows, messages), split_of),
+        held_out_comparisons=[c for c in comparisons if c.labeler_group in held_out_groups],
     )
     used_demos = sorted(d.id for d in rows.demonstrations if split_of.get(d.prompt_id) in ("train", "val"))
     data.demonstrations_sha256 = hashlib.sha256("\n".join(used_demos).encode()).hexdigest() if used_demos else ""
