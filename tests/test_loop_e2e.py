@@ -135,11 +135,14 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
                         {"RLHF_ADMIN_KEY": keys["admin"]})
 
         # users' traffic: train prompts for PPO, val/test prompts for evaluation
-        texts = iter(PROMPTS)
+        texts, train_prompt_ids = iter(PROMPTS), []
         for name in [k for k in keys if k.split("-")[0] in ("train", "val", "test")]:
             with RlhfClient(target, keys[name]) as user:
                 for _ in range(4 if name.startswith("train") else 2):
-                    assert user.generate(next(texts), max_new_tokens=8, timeout=120).policy_version == 0
+                    reply = user.generate(next(texts), max_new_tokens=8, timeout=120)
+                    assert reply.policy_version == 0
+                    if name.startswith("train"):
+                        train_prompt_ids.append(reply.prompt_id)
         # labelers: every train/val prompt ranked once (K = 4 fresh samples), a few demonstrations
         with grpc.insecure_channel(target) as channel:
             feedback = feedback_pb2_grpc.FeedbackStub(channel)
@@ -147,9 +150,9 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
                 metadata = (("authorization", f"Bearer {keys['labeler-' + group]}"),)
                 SimulatedLabeler(p=0.0, seed=1, labeler_group=group, metadata=metadata).run(feedback, n, k=4)
             metadata = (("authorization", f"Bearer {keys['labeler-A']}"),)
-            for i, prompt in enumerate(PROMPTS[:3]):
+            for i, prompt_id in enumerate(train_prompt_ids[:3]):  # SFT runs: a new lineage
                 feedback.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
-                    request_id=f"demo-{i}", prompt_text=prompt, response="Glad to help: a short, clear answer."),
+                    request_id=f"demo-{i}", prompt_id=prompt_id, response="Glad to help: a short, clear answer."),
                     metadata=metadata, timeout=30)
 
         traffic = Traffic(target, keys["test-0"])
@@ -165,7 +168,7 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
         cycle = admin.get_cycle(cycle_id)
         assert cycle.state == admin_pb2.CYCLE_STATE_PROMOTED, cycle.error
         new = cycle.candidate_version
-        assert new >= 1 and cycle.trigger == "admin"
+        assert new == 2 and cycle.trigger == "admin"  # v1 is the cycle's SFT model, v2 its PPO candidate
         assert sorted(json.loads(cycle.metrics_json)) == sorted(
             ["snapshot", "hygiene", "sft", "rm", "ppo", "evaluate", "gate", "publish", "swap", "record"])
         assert traffic.failures == []
