@@ -248,6 +248,11 @@ def test_gate_promotes_only_within_every_bound() -> None:
     assert not decision.promote
     assert decision.reason == "p_value 0.2 <= 0.05 failed; kl_to_sft 3 <= 2 failed"
     assert decision.to_dict()["checks"]["win_rate"]["passed"]
+    # A candidate that answers a quarter of the prompts with nothing is refused when bounded.
+    collapsed = evaluation | {"empty_fraction_candidate": 0.25}
+    assert decide(collapsed, bounds).promote  # unbounded by default
+    refused = decide(collapsed, GateConfig(min_win_rate=0.55, max_kl=5.0, max_empty_fraction=0.1))
+    assert not refused.promote and refused.reason == "empty_fraction 0.25 <= 0.1 failed"
 
 
 # ---------------------------------------------------------------------------- config

@@ -49,12 +49,18 @@ class GateConfig:
         default=0.25,
         metadata={"help": "Most increase of held-out pretraining NLL (nats/token) over the serving policy; "
                   "None = no bound."})
+    max_empty_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Most share of evaluation prompts the candidate answers with nothing (a policy that "
+                  "collapsed onto an immediate EOS can fool a weak judge); None = no bound."})
 
     def __post_init__(self) -> None:
         _check(0 <= self.min_win_rate <= 1, "min_win_rate", "must be in [0, 1]", self.min_win_rate)
         _check(self.max_p_value is None or 0 < self.max_p_value <= 1, "max_p_value", "must be in (0, 1] or None",
                self.max_p_value)
         _check(self.max_kl is None or self.max_kl >= 0, "max_kl", "must be >= 0 or None", self.max_kl)
+        _check(self.max_empty_fraction is None or 0 <= self.max_empty_fraction <= 1, "max_empty_fraction",
+               "must be in [0, 1] or None", self.max_empty_fraction)
 
 
 @dataclass
@@ -79,7 +85,8 @@ def decide(evaluation: dict[str, Any], config: GateConfig) -> GateDecision:
     bounds = [("win_rate", evaluation["judge_win_rate"], ">=", config.min_win_rate),
               ("p_value", evaluation["p_value"], "<=", config.max_p_value),
               ("kl_to_sft", evaluation["kl_to_sft"], "<=", config.max_kl),
-              ("ptx_regression", evaluation["ptx_regression"], "<=", config.max_ptx_regression)]
+              ("ptx_regression", evaluation["ptx_regression"], "<=", config.max_ptx_regression),
+              ("empty_fraction", evaluation.get("empty_fraction_candidate"), "<=", config.max_empty_fraction)]
     checks = {}
     for name, value, op, bound in bounds:
         if bound is None or value is None:
@@ -154,6 +161,7 @@ def evaluate_candidate(
         "ptx_nll_candidate": ptx_candidate,
         "ptx_nll_serving": ptx_serving,
         "ptx_regression": None if ptx_candidate is None else ptx_candidate - ptx_serving,
+        "empty_fraction_candidate": sum(not t.strip() for t in cand_text) / len(cand_text),
         "mean_words_candidate": _mean_words(cand_text),
         "mean_words_serving": _mean_words(serve_text),
         "examples": [{"prompt": m[-1]["content"], "candidate": c, "serving": s}
