@@ -30,6 +30,9 @@ model: venv
 protos: venv
 	$(PY) scripts/gen_protos.py
 
+# RLHF_DEMO_STARTED: when make began (before the environment and the model), so the demo
+# can report its whole set-up time.
+demo: export RLHF_DEMO_STARTED := $(shell date +%s)
 demo: model
 	$(PY) scripts/demo.py
 

@@ -9,15 +9,20 @@ Two real processes, as in production: `rlhf serve` (vLLM where it installs) and
   users       train/val/test users (split by user id) send prompts from the shipped set
   labelers    simulated labelers with a hidden rule (`concise_polite`: ~20 words, polite,
               on topic, no digits) and the paper's disagreement (each pair flipped with
-              p = 0.16); group "A" and a held-out-style group "B"; K = 4 per task
+              p = 0.16); two in group "A" (their rankings train) and two in the held-out
+              group "B" (never trained on, as the paper's held-out labelers); K = 4
   demonstrator  writes rule-following answers for some train prompts in cycle 1 (SFT)
-  operator    Admin.TriggerCycle once per cycle, then waits for it
+  operator    Admin.TriggerCycle once per cycle, then waits for it; light user traffic
+              runs from the gate until the cycle ends, to count failed requests in the swap
 
 After every promotion the serving policy answers a FIXED set of test-split prompts
-greedily; the hidden rule scores the answers (the labelers' truth, which no model sees).
-At the end: a per-cycle table, `cycles.png`, and a one-sided sign test of the final
-policy against v0 on those prompts (plus each cycle's judge sign test from the gate).
-Everything lands in runs/demo-<time>/ (store, checkpoints, logs, summary.json).
+greedily. The held-out labelers compare each answer with v0's answer to the same prompt
+(noisy, as they label); the hidden rule compares them without noise (the truth no model
+sees). At the end: a per-cycle table, `cycles.png`, `report.md`, and a one-sided binomial
+(sign) test of the final policy against v0 on the held-out labelers' comparisons; the
+exit status is 1 unless p < 0.01. Everything lands in runs/demo-<time>/ (store,
+checkpoints, logs, summary.json). `make demo` sets RLHF_DEMO_STARTED so the set-up
+(environment, model, server start) is timed too.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -47,14 +53,21 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 from clients.client import RlhfClient  # noqa: E402
 from clients.prompts import load_prompts  # noqa: E402
 from clients.simulated_labeler import SimulatedLabeler, concise_polite, content_words  # noqa: E402
+from clients.simulated_labeler import noisy_ranking  # noqa: E402
 from common.identity import generate_api_key, hash_api_key, split_for_user  # noqa: E402
 from common.store import Store, add_api_key  # noqa: E402
 from rlhf.v1 import admin_pb2, feedback_pb2, feedback_pb2_grpc  # noqa: E402
 
+SCRIPT_STARTED = time.time()
 TRAINER_TOML = REPO / "scripts" / "demo_trainer.toml"
 USERS = {"train": 8, "val": 3, "test": 2}
-LABELERS = [("lab-a1", "A", 1), ("lab-a2", "A", 2), ("lab-b1", "B", 3)]
+# (name, group, seed, labeling tasks per cycle); group B is held out (demo_trainer.toml)
+LABELERS = [("lab-a1", "A", 1, 14), ("lab-a2", "A", 2, 14), ("lab-b1", "B", 3, 4), ("lab-b2", "B", 4, 4)]
+HELD_OUT = "B"
 NOISE_P = 0.16
+CEILING_RULE = 1 - NOISE_P  # a noisy labeler agrees with the rule this often (0.84)
+CEILING_PEERS = 1 - 2 * NOISE_P * (1 - NOISE_P)  # ... and with another such labeler (0.73)
+ALPHA = 0.01  # the demo fails unless the held-out labelers prefer the final policy at p < ALPHA
 FINISHED = {admin_pb2.CYCLE_STATE_PROMOTED: "promoted", admin_pb2.CYCLE_STATE_REJECTED: "rejected",
             admin_pb2.CYCLE_STATE_SKIPPED: "skipped", admin_pb2.CYCLE_STATE_FAILED: "failed"}
 
@@ -64,12 +77,11 @@ class Plan:
     """How much happens per cycle (sized for ~20 minutes on 2 cores with the embedded model)."""
 
     cycles: int
-    train_prompts: int = 40  # new train-split prompts per cycle (PPO's data)
+    train_prompts: int = 32  # new train-split prompts per cycle (PPO's data)
     val_prompts: int = 12  # new val-split prompts per cycle (the judge's rankings, evaluation)
-    test_prompts: int = 24  # the fixed hidden-rule measurement set
-    tasks: int = 44  # labeling tasks per cycle (K = 4 fresh samples each)
+    test_prompts: int = 64  # the fixed measurement set (vN vs v0, greedy)
     demonstrations: int = 16  # cycle 1 only
-    max_new_tokens: int = 48  # users' replies (as PPO's rollouts)
+    max_new_tokens: int = 40  # users' replies and labeling samples (PPO's rollouts: demo_trainer.toml)
 
 
 @dataclass
@@ -83,6 +95,7 @@ class Demo:
     prompts: Iterator[str]
     test_set: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    answers: dict[int, list[str]] = field(default_factory=dict)  # version -> greedy answers to test_set
 
 
 # ---------------------------------------------------------------------------- the demo, top to bottom
@@ -92,27 +105,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     plan = Plan(cycles=args.cycles)
     demo = set_up(args, plan)
-    started = time.time()
-    with serving(demo, args) as server, training(demo, args):
+    with serving(demo, args, plan) as server, training(demo, args):
+        set_up_s = time.time() - float(os.environ.get("RLHF_DEMO_STARTED") or SCRIPT_STARTED)
+        print(f"set-up: {set_up_s:.0f} s (environment, model, server start; goal <= 300 s)", flush=True)
+        started = time.time()
         admin = RlhfClient(demo.target, demo.keys["admin"])
-        baseline = measure_hidden_rule(demo, plan)
-        print(f"v0 (base model): hidden-rule score {mean(baseline):.3f} on {len(baseline)} test prompts")
-        scores = {0: baseline}
-        for n in range(1, plan.cycles + 1):
-            cycle_started = time.time()
-            traffic = send_traffic(demo, plan)
-            labels = label(demo, plan)
-            demos = demonstrate(demo, traffic["train"][:plan.demonstrations]) if n == 1 else 0
-            cycle = run_cycle(admin, n, server)
-            version = serving_version(admin)
-            if version not in scores:
-                scores[version] = measure_hidden_rule(demo, plan)
-            demo.rows.append(summarise(n, cycle, version, scores, traffic, labels, demos, time.time() - cycle_started))
-            print_row(demo.rows[-1], header=n == 1)
+        demo.answers[0] = answer_test_set(demo, plan)
+        print(f"v0 answered the {len(demo.test_set)} test prompts; hidden-rule mean "
+              f"{mean([concise_polite(q, a) for q, a in zip(demo.test_set, demo.answers[0])]):.3f}", flush=True)
+        # Users and labelers never wait for the trainer: while cycle n trains on what they did
+        # before it, they produce cycle n + 1's data (labeling tasks sampled from the policy
+        # serving at the time, as in the paper's iterations).
+        with ThreadPoolExecutor(1) as people:
+            fed = people.submit(feed, demo, plan, 1)
+            for n in range(1, plan.cycles + 1):
+                data = fed.result()
+                cycle_started = time.time()
+                cycle_id = admin.trigger_cycle(reason=f"demo cycle {n}", request_id=f"demo-{uuid.uuid4().hex}").cycle_id
+                if n < plan.cycles:
+                    fed = people.submit(feed, demo, plan, n + 1)
+                cycle, during = follow_cycle(admin, cycle_id, server, demo)
+                version = serving_version(admin)
+                if version not in demo.answers:
+                    demo.answers[version] = answer_test_set(demo, plan)
+                row = summarise(n, cycle, version, compare_with_v0(demo, version), data, during,
+                                time.time() - cycle_started)
+                demo.rows.append(row)
+                print_row(row, header=n == 1)
         admin.close()
-    final = max(scores)
-    significance = sign_test(scores[final], scores[0])
-    report(demo, scores, significance, time.time() - started)
+    final = max(demo.answers)
+    result = compare_with_v0(demo, final)
+    loop_s = time.time() - started
+    report(demo, result, set_up_s, loop_s)
+    if result["p_value"] >= ALPHA:
+        print(f"FAILED: the held-out labelers' preference for v{final} over v0 is not significant "
+              f"(p = {result['p_value']:.4f} >= {ALPHA})")
+        return 1
     return 0
 
 
@@ -139,7 +167,7 @@ def set_up(args: argparse.Namespace, plan: Plan) -> Demo:
     keys, users = {"admin": generate_api_key()}, {}
     with Store(out / "data" / "rlhf.sqlite") as store:
         store.write_sync(add_api_key("operator", "admin", hash_api_key(keys["admin"])))
-        for name, group, _ in LABELERS:
+        for name, group, _, _ in LABELERS:
             keys[name] = generate_api_key()
             store.write_sync(add_api_key(name, "labeler", hash_api_key(keys[name]), labeler_group=group))
         for split, n in USERS.items():
@@ -202,17 +230,19 @@ class Process:
 
 
 class serving:
-    """`rlhf serve` on the demo's store, until the block ends."""
+    """`rlhf serve` on the demo's store, until the block ends (labeling tasks sampled with the
+    users' token budget)."""
 
-    def __init__(self, demo: Demo, args: argparse.Namespace) -> None:
-        self.demo, self.args = demo, args
+    def __init__(self, demo: Demo, args: argparse.Namespace, plan: Plan) -> None:
+        self.demo, self.args, self.plan = demo, args, plan
 
     def __enter__(self) -> Process:
         data, port = self.demo.out / "data", self.demo.target.rsplit(":", 1)[1]
         self.process = Process("server", [
             "-m", "server.app", "--engine", self.args.engine, "--port", port, "--store-path", str(data / "rlhf.sqlite"),
             "--checkpoints-root", str(data / "checkpoints"), "--base-model-dir", str(self.args.model_dir),
-            "--base-model-name", self.args.model_dir.name], self.demo.out)
+            "--base-model-name", self.args.model_dir.name,
+            "--label-max-new-tokens", str(self.plan.max_new_tokens)], self.demo.out)
         print(f"starting the server ({self.args.engine} engine) on {self.demo.target} ...", flush=True)
         wait_until_serving(self.demo, self.process)
         return self.process
@@ -263,28 +293,32 @@ def send_traffic(demo: Demo, plan: Plan) -> dict[str, Any]:
     jobs = [(user, next(demo.prompts)) for split, n in (("train", plan.train_prompts), ("val", plan.val_prompts))
             for user in itertools.islice(itertools.cycle(demo.users[split]), n)]
 
-    def ask(job: tuple[str, str]) -> tuple[str, str]:
+    def ask(job: tuple[str, str]) -> tuple[str, str] | None:
         user, text = job
         with RlhfClient(demo.target, demo.keys[user]) as client:
-            reply = client.generate(text, max_new_tokens=plan.max_new_tokens, temperature=0.7, timeout=300)
+            try:
+                reply = client.generate(text, max_new_tokens=plan.max_new_tokens, temperature=0.7, timeout=300)
+            except grpc.RpcError as err:
+                print(f"  a user's request failed: {err.code().name}: {err.details()}", flush=True)
+                return None
         return reply.prompt_id, text
 
     with ThreadPoolExecutor(8) as pool:
         done = list(pool.map(ask, jobs))
-    return {"prompts": len(done), "train": done[:plan.train_prompts]}  # (prompt id, text), train first
+    answered = [d for d in done[:plan.train_prompts] if d is not None]
+    return {"prompts": len(done), "failed": done.count(None), "train": answered}  # (prompt id, text)
 
 
-def label(demo: Demo, plan: Plan) -> dict[str, Any]:
+def label(demo: Demo) -> dict[str, Any]:
     """The labelers work the Feedback queue side by side (each task: K = 4 fresh samples)."""
-    share = plan.tasks // len(LABELERS)
 
-    def work(labeler: tuple[str, str, int]) -> Any:
-        name, group, seed = labeler
+    def work(labeler: tuple[str, str, int, int]) -> Any:
+        name, group, seed, tasks = labeler
         metadata = (("authorization", f"Bearer {demo.keys[name]}"),)
         with grpc.insecure_channel(demo.target) as channel:
             stub = feedback_pb2_grpc.FeedbackStub(channel)
             return SimulatedLabeler(p=NOISE_P, seed=seed, labeler_group=group, metadata=metadata).run(
-                stub, share, k=4, timeout=300)
+                stub, tasks, k=4, timeout=300)
 
     with ThreadPoolExecutor(len(LABELERS)) as pool:
         reports = list(pool.map(work, LABELERS))
@@ -310,34 +344,106 @@ def demonstrate(demo: Demo, prompts: list[tuple[str, str]]) -> int:
     return len(prompts)
 
 
-def run_cycle(admin: RlhfClient, n: int, server: Process) -> admin_pb2.Cycle:
-    """Trigger a cycle and follow its stages until it finishes."""
-    cycle_id = admin.trigger_cycle(reason=f"demo cycle {n}", request_id=f"demo-{uuid.uuid4().hex}").cycle_id
-    stage = None
-    while (cycle := admin.get_cycle(cycle_id)).state not in FINISHED:
-        server.check()
-        if cycle.stage != stage:
-            stage = cycle.stage
-            print(f"  cycle {cycle_id}: {stage or 'queued'}", flush=True)
-        time.sleep(1.0)
-    return cycle
+def feed(demo: Demo, plan: Plan, n: int) -> dict[str, Any]:
+    """One cycle's worth of people: users' prompts, labelers' rankings, demonstrations (cycle 1)."""
+    traffic = send_traffic(demo, plan)
+    labels = label(demo)
+    demos = demonstrate(demo, traffic["train"][:plan.demonstrations]) if n == 1 else 0
+    return {"prompts": traffic["prompts"], "failed": traffic["failed"], **labels, "demos": demos}
+
+
+def follow_cycle(admin: RlhfClient, cycle_id: int, server: Process, demo: Demo) -> tuple[admin_pb2.Cycle, dict]:
+    """Follow a triggered cycle's stages until it finishes. From the gate on (publish and
+    swap follow), users keep querying, so failed requests across the hot-swap are counted."""
+    stage, traffic = None, None
+    try:
+        while (cycle := admin.get_cycle(cycle_id)).state not in FINISHED:
+            server.check()
+            if cycle.stage != stage:
+                stage = cycle.stage
+                print(f"  cycle {cycle_id}: {stage or 'queued'}", flush=True)
+            if traffic is None and stage in ("gate", "publish", "swap"):
+                traffic = BackgroundTraffic(demo)
+            time.sleep(0.25)
+    finally:
+        during = traffic.stop() if traffic else {"requests": 0, "failed": 0, "versions": []}
+    return cycle, during
+
+
+class BackgroundTraffic:
+    """Four test-split users querying back to back until stopped: failures and versions seen."""
+
+    def __init__(self, demo: Demo, clients: int = 4) -> None:
+        self.demo, self.stopping = demo, threading.Event()
+        self.requests, self.failures, self.versions = 0, [], []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._user, args=(i,), daemon=True) for i in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _user(self, i: int) -> None:
+        user = self.demo.users["test"][i % len(self.demo.users["test"])]
+        with RlhfClient(self.demo.target, self.demo.keys[user]) as client:
+            while not self.stopping.is_set():
+                try:
+                    reply = client.generate(self.demo.test_set[i], max_new_tokens=16, temperature=0.7, timeout=60)
+                    outcome = reply.completions[0].policy_version
+                except grpc.RpcError as err:
+                    outcome = f"{err.code().name}: {err.details()}"
+                with self.lock:
+                    self.requests += 1
+                    (self.versions if isinstance(outcome, int) else self.failures).append(outcome)
+
+    def stop(self) -> dict[str, Any]:
+        time.sleep(2.0)  # a few more requests after the swap: they must come from the new version
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=90)
+        return {"requests": self.requests, "failed": len(self.failures), "errors": self.failures[:5],
+                "versions": sorted(set(self.versions))}
 
 
 def serving_version(admin: RlhfClient) -> int:
     return admin.get_stats().serving_version
 
 
-def measure_hidden_rule(demo: Demo, plan: Plan) -> list[float]:
-    """The hidden rule's score of the serving policy's greedy answers to the fixed test prompts."""
+def answer_test_set(demo: Demo, plan: Plan) -> list[str]:
+    """The serving policy's greedy answers to the fixed test prompts (a test-split user asks)."""
     user = demo.users["test"][0]
 
-    def score(text: str) -> float:
+    def answer(text: str) -> str:
         with RlhfClient(demo.target, demo.keys[user]) as client:
             reply = client.generate(text, max_new_tokens=plan.max_new_tokens, temperature=0.0, timeout=300)
-        return concise_polite(text, reply.completions[0].text)
+        return reply.completions[0].text
 
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(score, demo.test_set))
+    with ThreadPoolExecutor(8) as pool:  # the server allows 8 calls in flight per key
+        return list(pool.map(answer, demo.test_set))
+
+
+def compare_with_v0(demo: Demo, version: int) -> dict[str, Any]:
+    """vN vs v0 on the test prompts: every held-out labeler judges every pair (noisy, as they
+    label), and the hidden rule judges it without noise. One-sided binomial test on the
+    held-out labelers' strict preferences (ties carry no comparison)."""
+    from trainer.evaluate import binomial_sf_one_sided
+
+    pairs = list(zip(demo.test_set, demo.answers[version], demo.answers[0]))
+    wins = losses = 0
+    for _, _, seed, _ in [lab for lab in LABELERS if lab[1] == HELD_OUT]:
+        rng = random.Random(1000 * seed + version)
+        for prompt, new, old in pairs:
+            scores = [concise_polite(prompt, new), concise_polite(prompt, old)]
+            if scores[0] == scores[1]:
+                continue  # a tie under the rule: the labeler passes (SimulatedLabeler.rank does too)
+            order = noisy_ranking(scores, NOISE_P, rng)
+            wins, losses = wins + (order[0] == [0]), losses + (order[0] == [1])
+    rule = [(concise_polite(q, new) > concise_polite(q, old)) + 0.5 * (concise_polite(q, new) == concise_polite(q, old))
+            for q, new, old in pairs]
+    return {"version": version, "held_out_wins": wins, "held_out_losses": losses,
+            "held_out_win_rate": wins / (wins + losses) if wins + losses else None,
+            "p_value": binomial_sf_one_sided(wins, wins + losses), "rule_win_rate": mean(rule),
+            "hidden_rule_mean": mean([concise_polite(q, a) for q, a, _ in pairs]),
+            "hidden_rule_mean_v0": mean([concise_polite(q, a) for q, _, a in pairs]),
+            "mean_words": mean([len(a.split()) for _, a, _ in pairs])}
 
 
 # ---------------------------------------------------------------------------- results
@@ -347,34 +453,53 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def summarise(n: int, cycle: admin_pb2.Cycle, version: int, scores: dict[int, list[float]], traffic: dict,
-              labels: dict, demos: int, seconds: float) -> dict[str, Any]:
+def summarise(n: int, cycle: admin_pb2.Cycle, version: int, vs_v0: dict[str, Any], data: dict, during: dict,
+              seconds: float) -> dict[str, Any]:
     m = json.loads(cycle.metrics_json or "{}")
-    rm, judge, ev = m.get("rm", {}).get("rm", {}), m.get("rm", {}).get("judge", {}), m.get("evaluate", {})
+    rm, ev = m.get("rm", {}).get("rm", {}), m.get("evaluate", {})
     by_group = rm.get("val", {}).get("by_group", {})
     return {
         "cycle": n, "id": cycle.cycle_id, "state": FINISHED[cycle.state], "serving": version,
         "candidate": cycle.candidate_version if cycle.HasField("candidate_version") else None,
-        "prompts": traffic["prompts"], "rankings": labels["rankings"], "demos": demos,
-        "sft": m.get("sft", {}).get("ran"), "rm_acc": rm.get("val", {}).get("accuracy"),
-        "rm_acc_A": by_group.get("A", {}).get("accuracy"), "rm_acc_B": by_group.get("B", {}).get("accuracy"),
-        "judge_acc": judge.get("val", {}).get("accuracy"), "win_rate": ev.get("judge_win_rate"),
-        "p_value": ev.get("p_value"), "kl": ev.get("kl_to_sft"), "ptx_reg": ev.get("ptx_regression"),
-        "hidden": mean(scores[version]), "error": cycle.error,
-        "stage_seconds": {k: v.get("seconds") for k, v in m.items()}, "seconds": seconds,
+        "prompts": data["prompts"], "rankings": data["rankings"], "demos": data["demos"],
+        "sft": m.get("sft", {}).get("ran"),
+        "rm_acc_A": by_group.get("A", {}).get("accuracy"), "rm_acc_B": by_group.get(HELD_OUT, {}).get("accuracy"),
+        "judge_acc_B": m.get("rm", {}).get("judge", {}).get("val", {}).get("by_group", {}).get(HELD_OUT, {})
+        .get("accuracy"),
+        "gate_win": ev.get("judge_win_rate"), "rm_score": ev.get("rm_score_candidate"), "kl": ev.get("kl_to_sft"),
+        "ptx": ev.get("ptx_nll_candidate"), "ptx_reg": ev.get("ptx_regression"),
+        "win_B": vs_v0["held_out_win_rate"], "p_B": vs_v0["p_value"], "win_rule": vs_v0["rule_win_rate"],
+        "words": vs_v0["mean_words"], "stall": m.get("swap", {}).get("stall_seconds"),
+        "failed": during["failed"] + data["failed"], "during_swap": during, "vs_v0": vs_v0,
+        "error": cycle.error, "stage_seconds": {k: v.get("seconds") for k, v in m.items()}, "seconds": seconds,
     }
 
 
-COLUMNS = [("cycle", "{:>5}"), ("state", "{:<8}"), ("serving", "{:>7}"), ("prompts", "{:>7}"),
-           ("rankings", "{:>8}"), ("rm_acc", "{:>6}"), ("rm_acc_A", "{:>8}"), ("rm_acc_B", "{:>8}"),
-           ("win_rate", "{:>8}"), ("p_value", "{:>7}"), ("kl", "{:>6}"), ("ptx_reg", "{:>7}"),
-           ("hidden", "{:>6}"), ("seconds", "{:>7}")]
+# (column, width, what it is) -- the table printed per cycle and written to report.md
+COLUMNS = [
+    ("cycle", 5, "cycle number"), ("state", 8, "promoted / rejected / skipped / failed"),
+    ("serving", 7, "policy version serving after the cycle"),
+    ("rm_acc_A", 8, "PPO's RM: pairwise accuracy on group A's val-split rankings (unseen)"),
+    ("rm_acc_B", 8, "PPO's RM: pairwise accuracy on held-out group B's rankings (never trained on)"),
+    ("win_B", 6, "serving vs v0 on the test prompts, judged by the held-out labelers (ties dropped)"),
+    ("p_B", 7, "one-sided binomial test of win_B > 0.5"),
+    ("win_rule", 8, "serving vs v0 judged by the noise-free hidden rule (ties count half)"),
+    ("rm_score", 8, "mean RM score of the candidate's samples on evaluation prompts"),
+    ("kl", 6, "KL(candidate || SFT), nats per response"),
+    ("ptx", 6, "candidate's NLL on held-out pretraining text (nats/token)"),
+    ("ptx_reg", 7, "ptx NLL minus the serving policy's (the alignment tax)"),
+    ("words", 5, "mean words per test answer"), ("stall", 6, "swap stall (s): new requests held"),
+    ("failed", 6, "failed user requests: the cycle's data traffic and the traffic across its swap"),
+    ("seconds", 7, "wall time from the trigger until the new policy answered the test prompts"),
+]
 
 
 def print_row(row: dict[str, Any], header: bool) -> None:
     if header:
-        print("  ".join(f"{name:>{len(fmt.format(''))}}" for name, fmt in COLUMNS))
-    print("  ".join(fmt.format(_cell(row[name])) for name, fmt in COLUMNS), flush=True)
+        print(f"(RM accuracy ceiling: {CEILING_RULE:.2f} against a labeler's noisy rankings; "
+              f"labelers agree with each other {CEILING_PEERS:.2f} of the time)")
+        print("  ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
+    print("  ".join(f"{_cell(row[name]):>{width}}" for name, width, _ in COLUMNS), flush=True)
     if row["error"]:
         print(f"       ({row['error']})")
 
@@ -383,50 +508,66 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.4f}" if abs(value) < 0.01 and value else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
 
 
-def sign_test(candidate: list[float], baseline: list[float]) -> dict[str, Any]:
-    """One-sided sign test: does the final policy beat v0 on the same test prompts?"""
-    from trainer.evaluate import binomial_sf_one_sided
-
-    wins = sum(c > b for c, b in zip(candidate, baseline))
-    losses = sum(c < b for c, b in zip(candidate, baseline))
-    return {"wins": wins, "losses": losses, "ties": len(baseline) - wins - losses,
-            "p_value": binomial_sf_one_sided(wins, wins + losses),
-            "mean_final": mean(candidate), "mean_v0": mean(baseline)}
-
-
-def report(demo: Demo, scores: dict[int, list[float]], test: dict[str, Any], seconds: float) -> None:
-    """Significance, the plot and summary.json."""
-    print(f"\nfinal v{max(scores)} vs v0 on {len(scores[0])} held-out test prompts (hidden rule, greedy): "
-          f"{test['mean_final']:.3f} vs {test['mean_v0']:.3f}; wins {test['wins']}, losses {test['losses']}, "
-          f"ties {test['ties']}; one-sided sign test p = {test['p_value']:.4f}")
-    plot(demo.rows, scores, demo.out / "cycles.png")
-    summary = {"rows": demo.rows, "hidden_rule_scores": scores, "sign_test": test, "seconds": seconds}
+def report(demo: Demo, result: dict[str, Any], set_up_s: float, loop_s: float) -> None:
+    """The verdict, the plot, report.md and summary.json."""
+    final = result["version"]
+    verdict = (f"final v{final} vs v0 on {len(demo.test_set)} test prompts (greedy): held-out labelers prefer v{final} "
+               f"{result['held_out_wins']} times, v0 {result['held_out_losses']} times "
+               f"(win rate {_cell(result['held_out_win_rate'])}, one-sided binomial p = {result['p_value']:.2g}); "
+               f"noise-free rule win rate {result['rule_win_rate']:.3f}; hidden-rule mean "
+               f"{result['hidden_rule_mean']:.3f} vs {result['hidden_rule_mean_v0']:.3f}")
+    timing = f"set-up {set_up_s:.0f} s (goal <= 300 s); loop {loop_s / 60:.1f} min (goal <= 20 min)"
+    print(f"\n{verdict}\n{timing}")
+    plot(demo, demo.out / "cycles.png")
+    (demo.out / "report.md").write_text(markdown_report(demo, verdict, timing))
+    summary = {"rows": demo.rows, "final_vs_v0": result, "answers": demo.answers, "test_prompts": demo.test_set,
+               "set_up_seconds": set_up_s, "loop_seconds": loop_s, "noise_p": NOISE_P}
     (demo.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"total {seconds / 60:.1f} min; plot {demo.out / 'cycles.png'}; details {demo.out / 'summary.json'}")
+    print(f"plot {demo.out / 'cycles.png'}; report {demo.out / 'report.md'}; details {demo.out / 'summary.json'}")
 
 
-def plot(rows: list[dict[str, Any]], scores: dict[int, list[float]], path: Path) -> None:
+def markdown_report(demo: Demo, verdict: str, timing: str) -> str:
+    final = max(demo.answers)
+    lines = ["# rlhf-loop demo run", "", verdict + ".", "", timing + ".", "",
+             "| " + " | ".join(name for name, _, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[name]) for name, _, _ in COLUMNS) + " |" for row in demo.rows]
+    lines += ["", f"RM accuracy ceiling: {CEILING_RULE:.2f} (a labeler flips each pair with p = {NOISE_P}); "
+              f"two labelers agree {CEILING_PEERS:.2f} of the time.", ""]
+    lines += [f"- `{name}`: {meaning}" for name, _, meaning in COLUMNS]
+    lines += ["", f"## Three test prompts, v0 and v{final} (greedy)", ""]
+    for q, old, new in list(zip(demo.test_set, demo.answers[0], demo.answers[final]))[:3]:
+        lines += [f"**{q}**", "", f"- v0: {old.strip()!r}", f"- v{final}: {new.strip()!r}", ""]
+    return "\n".join(lines)
+
+
+def plot(demo: Demo, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cycles = [0] + [r["cycle"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].plot(cycles, [mean(scores[0])] + [r["hidden"] for r in rows], "o-")
-    axes[0].set(title="hidden-rule score of the serving policy", xlabel="cycle", ylabel="mean score (test prompts)")
-    for key, label in (("rm_acc_A", "RM, group A"), ("rm_acc_B", "RM, group B"), ("judge_acc", "judge")):
-        axes[1].plot([r["cycle"] for r in rows], [r[key] for r in rows], "o-", label=label)
-    axes[1].axhline(1 - NOISE_P, ls="--", c="grey", label=f"ceiling 1 - p = {1 - NOISE_P:.2f}")
-    axes[1].set(title="reward-model accuracy (held-out rankings)", xlabel="cycle", ylim=(0.3, 1.0))
+    rows = demo.rows
+    cycles = [r["cycle"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([0] + cycles, [0.5] + [r["win_B"] for r in rows], "o-", label="held-out labelers")
+    axes[0].plot([0] + cycles, [0.5] + [r["win_rule"] for r in rows], "s--", label="hidden rule (no noise)")
+    axes[0].axhline(0.5, ls=":", c="grey")
+    axes[0].set(title="serving policy vs v0 on test prompts", xlabel="cycle", ylabel="win rate", ylim=(0, 1))
+    axes[0].legend()
+    for key, label in (("rm_acc_A", "RM, group A (val)"), ("rm_acc_B", "RM, group B (held out)")):
+        axes[1].plot(cycles, [r[key] for r in rows], "o-", label=label)
+    axes[1].axhline(CEILING_RULE, ls="--", c="grey", label=f"ceiling 1 - p = {CEILING_RULE:.2f}")
+    axes[1].axhline(CEILING_PEERS, ls=":", c="grey", label=f"labeler agreement {CEILING_PEERS:.2f}")
+    axes[1].set(title="reward-model accuracy", xlabel="cycle", ylim=(0.3, 1.0))
     axes[1].legend()
-    axes[2].bar([r["cycle"] for r in rows], [r["win_rate"] or 0 for r in rows])
-    axes[2].axhline(0.5, ls="--", c="grey")
-    axes[2].set(title="judge win rate vs serving (gate)", xlabel="cycle", ylim=(0, 1))
+    axes[2].plot(cycles, [r["kl"] for r in rows], "o-", label="KL to SFT (nats)")
+    axes[2].plot(cycles, [r["ptx"] for r in rows], "s-", label="ptx NLL (nats/token)")
+    axes[2].set(title="drift and the alignment tax", xlabel="cycle")
+    axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

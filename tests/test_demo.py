@@ -1,0 +1,60 @@
+"""The demo's verdict (scripts/demo.py): the held-out labelers' sign test and the rule's win rate."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def demo_module():
+    spec = importlib.util.spec_from_file_location("rlhf_demo_script", REPO / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_demo(module, tmp_path: Path, new: list[str], old: list[str], prompts: list[str]):
+    demo = module.Demo(tmp_path, "127.0.0.1:1", {}, {}, iter(()), prompts)
+    demo.answers = {0: old, 3: new}
+    return demo
+
+
+def test_a_policy_that_follows_the_rule_wins_significantly(demo_module, tmp_path: Path) -> None:
+    prompts = [f"Tell me about rivers number {i}" for i in range(64)]
+    # v3: ~20 polite, on-topic words, no digits; v0: a rambling 60-word answer with digits.
+    new = ["Thanks for asking about rivers: I am glad to help with a short and clear answer about them today."] * 64
+    old = ["In 1999 " + " ".join(itertools.repeat("water flows down", 20))] * 64
+    result = demo_module.compare_with_v0(make_demo(demo_module, tmp_path, new, old, prompts), 3)
+
+    assert result["rule_win_rate"] == 1.0  # the noise-free rule prefers v3 on every prompt
+    held_out = [lab for lab in demo_module.LABELERS if lab[1] == demo_module.HELD_OUT]
+    assert result["held_out_wins"] + result["held_out_losses"] == 64 * len(held_out)  # strict rule order: no ties
+    # Each judgement is right with probability 1 - p = 0.84: far from a coin flip.
+    assert 0.7 < result["held_out_win_rate"] < 0.95
+    assert result["p_value"] < 1e-6
+
+
+def test_identical_answers_carry_no_comparison(demo_module, tmp_path: Path) -> None:
+    prompts = ["How do tides work?"] * 10
+    same = ["Tides follow the moon."] * 10
+    result = demo_module.compare_with_v0(make_demo(demo_module, tmp_path, same, same, prompts), 3)
+    assert result["rule_win_rate"] == 0.5  # all ties count half
+    assert result["held_out_wins"] == result["held_out_losses"] == 0 and result["p_value"] == 1.0
+
+
+def test_the_report_table_has_every_column(demo_module, tmp_path: Path) -> None:
+    demo = make_demo(demo_module, tmp_path, ["a"], ["b"], ["q"])
+    row = {name: 0.5 for name, _, _ in demo_module.COLUMNS} | {"cycle": 1, "state": "promoted", "error": ""}
+    demo.rows = [row]
+    text = demo_module.markdown_report(demo, "verdict", "timing")
+    header = next(line for line in text.splitlines() if line.startswith("| cycle"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [name for name, _, _ in demo_module.COLUMNS]
+    assert "| 1 | promoted |" in text
