@@ -127,9 +127,7 @@ async def throughput(target: str, key: str, prompts: Sequence[str], max_tokens: 
 def throughput_in_own_process(target: str, key: str, prompts: Sequence[str], max_tokens: int) -> dict[str, Any]:
     """`throughput` run in a child process (spawned), as real clients run elsewhere: the
     clients' protobuf and asyncio work does not share the server's interpreter."""
-    import asyncio as _asyncio
-
-    return _asyncio.run(throughput(target, key, prompts, max_tokens))
+    return asyncio.run(throughput(target, key, prompts, max_tokens))
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

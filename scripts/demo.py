@@ -52,8 +52,7 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 
 from clients.client import RlhfClient  # noqa: E402
 from clients.prompts import load_prompts  # noqa: E402
-from clients.simulated_labeler import SimulatedLabeler, concise_polite, content_words  # noqa: E402
-from clients.simulated_labeler import noisy_ranking  # noqa: E402
+from clients.simulated_labeler import SimulatedLabeler, concise_polite, content_words, noisy_ranking  # noqa: E402
 from common.identity import generate_api_key, hash_api_key, split_for_user  # noqa: E402
 from common.store import Store, add_api_key  # noqa: E402
 from rlhf.v1 import admin_pb2, feedback_pb2, feedback_pb2_grpc  # noqa: E402
@@ -424,25 +423,26 @@ def compare_with_v0(demo: Demo, version: int) -> dict[str, Any]:
     """vN vs v0 on the test prompts: every held-out labeler judges every pair (noisy, as they
     label), and the hidden rule judges it without noise. One-sided binomial test on the
     held-out labelers' strict preferences (ties carry no comparison)."""
-    from trainer.evaluate import binomial_sf_one_sided
+    import torch
+
+    from trainer.evaluate import binomial_sf_one_sided, win_rate
 
     pairs = list(zip(demo.test_set, demo.answers[version], demo.answers[0]))
+    scores = [(concise_polite(q, new), concise_polite(q, old)) for q, new, old in pairs]  # (vN, v0) per prompt
     wins = losses = 0
     for _, _, seed, _ in [lab for lab in LABELERS if lab[1] == HELD_OUT]:
         rng = random.Random(1000 * seed + version)
-        for prompt, new, old in pairs:
-            scores = [concise_polite(prompt, new), concise_polite(prompt, old)]
-            if scores[0] == scores[1]:
+        for pair in scores:
+            if pair[0] == pair[1]:
                 continue  # a tie under the rule: the labeler passes (SimulatedLabeler.rank does too)
-            order = noisy_ranking(scores, NOISE_P, rng)
+            order = noisy_ranking(list(pair), NOISE_P, rng)
             wins, losses = wins + (order[0] == [0]), losses + (order[0] == [1])
-    rule = [(concise_polite(q, new) > concise_polite(q, old)) + 0.5 * (concise_polite(q, new) == concise_polite(q, old))
-            for q, new, old in pairs]
+    new_scores, old_scores = (torch.tensor(column) for column in zip(*scores))
     return {"version": version, "held_out_wins": wins, "held_out_losses": losses,
             "held_out_win_rate": wins / (wins + losses) if wins + losses else None,
-            "p_value": binomial_sf_one_sided(wins, wins + losses), "rule_win_rate": mean(rule),
-            "hidden_rule_mean": mean([concise_polite(q, a) for q, a, _ in pairs]),
-            "hidden_rule_mean_v0": mean([concise_polite(q, a) for q, _, a in pairs]),
+            "p_value": binomial_sf_one_sided(wins, wins + losses),
+            "rule_win_rate": win_rate(new_scores, old_scores),  # ties count half
+            "hidden_rule_mean": float(new_scores.mean()), "hidden_rule_mean_v0": float(old_scores.mean()),
             "mean_words": mean([len(a.split()) for _, a, _ in pairs])}
 
 
