@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 from trainer.config import RMConfig
 from trainer.data import Comparison, Demonstration, user_turn
 from trainer.losses import ranking_loss
+from trainer.sft import decoder_layers
 from trainer.reward_model import (
     RewardModel,
+    comparison_batch,
     encode_comparisons,
     kway_loss,
     micro_batches,
@@ -231,6 +233,45 @@ def test_top_layers_mode_freezes_the_lower_layers(tiny_model_dir, tmp_path):
     assert torch.equal(before["layers.0.mlp.up_proj.weight"], after["layers.0.mlp.up_proj.weight"])
     assert not torch.equal(before["layers.1.mlp.up_proj.weight"], after["layers.1.mlp.up_proj.weight"])
     assert result.trainable_params < result.total_params
+
+
+def test_scores_from_cached_trunk_equal_the_full_forward(tiny_rm):
+    """The states entering the top layer, run through it alone, give forward()'s scores
+    (right-padded rows of different lengths included)."""
+    items = encode_comparisons(tiny_rm.tokenizer, strict_comparisons([3, 4], seed=5), max_response_length=32)
+    batch, *_ = comparison_batch(items, tiny_rm.tokenizer.pad_token_id, None)
+    assert batch.attention_mask.sum(dim=1).unique().numel() > 1  # rows really differ in length
+    tiny_rm.eval()
+    with torch.no_grad():
+        full = tiny_rm(batch.input_ids, batch.attention_mask)
+        states = tiny_rm.trunk_states(batch.input_ids, batch.attention_mask, top_layers=1)
+        top_only = tiny_rm.scores_from_trunk(states, batch.attention_mask, top_layers=1)
+    torch.testing.assert_close(top_only, full, rtol=0, atol=1e-5)
+    assert len(decoder_layers(tiny_rm.backbone)) == 2  # the swap is undone
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_cached_trunk_trains_the_same_model(tiny_model_dir, tmp_path, epochs):
+    """cache_trunk is an optimisation only: same losses, same weights, fewer trunk passes."""
+    comparisons, results, weights = marker_comparisons(12, seed=4), {}, {}
+    for cached in (True, False):
+        config = fast_config(epochs=epochs, train_mode="top_layers", top_layers=1, cache_trunk=cached)
+        results[cached] = train_reward_model(tiny_model_dir, comparisons, [], config, tmp_path / str(cached))
+        weights[cached] = _layer_weights(tmp_path / str(cached))
+    assert results[True].trunk_cached and not results[False].trunk_cached
+    for a, b in zip(results[True].epochs, results[False].epochs):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+    torch.testing.assert_close(weights[True]["layers.1.mlp.up_proj.weight"],
+                               weights[False]["layers.1.mlp.up_proj.weight"], rtol=0, atol=1e-5)
+    assert results[True].forward_passes == 12 * 4  # each completion through the trunk once
+    assert results[False].forward_passes == epochs * 12 * 4
+
+
+def test_trunk_is_not_cached_with_dropout_or_other_modes(tiny_model_dir, tmp_path):
+    for overrides in ({"train_mode": "top_layers", "residual_dropout": 0.1}, {"train_mode": "full"}):
+        result = train_reward_model(tiny_model_dir, strict_comparisons([4]), [], fast_config(epochs=1, **overrides),
+                                    tmp_path / overrides["train_mode"])
+        assert not result.trunk_cached
 
 
 def test_lora_mode_merges_into_a_plain_backbone(tiny_model_dir, tmp_path):

@@ -171,6 +171,11 @@ class RMConfig(_OptimConfig):
                   "merged for saving; the head trains fully), 'top_layers' (the top `top_layers` decoder "
                   "layers, the final norm and the head)."})
     top_layers: int = field(default=2, metadata={"help": "Decoder layers trained in train_mode='top_layers'."})
+    cache_trunk: bool = field(
+        default=True,
+        metadata={"help": "train_mode='top_layers': run the frozen lower layers ONCE per completion and reuse "
+                  "their output in every epoch (exact: they do not change; needs residual_dropout = 0). "
+                  "Makes an epoch about layers/top_layers times cheaper, so several epochs fit on a CPU."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (train_mode='lora')."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the LoRA adapters."})

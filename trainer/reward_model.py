@@ -9,7 +9,9 @@ Training (``train_reward_model``) follows the paper: each prompt's K completions
 are ONE batch element; every completion gets exactly one forward pass and all C(K, 2) pairs
 enter the loss (``trainer.losses.batched_ranking_loss``), instead of two passes per pair.
 Which weights train is ``RMConfig.train_mode``: ``full``, ``lora`` (merged before saving)
-or ``top_layers``.
+or ``top_layers``. In ``top_layers`` mode the frozen lower layers' output is computed once
+per completion and reused in every epoch (``RMConfig.cache_trunk``): exact, since those
+layers never change, and an epoch then costs the top layers only.
 
 A saved RM is a folder: the backbone as a plain HF base model (``AutoModel``-loadable
 ``config.json`` + ``model.safetensors``), ``reward_head.safetensors`` (head weight, head
@@ -18,6 +20,7 @@ bias, score bias), ``reward_model.json`` and the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -25,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -147,6 +150,25 @@ class RewardModel(torch.nn.Module):
         return self.head(hidden.float()).squeeze(-1) + self.bias  # (B, T)
 
     @torch.no_grad()
+    def trunk_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_layers: int) -> torch.Tensor:
+        """Hidden states ENTERING the top ``top_layers`` decoder layers (what ``scores_from_trunk``
+        continues from). Shape: (B, T) -> (B, T, H). Counts B forward passes."""
+        self.forward_calls += int(input_ids.shape[0])
+        layers = decoder_layers(self.backbone)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            output_hidden_states=True)
+        return out.hidden_states[len(layers) - top_layers]  # [0] is the embeddings, [i] enters layer i
+
+    def scores_from_trunk(self, states: torch.Tensor, attention_mask: torch.Tensor, top_layers: int) -> torch.Tensor:
+        """``forward`` from ``trunk_states``: the top layers, the final norm and the head only.
+        Shape: states (B, T, H), attention_mask (B, T) -> (B,) float32."""
+        with only_top_layers(self.backbone, top_layers):
+            hidden = self.backbone(inputs_embeds=states, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(dim=1).long() - 1
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(h_last.float()).squeeze(-1) + self.bias
+
+    @torch.no_grad()
     def score_texts(
         self, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int = 16,
         max_length: int | None = None, max_response_length: int | None = None,
@@ -212,6 +234,25 @@ def configure_trainable(rm: RewardModel, mode: str, *, top_layers: int, lora_r: 
     rm.head.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def only_top_layers(backbone: torch.nn.Module, top_layers: int) -> Iterator[None]:
+    """Run ``backbone`` with its top ``top_layers`` decoder layers only (fed ``inputs_embeds`` =
+    the states entering them): the model's own mask, positions and final norm still apply."""
+    full = backbone.layers
+    backbone.layers = torch.nn.ModuleList(list(full)[len(full) - top_layers:])
+    try:
+        yield
+    finally:
+        backbone.layers = full
+
+
+def can_cache_trunk(rm: RewardModel, config: RMConfig) -> bool:
+    """The trunk is cached in top_layers mode without dropout, on a backbone whose forward
+    loops over ``self.layers`` (Llama-style; others train uncached)."""
+    return (config.cache_trunk and config.train_mode == "top_layers" and 0 < config.top_layers
+            and config.residual_dropout == 0 and isinstance(getattr(rm.backbone, "layers", None), torch.nn.ModuleList))
+
+
 def finish_training(rm: RewardModel) -> None:
     """Merge LoRA adapters into the backbone and make every weight trainable again (the PPO
     value model is a copy of this RM and trains all its weights)."""
@@ -228,6 +269,23 @@ class EncodedComparison:
     prompt_ids: list[int]
     completion_ids: list[list[int]]
     ranks: list[int]
+    # Cached trunk output per completion, (length, H) as packed (``attach_trunk_states``), or None.
+    trunk: list[torch.Tensor] | None = None
+
+
+def attach_trunk_states(rm: RewardModel, items: Sequence[EncodedComparison], top_layers: int, pad_token_id: int,
+                        max_length: int | None, batch_size: int) -> None:
+    """Compute each completion's trunk output once (batched, no grad) and keep it on the item."""
+    device = next(rm.parameters()).device
+    with eval_mode(rm):
+        for start in range(0, len(items), max(1, batch_size // 4)):
+            part = items[start:start + max(1, batch_size // 4)]
+            batch, _, _, index = comparison_batch(part, pad_token_id, max_length)
+            states = rm.trunk_states(batch.input_ids.to(device), batch.attention_mask.to(device), top_layers)
+            lengths = batch.attention_mask.sum(dim=1).tolist()
+            for p, item in enumerate(part):
+                rows = index[p, :len(item.completion_ids)].tolist()
+                item.trunk = [states[r, :lengths[r]].detach().clone() for r in rows]
 
 
 def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_response_length: int
@@ -282,11 +340,19 @@ def micro_batches(items: Sequence[EncodedComparison], max_sequences: int) -> lis
     return [g for g in groups if g]
 
 
-def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id: int, max_length: int | None):
-    """The paper's loss for P prompts with ONE forward pass per completion; returns (loss, stats)."""
+def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id: int, max_length: int | None,
+              top_layers: int = 0):
+    """The paper's loss for P prompts with ONE forward pass per completion; returns (loss, stats).
+    Items with cached trunk states (``attach_trunk_states``) run the top ``top_layers`` only."""
     batch, ranks, valid, index = comparison_batch(items, pad_token_id, max_length)
     device = next(rm.parameters()).device
-    flat = rm(batch.input_ids.to(device), batch.attention_mask.to(device))  # (N,)
+    if all(item.trunk is not None for item in items):  # cached trunk: the top layers only
+        states = [s for item in items for s in item.trunk]
+        width = batch.input_ids.shape[1]
+        padded_states = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in states])
+        flat = rm.scores_from_trunk(padded_states.to(device), batch.attention_mask.to(device), top_layers)
+    else:
+        flat = rm(batch.input_ids.to(device), batch.attention_mask.to(device))  # (N,)
     padded = torch.cat([flat, flat.new_zeros(1)])  # slot N: padding completions read 0
     rewards = padded[index.to(device)]  # (P, Kmax)
     return batched_ranking_loss(rewards, ranks.to(device), valid.to(device))
@@ -301,6 +367,7 @@ class RMResult:
 
     out_dir: str
     train_mode: str
+    trunk_cached: bool
     num_train: int
     num_val: int
     skipped_all_tied: int
@@ -311,7 +378,7 @@ class RMResult:
     bias: float = 0.0
     bias_source: str = "none"  # "demonstrations" | "bias_prompts" | "none"
     bias_reference_mean: float | None = None  # mean score of the reference texts before the shift
-    forward_passes: int = 0  # training sequences through the backbone
+    forward_passes: int = 0  # training sequences through the backbone (a cached trunk: once each, all epochs)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -355,7 +422,13 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
     rm.max_length, rm.max_response_length = config.max_length, config.max_response_length
     configure_trainable(rm, config.train_mode, top_layers=config.top_layers, lora_r=config.lora_r,
                         lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
-    result = RMResult(str(out_dir), config.train_mode, num_train=len(usable), num_val=len(val_comparisons),
+    calls_before = rm.forward_calls
+    cached = can_cache_trunk(rm, config)
+    if cached:  # the frozen layers' output, once for all epochs
+        attach_trunk_states(rm, train, config.top_layers, tokenizer.pad_token_id, config.max_length,
+                            config.max_completions_per_step)
+    result = RMResult(str(out_dir), config.train_mode, trunk_cached=cached, num_train=len(usable),
+                      num_val=len(val_comparisons),
                       skipped_all_tied=len(comparisons) - len(usable),
                       trainable_params=sum(p.numel() for p in rm.parameters() if p.requires_grad),
                       total_params=sum(p.numel() for p in rm.parameters()))
@@ -366,7 +439,6 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
         (config.adam_beta1, config.adam_beta2), steps_per_epoch * config.epochs, config.warmup_ratio,
         config.min_lr_ratio)
     generator = torch.Generator().manual_seed(config.seed)
-    calls_before = rm.forward_calls
     bar = tqdm(total=steps_per_epoch * config.epochs, desc=f"rm ({config.train_mode})",
                disable=not progress_enabled(config.show_progress))
     for epoch in range(1, config.epochs + 1):
@@ -407,7 +479,7 @@ def _train_epoch(rm: RewardModel, items: list[EncodedComparison], optimizer, sch
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for group in micro_batches(step, config.max_completions_per_step):
-            loss, stats = kway_loss(rm, group, pad_id, config.max_length)
+            loss, stats = kway_loss(rm, group, pad_id, config.max_length, config.top_layers)
             # Each prompt weighs the same in the step's mean, whatever micro-batch it sits in.
             weighted = loss * (len(group) / len(step))
             weighted.backward()
