@@ -164,6 +164,14 @@ def prompt_id_not_the_tasks(env: Env):
     return env.alice, dict(task_id=task, prompt_id=other, ranking=ranking(*[[cid] for cid in c])), f"is not the prompt of task {task!r}"
 
 
+def answered_task_with_another_prompt_id(env: Env):
+    """The prompt mismatch is named before "already answered", as it is for a live task."""
+    task, _, c = env.task()
+    submit(env, env.alice, task_id=task, ranking=ranking(*[[cid] for cid in c]))
+    other, _ = seed_prompt(env.store, 4)
+    return env.alice, dict(task_id=task, prompt_id=other, ranking=ranking(*[[cid] for cid in c])), f"is not the prompt of task {task!r}"
+
+
 INVALID = [
     (duplicate_id, Code.INVALID_ARGUMENT),
     (missing_id, Code.INVALID_ARGUMENT),
@@ -183,6 +191,7 @@ INVALID = [
     (no_task_no_prompt, Code.INVALID_ARGUMENT),
     (no_request_id, Code.INVALID_ARGUMENT),
     (prompt_id_not_the_tasks, Code.INVALID_ARGUMENT),
+    (answered_task_with_another_prompt_id, Code.INVALID_ARGUMENT),
 ]
 
 
@@ -212,6 +221,19 @@ def test_a_valid_ranking_is_stored_with_its_labeler_and_the_task_is_submitted(en
     with pytest.raises(grpc.RpcError) as again:  # a NEW request for the same task
         submit(env, env.alice, task_id=task, ranking=ranking([c[2]], [c[0], c[1]], [c[3]]))
     assert again.value.code() == Code.FAILED_PRECONDITION and "already answered" in again.value.details()
+
+
+def test_a_refused_ranking_leaves_its_task_leased_for_the_right_one(env: Env) -> None:
+    """The task is claimed by the same statement that reads it; a refusal after that
+    claim (a missing completion) must undo it."""
+    task, _, c = env.task()
+    with pytest.raises(grpc.RpcError) as refused:
+        submit(env, env.alice, task_id=task, ranking=ranking([c[0]], [c[1]], [c[2]]))
+    assert refused.value.code() == Code.INVALID_ARGUMENT
+    assert env.store.read_sync(lambda db: db.table("comparison_tasks").get(task))["status"] == "leased"
+    response = submit(env, env.alice, task_id=task, ranking=ranking([c[0]], [c[1]], [c[2]], [c[3]]))
+    assert response.comparisons == 6  # 4 singletons: 3 + 2 + 1
+    assert env.store.read_sync(lambda db: db.table("comparison_tasks").get(task))["status"] == "submitted"
 
 
 def test_a_ranking_by_prompt_id_of_served_completions_is_accepted(env: Env) -> None:

@@ -363,6 +363,82 @@ def test_a_write_cancelled_before_the_writer_runs_it_never_happens(store: Store)
     assert store.read_sync(get_prompt("p-y")) is not None
 
 
+def test_a_batch_wakes_its_awaiting_writers_with_one_callback_after_commit(store: Store) -> None:
+    seen_committed: list[bool] = []
+
+    async def write_and_check(i: int) -> str:
+        prompt = await store.write(add_prompt("u", f"batched {i}", prompt_id=f"p-{i}"))
+        # Acknowledge-after-commit: another connection already sees the row.
+        with sqlite3.connect(store.path) as other:
+            seen_committed.append(other.execute("SELECT 1 FROM prompts WHERE id = ?", [prompt.id]).fetchone() is not None)
+        return prompt.id
+
+    async def main() -> tuple[list[Any], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        release = _block_writer(store)
+        tasks = [asyncio.ensure_future(write_and_check(i)) for i in range(20)]
+        tasks.append(asyncio.ensure_future(store.write(add_prompt("u", "dup", prompt_id="p-0"))))
+        await asyncio.sleep(0)  # every write is queued behind the blocker
+        release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True), wakeups
+
+    before = store.writer_stats()
+    results, wakeups = asyncio.run(main())
+    assert results[:20] == [f"p-{i}" for i in range(20)]
+    assert isinstance(results[20], sqlite3.IntegrityError)  # failed alone, woken with the rest
+    assert seen_committed == [True] * 20
+    assert store.writer_stats().batches == before.batches + 2  # the blocker's, then one of 21
+    assert wakeups == 1
+
+
+def test_writers_on_two_event_loops_in_one_batch_are_each_woken(store: Store) -> None:
+    before = store.writer_stats()
+    release = _block_writer(store)
+    queued = threading.Barrier(3)
+    results: dict[str, Any] = {}
+
+    def loop_thread(name: str) -> None:
+        async def main() -> str:
+            task = asyncio.ensure_future(store.write(add_prompt("u", name, prompt_id=name)))
+            await asyncio.sleep(0)
+            queued.wait(60)
+            return (await task).id
+
+        results[name] = asyncio.run(main())
+
+    threads = [threading.Thread(target=loop_thread, args=(name,)) for name in ("p-left", "p-right")]
+    for thread in threads:
+        thread.start()
+    queued.wait(60)
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert results == {"p-left": "p-left", "p-right": "p-right"}
+    assert store.writer_stats().batches == before.batches + 2  # the blocker's, then both writes
+
+
+def test_a_write_whose_event_loop_closed_still_commits_and_the_writer_goes_on(store: Store) -> None:
+    release = _block_writer(store)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(store.write(add_prompt("u", "orphan", prompt_id="p-orphan")))
+    loop.run_until_complete(asyncio.sleep(0))  # queued behind the blocker
+    loop.close()  # nobody will ever await it now (the task stays pending)
+    task._log_destroy_pending = False  # pending on purpose: no "Task was destroyed" warning at exit
+    release.set()
+    assert store.write_sync(add_prompt("u", "next", prompt_id="p-next"), timeout=60).id == "p-next"
+    assert store.read_sync(get_prompt("p-orphan")) is not None
+    assert not task.done()
+
+
 def test_an_op_that_ends_the_transaction_itself_is_not_acknowledged(store: Store) -> None:
     release = _block_writer(store)
     fine = store.submit(add_prompt("u", "before the rogue op"))

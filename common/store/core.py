@@ -5,7 +5,10 @@ the only writing connection of this process. The writer takes whatever is queued
 `max_batch` ops) and runs it as ONE transaction, each op inside its own SAVEPOINT: an op
 that raises is rolled back to its savepoint and fails only its own future, while the
 others commit. Futures resolve only after COMMIT returned (acknowledge-after-commit), so
-a caller that saw its write succeed will find it after any crash of this process.
+a caller that saw its write succeed will find it after any crash of this process. The
+asyncio callers of a batch are woken together, by ONE callback per event loop: a wake-up
+per write (a self-pipe write by the writer, an epoll wake-up and a future copy on the loop)
+cost about as much as a small op's SQL.
 
 Durability. WAL mode with `synchronous=FULL` (the default): each commit fsyncs the WAL, so
 an acknowledged write survives a process crash AND a power loss or kernel panic. Group
@@ -59,7 +62,8 @@ Synchronous = Literal["FULL", "NORMAL"]
 @dataclass
 class _WriteRequest:
     fn: Callable[[Database], Any]
-    future: Future[Any]
+    future: Future[Any]  # the outcome; settled by the writer thread
+    waiter: asyncio.Future[Any] | None = None  # an awaiting `write`, settled on its loop
 
 
 class Store:
@@ -202,6 +206,7 @@ class Store:
                 return
             if item is not None and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(StoreClosedError(f"the store writer stopped: {error!r}"))
+                _wake_waiters([item])
 
     def _next_batch(self) -> tuple[list[_WriteRequest], bool]:
         """Block for one request, then take whatever else is queued, up to max_batch.
@@ -240,6 +245,7 @@ class Store:
             self._count(len(live), committed=0, failed=len(live))
             for request in live:
                 request.future.set_exception(exc)
+            _wake_waiters(live)
             if db.conn.in_transaction:
                 db.conn.execute("ROLLBACK")
             return
@@ -282,6 +288,7 @@ class Store:
                 request.future.set_result(value)
             else:
                 request.future.set_exception(value)
+        _wake_waiters([request for request, _, _ in outcomes])
 
     def _count(self, size: int, committed: int, failed: int) -> None:
         s = self._stats
@@ -296,19 +303,26 @@ class Store:
 
     def submit(self, fn: Callable[[Database], T]) -> concurrent.futures.Future[T]:
         """Queue a write; the future resolves with fn's result after its commit."""
+        return self._enqueue(fn, None)
+
+    def _enqueue(self, fn: Callable[[Database], T], waiter: asyncio.Future[T] | None) -> Future[T]:
         if self.readonly:
             raise StoreClosedError(f"store {self.path} is read-only")
         future: Future[T] = Future()
         with self._lock:
             if self._closed:
                 raise StoreClosedError(f"store {self.path} is closed")
-            self._queue.put(_WriteRequest(fn, future))
+            self._queue.put(_WriteRequest(fn, future, waiter))
         return future
 
     async def write(self, fn: Callable[[Database], T]) -> T:
         """Run `fn(db)` on the writer thread; return its result once committed.
         Cancelling the caller before the writer starts the op withdraws it."""
-        return await asyncio.wrap_future(self.submit(fn))
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future = self._enqueue(fn, waiter)
+        # A cancelled caller withdraws the op, unless the writer has already started it.
+        waiter.add_done_callback(lambda w: future.cancel() if w.cancelled() else None)
+        return await waiter
 
     def write_sync(self, fn: Callable[[Database], T], timeout: float | None = None) -> T:
         """Blocking `write`, for threads, the CLI and the trainer."""
@@ -375,6 +389,35 @@ class Store:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _wake_waiters(requests: list[_WriteRequest]) -> None:
+    """Hand settled outcomes to their awaiting `write` calls: one callback per event loop
+    (called by the writer thread after it settled the requests' futures)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_WriteRequest]] = {}
+    for request in requests:
+        if request.waiter is not None:
+            by_loop.setdefault(request.waiter.get_loop(), []).append(request)
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_copy_outcomes, settled)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _copy_outcomes(requests: list[_WriteRequest]) -> None:
+    """On the waiters' loop: each waiter takes its settled future's result or error."""
+    for request in requests:
+        waiter = request.waiter
+        if waiter is None or waiter.done():  # cancelled meanwhile: the outcome is dropped
+            continue
+        error = request.future.exception()
+        if error is None:
+            waiter.set_result(request.future.result())
+        elif isinstance(error, StopIteration):  # asyncio futures refuse it; never skip the rest
+            waiter.set_exception(RuntimeError(f"a store op raised {error!r}"))
+        else:
+            waiter.set_exception(error)
 
 
 def _fsync_file(path: Path) -> None:

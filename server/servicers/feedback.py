@@ -497,22 +497,21 @@ def _recorded_answer(db: Database, caller_id: str, method: str, request_id: str,
 
 def _claim_task_answer(db: Database, labeler_id: str, task_id: str, prompt_id: str, ids: list[str], now: float) -> str:
     """Mark `task_id` submitted, or raise why this labeler may not answer it with `ids`
-    (exactly its completions); return the task's prompt id."""
+    (exactly its completions); return the task's prompt id.
+
+    One statement when the task is this labeler's live lease: the UPDATE claims it and
+    returns what the ids are checked against (a refusal below rolls the op back). Any
+    other task gets `_task_refusal`, the full checks in their usual order."""
     row = db.conn.execute(
-        "SELECT prompt_id, labeler_id, status, expires_at, completion_ids_json FROM comparison_tasks WHERE id = ?",
-        [task_id]).fetchone()  # fmt: skip
+        "UPDATE comparison_tasks SET status = 'submitted' "
+        "WHERE id = ? AND labeler_id = ? AND status = 'leased' AND expires_at > ? "
+        "RETURNING prompt_id, completion_ids_json",
+        [task_id, labeler_id, now]).fetchone()  # fmt: skip
     if row is None:
-        raise Refusal(grpc.StatusCode.NOT_FOUND, f"task {task_id!r} not found")
-    task_prompt, owner, status, expires_at, completion_ids_json = row
-    if owner != labeler_id:
-        raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"task {task_id!r} is leased to another labeler")
+        raise _task_refusal(db, labeler_id, task_id, prompt_id)
+    task_prompt, completion_ids_json = row
     if prompt_id and prompt_id != task_prompt:
         raise _invalid(f"prompt_id {prompt_id!r} is not the prompt of task {task_id!r} ({task_prompt!r})")
-    if status == "submitted":
-        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id!r} was already answered")
-    if status != "leased" or now >= expires_at:
-        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                      f"task {task_id!r} expired at {_iso(expires_at)}: ask NextComparison for a new task")  # fmt: skip
     own = json.loads(completion_ids_json)
     if not own:
         raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id!r} is still being prepared")
@@ -522,8 +521,24 @@ def _claim_task_answer(db: Database, labeler_id: str, task_id: str, prompt_id: s
     missing = [cid for cid in own if cid not in set(ids)]
     if missing:
         raise _invalid(f"completion {missing[0]!r} of task {task_id!r} is missing from the ranking: rank all {len(own)}")
-    db.conn.execute("UPDATE comparison_tasks SET status = 'submitted' WHERE id = ?", [task_id])
     return task_prompt
+
+
+def _task_refusal(db: Database, labeler_id: str, task_id: str, prompt_id: str) -> Refusal:
+    """Why a task that is not this labeler's live lease cannot be answered."""
+    row = db.conn.execute(
+        "SELECT prompt_id, labeler_id, status, expires_at FROM comparison_tasks WHERE id = ?", [task_id]).fetchone()  # fmt: skip
+    if row is None:
+        return Refusal(grpc.StatusCode.NOT_FOUND, f"task {task_id!r} not found")
+    task_prompt, owner, status, expires_at = row
+    if owner != labeler_id:
+        return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"task {task_id!r} is leased to another labeler")
+    if prompt_id and prompt_id != task_prompt:
+        return _invalid(f"prompt_id {prompt_id!r} is not the prompt of task {task_id!r} ({task_prompt!r})")
+    if status == "submitted":
+        return Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id!r} was already answered")
+    return Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                   f"task {task_id!r} expired at {_iso(expires_at)}: ask NextComparison for a new task")  # fmt: skip
 
 
 def _insert_ranking(db: Database, prompt_id: str, caller: Caller, groups: list[list[str]],
