@@ -60,8 +60,11 @@ from rlhf.v1 import admin_pb2, feedback_pb2, feedback_pb2_grpc  # noqa: E402
 SCRIPT_STARTED = time.time()
 TRAINER_TOML = REPO / "scripts" / "demo_trainer.toml"
 USERS = {"train": 8, "val": 3, "test": 2}
-# (name, group, seed, labeling tasks per cycle); group B is held out (demo_trainer.toml)
-LABELERS = [("lab-a1", "A", 1, 14), ("lab-a2", "A", 2, 14), ("lab-b1", "B", 3, 4), ("lab-b2", "B", 4, 4)]
+# (name, group, seed, labeling tasks per cycle); group B is held out (demo_trainer.toml).
+# Four A labelers side by side rather than two with twice the tasks: each task samples K = 4
+# completions, and the engine turns more concurrent sequences into more tokens per second.
+LABELERS = [("lab-a1", "A", 1, 7), ("lab-a2", "A", 2, 7), ("lab-a3", "A", 5, 7), ("lab-a4", "A", 6, 7),
+            ("lab-b1", "B", 3, 4), ("lab-b2", "B", 4, 4)]
 HELD_OUT = "B"
 NOISE_P = 0.16
 CEILING_RULE = 1 - NOISE_P  # a noisy labeler agrees with the rule this often (0.84)
@@ -76,11 +79,15 @@ class Plan:
     """How much happens per cycle (sized for ~20 minutes on 2 cores with the embedded model)."""
 
     cycles: int
-    train_prompts: int = 32  # new train-split prompts per cycle (PPO's data)
-    val_prompts: int = 12  # new val-split prompts per cycle (the judge's rankings, evaluation)
+    train_prompts: int = 24  # new train-split prompts per cycle (PPO's data)
+    val_prompts: int = 20  # new val-split prompts per cycle (the judge's rankings, evaluation)
     test_prompts: int = 64  # the fixed measurement set (vN vs v0, greedy)
     demonstrations: int = 16  # cycle 1 only
-    max_new_tokens: int = 40  # users' replies and labeling samples (PPO's rollouts: demo_trainer.toml)
+    max_new_tokens: int = 40  # users' replies (PPO's rollouts and evaluation: demo_trainer.toml)
+    # Labeling samples run longer than users' replies: at 40 tokens nearly every sample was
+    # cut at ~30 words, so rankings said nothing about length (most of the rule), and an RM
+    # trained on them preferred v0's answers to rule-following ones (docs/DEMO.md).
+    label_max_new_tokens: int = 96
 
 
 @dataclass
@@ -229,8 +236,8 @@ class Process:
 
 
 class serving:
-    """`rlhf serve` on the demo's store, until the block ends (labeling tasks sampled with the
-    users' token budget)."""
+    """`rlhf serve` on the demo's store, until the block ends (labeling tasks sampled with
+    `Plan.label_max_new_tokens`)."""
 
     def __init__(self, demo: Demo, args: argparse.Namespace, plan: Plan) -> None:
         self.demo, self.args, self.plan = demo, args, plan
@@ -241,7 +248,7 @@ class serving:
             "-m", "server.app", "--engine", self.args.engine, "--port", port, "--store-path", str(data / "rlhf.sqlite"),
             "--checkpoints-root", str(data / "checkpoints"), "--base-model-dir", str(self.args.model_dir),
             "--base-model-name", self.args.model_dir.name,
-            "--label-max-new-tokens", str(self.plan.max_new_tokens)], self.demo.out)
+            "--label-max-new-tokens", str(self.plan.label_max_new_tokens)], self.demo.out)
         print(f"starting the server ({self.args.engine} engine) on {self.demo.target} ...", flush=True)
         wait_until_serving(self.demo, self.process)
         return self.process
