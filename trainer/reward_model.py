@@ -274,12 +274,12 @@ class EncodedComparison:
 
 
 def attach_trunk_states(rm: RewardModel, items: Sequence[EncodedComparison], top_layers: int, pad_token_id: int,
-                        max_length: int | None, batch_size: int) -> None:
-    """Compute each completion's trunk output once (batched, no grad) and keep it on the item."""
+                        max_length: int | None, max_sequences: int) -> None:
+    """Compute each completion's trunk output once (no grad, whole prompts per forward, at
+    most ``max_sequences`` sequences each) and keep it on the item."""
     device = next(rm.parameters()).device
     with eval_mode(rm):
-        for start in range(0, len(items), max(1, batch_size // 4)):
-            part = items[start:start + max(1, batch_size // 4)]
+        for part in micro_batches(items, max_sequences):
             batch, _, _, index = comparison_batch(part, pad_token_id, max_length)
             states = rm.trunk_states(batch.input_ids.to(device), batch.attention_mask.to(device), top_layers)
             lengths = batch.attention_mask.sum(dim=1).tolist()
