@@ -269,8 +269,10 @@ class EncodedComparison:
     prompt_ids: list[int]
     completion_ids: list[list[int]]
     ranks: list[int]
-    # Cached trunk output per completion, (length, H) as packed (``attach_trunk_states``), or None.
+    # Cached trunk output per completion, (length, H) as packed (``attach_trunk_states``), or
+    # None; the states enter the top ``trunk_top_layers`` decoder layers.
     trunk: list[torch.Tensor] | None = None
+    trunk_top_layers: int = 0
 
 
 def attach_trunk_states(rm: RewardModel, items: Sequence[EncodedComparison], top_layers: int, pad_token_id: int,
@@ -286,6 +288,7 @@ def attach_trunk_states(rm: RewardModel, items: Sequence[EncodedComparison], top
             for p, item in enumerate(part):
                 rows = index[p, :len(item.completion_ids)].tolist()
                 item.trunk = [states[r, :lengths[r]].detach().clone() for r in rows]
+                item.trunk_top_layers = top_layers
 
 
 def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_response_length: int
@@ -340,17 +343,17 @@ def micro_batches(items: Sequence[EncodedComparison], max_sequences: int) -> lis
     return [g for g in groups if g]
 
 
-def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id: int, max_length: int | None,
-              top_layers: int = 0):
+def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id: int, max_length: int | None):
     """The paper's loss for P prompts with ONE forward pass per completion; returns (loss, stats).
-    Items with cached trunk states (``attach_trunk_states``) run the top ``top_layers`` only."""
+    Items with cached trunk states (``attach_trunk_states``) run the top layers only."""
     batch, ranks, valid, index = comparison_batch(items, pad_token_id, max_length)
     device = next(rm.parameters()).device
     if all(item.trunk is not None for item in items):  # cached trunk: the top layers only
         states = [s for item in items for s in item.trunk]
         width = batch.input_ids.shape[1]
         padded_states = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in states])
-        flat = rm.scores_from_trunk(padded_states.to(device), batch.attention_mask.to(device), top_layers)
+        flat = rm.scores_from_trunk(padded_states.to(device), batch.attention_mask.to(device),
+                                    items[0].trunk_top_layers)
     else:
         flat = rm(batch.input_ids.to(device), batch.attention_mask.to(device))  # (N,)
     padded = torch.cat([flat, flat.new_zeros(1)])  # slot N: padding completions read 0
@@ -479,7 +482,7 @@ def _train_epoch(rm: RewardModel, items: list[EncodedComparison], optimizer, sch
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for group in micro_batches(step, config.max_completions_per_step):
-            loss, stats = kway_loss(rm, group, pad_id, config.max_length, config.top_layers)
+            loss, stats = kway_loss(rm, group, pad_id, config.max_length)
             # Each prompt weighs the same in the step's mean, whatever micro-batch it sits in.
             weighted = loss * (len(group) / len(step))
             weighted.backward()
