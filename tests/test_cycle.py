@@ -41,6 +41,7 @@ from trainer.gate import GateConfig, decide
 from trainer.hygiene import PromptRecord
 from trainer.loop_config import TrainerConfig, build_config, load_trainer_config
 from trainer.snapshot_data import StoreRows, messages_for, split_cycle_data
+from trainer.trunk_cache import TrunkCache
 
 STAGES = ["snapshot", "hygiene", "sft", "rm", "ppo", "evaluate", "gate", "publish", "swap", "record"]
 
@@ -59,8 +60,9 @@ def start_cycle(store: Store) -> object:
     return store.write_sync(claim_queued_cycle())
 
 
-def run_one(store: Store, config: TrainerConfig, hook=None) -> object:
-    context = CycleContext(store, config, StoreSwapper(store), **({"hook": hook} if hook else {}))
+def run_one(store: Store, config: TrainerConfig, hook=None, trunk_cache: TrunkCache | None = None) -> object:
+    context = CycleContext(store, config, StoreSwapper(store), **({"hook": hook} if hook else {}),
+                           trunk_cache=trunk_cache)
     return run_cycle(start_cycle(store), context)
 
 
@@ -71,7 +73,7 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     store, config = loop
     fill_store(store, now=time.time() - 60)
 
-    cycle = run_one(store, config)
+    cycle = run_one(store, config, trunk_cache=TrunkCache())
 
     assert cycle.state == "promoted", cycle.error
     assert cycle.error is None and cycle.stage == "record"
@@ -85,6 +87,9 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     assert set(m["rm"]["rm"]["val"]["by_group"]) == {"A", "B"}
     # the judge learns from val only and is measured on train (rankings it never saw)
     assert (m["rm"]["judge"]["num_train"], m["rm"]["judge"]["num_val"]) == (8, 12)
+    # same SFT trunk: the RM ran every completion the judge needs through it (trainer.trunk_cache)
+    assert m["rm"]["rm"]["trunk_computed"] > 0 and m["rm"]["rm"]["trunk_reused"] == 0
+    assert m["rm"]["judge"]["trunk_computed"] == 0 and m["rm"]["judge"]["trunk_reused"] > 0
     assert m["ppo"]["num_prompts"] == 12
     assert 0 <= m["evaluate"]["judge_win_rate"] <= 1 and m["evaluate"]["num_prompts"] == 4
     assert m["gate"]["promote"] and m["swap"]["via"] == "store"

@@ -43,7 +43,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from common.checkpoints import (
     checkpoint_path,
@@ -72,6 +72,9 @@ from trainer.gate import decide, evaluate_candidate
 from trainer.hygiene import HygieneReport, run_hygiene
 from trainer.loop_config import CycleConfig, DataConfig, TrainerConfig
 from trainer.snapshot_data import CycleData, StoreRows, prompt_records, read_rows, split_cycle_data
+
+if TYPE_CHECKING:
+    from trainer.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,8 @@ class CycleContext:
     config: TrainerConfig
     swapper: PolicySwapper
     hook: Hook = field(default=_no_hook)  # called at named points (fault-injection tests)
+    # The RMs' frozen-trunk outputs, kept by the trainer process across cycles (None: per training)
+    trunk_cache: TrunkCache | None = None
 
     @property
     def cycle_config(self) -> CycleConfig:
@@ -246,7 +251,7 @@ def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: Path) 
         lineage, sft_metrics = sft_if_demonstrations_changed(ctx, cycle_id, snap, data, work / "sft")
         m.update(sft_metrics, lineage=lineage.summary())
     with stage("rm") as m:
-        m.update(train_reward_models(lineage.reference_dir, data, cfg, work))
+        m.update(train_reward_models(lineage.reference_dir, data, cfg, work, ctx.trunk_cache))
     with stage("ppo") as m:
         m.update(run_ppo(lineage, data, cfg, work))
     with stage("evaluate") as m:
@@ -394,19 +399,21 @@ def sft_if_demonstrations_changed(
 # ---------------------------------------------------------------------------- training stages
 
 
-def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, work: Path) -> dict[str, Any]:
+def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, work: Path,
+                        trunk_cache: TrunkCache | None = None) -> dict[str, Any]:
     """PPO's RM on the train-split rankings (measured on val), and the gate's judge on the
     val-split ones (measured on train: rankings it never saw), both from the lineage's SFT model.
-    Both are also measured on the held-out labelers' rankings (their accuracy ``by_group``)."""
+    Both are also measured on the held-out labelers' rankings (their accuracy ``by_group``).
+    Both read the frozen trunk's outputs from ``trunk_cache`` (shared: same SFT model)."""
     from trainer.reward_model import train_reward_model
 
     demos = data.demonstrations["train"] or None
     comparisons, held_out = data.comparisons, data.held_out_comparisons
     rm = train_reward_model(reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm, work / "rm",
-                            demonstrations=demos)
+                            demonstrations=demos, trunk_cache=trunk_cache)
     unseen = comparisons["train"][-cfg.data.judge_eval_comparisons:]
     judge = train_reward_model(reference_dir, comparisons["val"], unseen + held_out, cfg.rm, work / "judge",
-                               demonstrations=demos)
+                               demonstrations=demos, trunk_cache=trunk_cache)
     return {"rm": rm.to_dict(), "judge": judge.to_dict()}
 
 

@@ -111,6 +111,14 @@ def encode_response(tokenizer, text: str, max_tokens: int | None = None) -> list
     return list(ids) + [tokenizer.eos_token_id]
 
 
+def pack_row(prompt: Sequence[int], response: Sequence[int], max_length: int | None = None) -> list[int]:
+    """One row of ``pack_sequences``: prompt + response, the prompt cut from the left to fit."""
+    prompt = list(prompt)
+    if max_length is not None and len(prompt) + len(response) > max_length:
+        prompt = prompt[len(prompt) + len(response) - max_length :]
+    return prompt + list(response)
+
+
 def pack_sequences(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
@@ -124,12 +132,11 @@ def pack_sequences(
     """
     rows, masks, plens = [], [], []
     for prompt, response in zip(prompts, responses, strict=True):
-        prompt = list(prompt)
-        if max_length is not None and len(prompt) + len(response) > max_length:
-            prompt = prompt[len(prompt) + len(response) - max_length :]
-        rows.append(prompt + list(response))
-        masks.append([0] * len(prompt) + [1] * len(response))
-        plens.append(len(prompt))
+        row = pack_row(prompt, response, max_length)
+        plen = len(row) - len(response)
+        rows.append(row)
+        masks.append([0] * plen + [1] * len(response))
+        plens.append(plen)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -145,6 +145,11 @@ class TrainerConfig:
         default=None, metadata={"help": "torch.set_num_threads for the process; None = torch's choice."})
     keep_work_dirs: bool = field(
         default=False, metadata={"help": "Keep a finished cycle's scratch folder (debugging)."})
+    trunk_cache_mb: float = field(
+        default=1024.0,
+        metadata={"help": "Memory for the reward models' frozen-trunk outputs kept across cycles "
+                  "(trainer.trunk_cache; top_layers mode with cache_trunk): a cycle then runs only its NEW "
+                  "completions through the frozen layers. Least recently used rows go first; 0 = keep none."})
     cycle: CycleConfig = field(default_factory=CycleConfig, metadata={"help": "One cycle."})
 
     def __post_init__(self) -> None:
@@ -159,6 +164,7 @@ class TrainerConfig:
         _check(self.schedule in ("interval", "cron", "off"), "schedule", "must be interval | cron | off",
                self.schedule)
         _check(self.keep_last >= 1, "keep_last", "must be >= 1", self.keep_last)
+        _check(self.trunk_cache_mb >= 0, "trunk_cache_mb", "must be >= 0", self.trunk_cache_mb)
         _check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or None",
                self.torch_threads)
         if self.schedule == "cron":

@@ -11,7 +11,9 @@ enter the loss (``trainer.losses.batched_ranking_loss``), instead of two passes 
 Which weights train is ``RMConfig.train_mode``: ``full``, ``lora`` (merged before saving)
 or ``top_layers``. In ``top_layers`` mode the frozen lower layers' output is computed once
 per completion and reused in every epoch (``RMConfig.cache_trunk``): exact, since those
-layers never change, and an epoch then costs the top layers only.
+layers never change, and an epoch then costs the top layers only. The validation and bias
+scoring read the same states, and a ``trainer.trunk_cache.TrunkCache`` passed in keeps them
+for the next training on the same frozen trunk (the judge, the next cycle).
 
 A saved RM is a folder: the backbone as a plain HF base model (``AutoModel``-loadable
 ``config.json`` + ``model.safetensors``), ``reward_head.safetensors`` (head weight, head
@@ -36,11 +38,12 @@ from tqdm.auto import tqdm
 
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import RMConfig
-from trainer.data import Comparison, Demonstration, Messages, encode_response, pack_sequences, render_prompt
+from trainer.data import Comparison, Demonstration, Messages, encode_response, pack_row, pack_sequences, render_prompt
 from trainer.device import num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
 from trainer.evaluate import eval_mode, pairwise_accuracy
 from trainer.losses import batched_ranking_loss
 from trainer.sft import build_optimizer, decoder_layers, training_dropout
+from trainer.trunk_cache import TrunkCache, TrunkKey, trunk_key
 
 RM_FORMAT = 1
 RM_META = "reward_model.json"
@@ -65,6 +68,9 @@ class RewardModel(torch.nn.Module):
         # Truncation used in training; score_texts applies it by default (saved in the json).
         self.max_length: int | None = None
         self.max_response_length: int | None = None
+        # While set (``scoring_from_trunk``), score_texts reads the frozen trunk's states from
+        # this cache and runs the top layers only.
+        self.frozen_trunk: FrozenTrunk | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -184,6 +190,9 @@ class RewardModel(torch.nn.Module):
         device = next(self.parameters()).device
         prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
         response_ids = [encode_response(tokenizer, r, max_response_length) for r in responses]
+        if self.frozen_trunk is not None:
+            rows = [pack_row(p, r, max_length) for p, r in zip(prompt_ids, response_ids)]
+            return self.frozen_trunk.scores(self, rows, tokenizer.pad_token_id, batch_size)
         scores = []
         with eval_mode(self):
             for start in range(0, len(prompt_ids), batch_size):
@@ -246,6 +255,51 @@ def only_top_layers(backbone: torch.nn.Module, top_layers: int) -> Iterator[None
         backbone.layers = full
 
 
+@dataclass
+class FrozenTrunk:
+    """A trunk cache bound to one RM whose lower layers are frozen (its ``TrunkKey``, or None:
+    kept for this training only)."""
+
+    cache: TrunkCache
+    key: TrunkKey | None
+    top_layers: int
+
+    def states(self, rm: RewardModel, rows: Sequence[Sequence[int]], pad_token_id: int, batch_size: int
+               ) -> list[torch.Tensor]:
+        return self.cache.states(rm, self.key, rows, self.top_layers, pad_token_id, batch_size)
+
+    @torch.no_grad()
+    def scores(self, rm: RewardModel, rows: Sequence[Sequence[int]], pad_token_id: int, batch_size: int
+               ) -> torch.Tensor:
+        """``forward``'s scores of token rows from cached trunk states. Shape: -> (N,) float32, CPU."""
+        states = self.states(rm, rows, pad_token_id, batch_size)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar length
+        scores = torch.zeros(len(rows))
+        device = next(rm.parameters()).device
+        with eval_mode(rm):
+            for start in range(0, len(order), batch_size):
+                part = order[start:start + batch_size]
+                width = max(len(rows[i]) for i in part)
+                padded = torch.stack([torch.nn.functional.pad(states[i], (0, 0, 0, width - len(rows[i])))
+                                      for i in part])
+                mask = torch.zeros((len(part), width), dtype=torch.long)
+                for j, i in enumerate(part):
+                    mask[j, :len(rows[i])] = 1
+                scores[part] = rm.scores_from_trunk(padded.to(device), mask.to(device), self.top_layers).float().cpu()
+        return scores
+
+
+@contextlib.contextmanager
+def scoring_from_trunk(rm: RewardModel, trunk: FrozenTrunk) -> Iterator[RewardModel]:
+    """``rm.score_texts`` reads ``trunk`` inside the block (its lower layers must be the
+    frozen ones the states came from)."""
+    rm.frozen_trunk = trunk
+    try:
+        yield rm
+    finally:
+        rm.frozen_trunk = None
+
+
 def can_cache_trunk(rm: RewardModel, config: RMConfig) -> bool:
     """The trunk is cached in top_layers mode without dropout, on a backbone whose forward
     loops over ``self.layers`` (Llama-style; others train uncached)."""
@@ -275,20 +329,15 @@ class EncodedComparison:
     trunk_top_layers: int = 0
 
 
-def attach_trunk_states(rm: RewardModel, items: Sequence[EncodedComparison], top_layers: int, pad_token_id: int,
+def attach_trunk_states(rm: RewardModel, items: Sequence[EncodedComparison], trunk: FrozenTrunk, pad_token_id: int,
                         max_length: int | None, max_sequences: int) -> None:
-    """Compute each completion's trunk output once (no grad, whole prompts per forward, at
-    most ``max_sequences`` sequences each) and keep it on the item."""
-    device = next(rm.parameters()).device
-    with eval_mode(rm):
-        for part in micro_batches(items, max_sequences):
-            batch, _, _, index = comparison_batch(part, pad_token_id, max_length)
-            states = rm.trunk_states(batch.input_ids.to(device), batch.attention_mask.to(device), top_layers)
-            lengths = batch.attention_mask.sum(dim=1).tolist()
-            for p, item in enumerate(part):
-                rows = index[p, :len(item.completion_ids)].tolist()
-                item.trunk = [states[r, :lengths[r]].detach().clone() for r in rows]
-                item.trunk_top_layers = top_layers
+    """Give each completion its trunk output (from ``trunk``'s cache, or computed there with
+    no grad in batches of at most ``max_sequences`` rows) and keep it on the item."""
+    rows = [pack_row(item.prompt_ids, ids, max_length) for item in items for ids in item.completion_ids]
+    states = iter(trunk.states(rm, rows, pad_token_id, max_sequences))
+    for item in items:
+        item.trunk = [next(states) for _ in item.completion_ids]
+        item.trunk_top_layers = trunk.top_layers
 
 
 def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_response_length: int
@@ -382,6 +431,10 @@ class RMResult:
     bias_source: str = "none"  # "demonstrations" | "bias_prompts" | "none"
     bias_reference_mean: float | None = None  # mean score of the reference texts before the shift
     forward_passes: int = 0  # training sequences through the backbone (a cached trunk: once each, all epochs)
+    # With a cached trunk: rows (training, validation, bias) whose trunk states came from the
+    # cache of an earlier training, and rows computed here.
+    trunk_reused: int = 0
+    trunk_computed: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -397,6 +450,7 @@ def train_reward_model(
     *,
     demonstrations: Sequence[Demonstration] | None = None,
     bias_prompts: Sequence[tuple[Messages, str]] | None = None,
+    trunk_cache: TrunkCache | None = None,
 ) -> RMResult:
     """Train an RM on K-way comparisons, normalise its bias, report held-out accuracy, save it.
 
@@ -404,14 +458,16 @@ def train_reward_model(
     backbone) or a ``RewardModel`` (trained in place, e.g. the previous cycle's RM).
     Bias: demonstrations (prompt + response) score mean 0; without them, the
     ``(messages, response)`` pairs of ``bias_prompts`` (e.g. SFT samples on validation prompts).
+    ``trunk_cache``: where a cached trunk's states are looked up and kept (across trainings on
+    the same frozen model folder); without one they are kept for this training only.
     """
     with num_threads(config.num_threads):
         return _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config, out_dir,
-                                   demonstrations, bias_prompts)
+                                   demonstrations, bias_prompts, trunk_cache)
 
 
 def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: RMConfig, out_dir,
-                        demonstrations, bias_prompts) -> RMResult:
+                        demonstrations, bias_prompts, trunk_cache: TrunkCache | None) -> RMResult:
     started = time.perf_counter()
     seed_everything(config.seed)
     rm = _load_rm(model_dir_or_rm, config)
@@ -427,8 +483,13 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
                         lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
     calls_before = rm.forward_calls
     cached = can_cache_trunk(rm, config)
-    if cached:  # the frozen layers' output, once for all epochs
-        attach_trunk_states(rm, train, config.top_layers, tokenizer.pad_token_id, config.max_length,
+    trunk = None
+    if cached:  # the frozen layers' output, once for all epochs (and for scoring below)
+        shared = trunk_cache is not None and not isinstance(model_dir_or_rm, RewardModel)
+        key = trunk_key(model_dir_or_rm, config.top_layers, rm) if shared else None
+        trunk = FrozenTrunk(trunk_cache if shared else TrunkCache(), key, config.top_layers)
+        reused_before, computed_before = trunk.cache.reused, trunk.cache.computed
+        attach_trunk_states(rm, train, trunk, tokenizer.pad_token_id, config.max_length,
                             config.max_completions_per_step)
     result = RMResult(str(out_dir), config.train_mode, trunk_cached=cached, num_train=len(usable),
                       num_val=len(val_comparisons),
@@ -454,10 +515,14 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
     bar.close()
     result.forward_passes = rm.forward_calls - calls_before
     finish_training(rm)
-
-    result.val = pairwise_accuracy(rm, tokenizer, val_comparisons, batch_size=config.eval_batch_size)
-    result.bias_source, result.bias_reference_mean = normalise_bias(
-        rm, tokenizer, demonstrations, bias_prompts, batch_size=config.eval_batch_size)
+    # The lower layers are still the frozen ones: validation and bias read the same trunk.
+    with scoring_from_trunk(rm, trunk) if trunk is not None else contextlib.nullcontext():
+        result.val = pairwise_accuracy(rm, tokenizer, val_comparisons, batch_size=config.eval_batch_size)
+        result.bias_source, result.bias_reference_mean = normalise_bias(
+            rm, tokenizer, demonstrations, bias_prompts, batch_size=config.eval_batch_size)
+    if trunk is not None:
+        result.trunk_reused = trunk.cache.reused - reused_before
+        result.trunk_computed = trunk.cache.computed - computed_before
     result.bias = float(rm.bias)
     rm.save(out_dir)
     result.seconds = time.perf_counter() - started

@@ -90,6 +90,12 @@ class TrainerService:
         self.store = store
         self.swapper = swapper or default_swapper(config, store)
         self.hook = hook
+        # Kept across cycles: a cycle's RMs run only its new completions through the frozen trunk.
+        self.trunk_cache = None
+        if config.trunk_cache_mb > 0:
+            from trainer.trunk_cache import TrunkCache  # torch: imported when a trainer really runs
+
+            self.trunk_cache = TrunkCache(config.trunk_cache_mb)
 
     def fail_dead_cycles(self) -> list[int]:
         """Mark failed the running cycles whose trainer died (pid gone, or no heartbeat)."""
@@ -121,7 +127,7 @@ class TrainerService:
         finished = []
         self.fail_dead_cycles()
         while (cycle := self.store.write_sync(claim_queued_cycle())) is not None:
-            context = CycleContext(self.store, self.config, self.swapper, self.hook)
+            context = CycleContext(self.store, self.config, self.swapper, self.hook, self.trunk_cache)
             finished.append(run_cycle(cycle, context))
         return finished
 

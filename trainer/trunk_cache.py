@@ -1,0 +1,148 @@
+"""The reward model's frozen trunk, computed once per token sequence and kept across cycles.
+
+In ``top_layers`` mode (``RMConfig.train_mode``) everything below the top layers of the RM
+is the lineage's SFT model, frozen. Every cycle retrains the RM on ALL rankings (the
+paper's step 2), trains the gate's judge from the same SFT model, scores the validation
+and held-out rankings, and scores the demonstrations to normalise the bias: without a
+cache each of those ran the same completions through the same frozen layers again, so
+the RM stage grew with the whole history (docs/DEMO.md: 166, 289, 248 s in the 08:28 demo
+run, of which the epochs were 34 to 44 s). With it, a cycle's trunk work is its NEW
+completions only.
+
+``TrunkCache`` maps an exact token row (prompt + completion after truncation, as
+``trainer.data.pack_row`` builds it) to the hidden states entering the top layers,
+(length, H). Rows are right-padded and attention is causal, so a row's states do not
+depend on what else was in its batch (up to float rounding between batch shapes, ~1e-6).
+The cache is bound to one frozen trunk, ``TrunkKey``: the content hash of the model's
+weight files, the number of top layers, dtype and device. A different key (a new SFT
+model) empties it. It is bounded by size, least recently used rows evicted first.
+
+The trainer process owns one (``trainer.service.TrainerService``) and hands it to each
+cycle; ``train_reward_model`` works without one (each row is then computed once per
+training, duplicates included only once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class TrunkKey:
+    """Which frozen trunk produced the states: equal keys, interchangeable states."""
+
+    weights: str  # sha256 of the model folder's config and weight files
+    top_layers: int
+    dtype: str
+    device: str
+
+
+_fingerprints: dict[tuple, str] = {}  # (path, (name, size, mtime_ns)...) -> sha256: hash each folder once
+
+
+def model_fingerprint(folder: Path | str) -> str:
+    """sha256 over a model folder's config.json and weight files (name and bytes).
+    Memoised on the files' names, sizes and modification times."""
+    folder = Path(folder).resolve()
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise FileNotFoundError(f"{folder}: no weight files to fingerprint")
+    stamp = (str(folder), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _fingerprints:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        _fingerprints[stamp] = digest.hexdigest()
+    return _fingerprints[stamp]
+
+
+def trunk_key(model_dir: Path | str, top_layers: int, model: torch.nn.Module) -> TrunkKey:
+    parameter = next(model.parameters())
+    return TrunkKey(model_fingerprint(model_dir), top_layers, str(parameter.dtype), str(parameter.device))
+
+
+class TrunkCache:
+    """Trunk states per token row for ONE frozen trunk (``TrunkKey``), LRU-bounded by bytes."""
+
+    def __init__(self, max_mb: float = 1024) -> None:
+        self.max_bytes = int(max_mb * 2**20)
+        self.key: TrunkKey | None = None
+        self._rows: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.reused = 0  # rows answered from the cache, since creation
+        self.computed = 0  # rows run through the trunk, since creation
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self.bytes = 0
+
+    def states(self, rm: Any, key: TrunkKey | None, rows: Sequence[Sequence[int]], top_layers: int,
+               pad_token_id: int, batch_size: int) -> list[torch.Tensor]:
+        """The states entering ``rm``'s top ``top_layers`` decoder layers for each row, (len(row), H).
+
+        Rows not cached go through the trunk in batches of ``batch_size``, sorted by length
+        (little padding). ``key`` None: nothing is kept beyond this call (a row repeated
+        within it is still computed once).
+        """
+        from trainer.evaluate import eval_mode
+
+        if key is not None and key.top_layers != top_layers:
+            raise ValueError(f"the cache key is for {key.top_layers} top layers, not {top_layers}")
+        keep = key is not None
+        if keep and key != self.key:
+            self.clear()
+            self.key = key
+        found: dict[tuple[int, ...], torch.Tensor] = {}
+        for row in map(tuple, rows):
+            if row not in found and (states := self._get(row) if keep else None) is not None:
+                found[row] = states
+        self.reused += sum(1 for row in map(tuple, rows) if row in found)
+        missing = sorted({row for row in map(tuple, rows) if row not in found}, key=len)
+        device = next(rm.parameters()).device
+        with eval_mode(rm):
+            for start in range(0, len(missing), batch_size):
+                part = missing[start:start + batch_size]
+                width = len(part[-1])  # sorted by length: the last is the longest
+                input_ids = torch.full((len(part), width), pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(part), width), dtype=torch.long)
+                for i, row in enumerate(part):
+                    input_ids[i, :len(row)] = torch.tensor(row)
+                    attention_mask[i, :len(row)] = 1
+                states = rm.trunk_states(input_ids.to(device), attention_mask.to(device), top_layers)
+                for i, row in enumerate(part):
+                    found[row] = states[i, :len(row)].clone()  # its own storage, not a view of the batch
+                    if keep:
+                        self._put(row, found[row])
+        self.computed += len(missing)
+        return [found[tuple(row)] for row in rows]
+
+    def _get(self, row: tuple[int, ...]) -> torch.Tensor | None:
+        states = self._rows.get(row)
+        if states is not None:
+            self._rows.move_to_end(row)
+        return states
+
+    def _put(self, row: tuple[int, ...], states: torch.Tensor) -> None:
+        size = states.numel() * states.element_size()
+        if size > self.max_bytes:
+            return
+        self._rows[row] = states
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._rows.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
