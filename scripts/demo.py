@@ -16,7 +16,7 @@ Two real processes, as in production: `rlhf serve` (vLLM where it installs) and
               runs from the gate until the cycle ends, to count failed requests in the swap
 
 After every promotion the serving policy answers a FIXED set of test-split prompts
-greedily. The held-out labelers compare each answer with v0's answer to the same prompt
+greedily (beside the next cycle, which swaps only at its end). The held-out labelers compare each answer with v0's answer to the same prompt
 (noisy, as they label); the hidden rule compares them without noise (the truth no model
 sees). At the end: a per-cycle table, `cycles.png`, `report.md`, and a one-sided binomial
 (sign) test of the final policy against v0 on the held-out labelers' comparisons; the
@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -117,28 +117,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"set-up: {set_up_s:.0f} s (environment, model, server start; goal <= 300 s)", flush=True)
         started = time.time()
         admin = RlhfClient(demo.target, demo.keys["admin"])
-        demo.answers[0] = answer_test_set(demo, plan)
-        print(f"v0 answered the {len(demo.test_set)} test prompts; hidden-rule mean "
-              f"{mean([concise_polite(q, a) for q, a in zip(demo.test_set, demo.answers[0])]):.3f}", flush=True)
         # Users and labelers never wait for the trainer: while cycle n trains on what they did
         # before it, they produce cycle n + 1's data (labeling tasks sampled from the policy
-        # serving at the time, as in the paper's iterations).
-        with ThreadPoolExecutor(1) as people:
+        # serving at the time, as in the paper's iterations). The test prompts are answered
+        # beside the work that follows too (v0 beside the first data; vN beside cycle n + 1,
+        # which swaps only at its end): the engine batches them with the other requests.
+        with ThreadPoolExecutor(1) as people, ThreadPoolExecutor(1) as tester:
             fed = people.submit(feed, demo, plan, 1)
+            demo.answers[0] = answer_test_set(demo, plan, version=0)
+            print(f"v0 answered the {len(demo.test_set)} test prompts; hidden-rule mean "
+                  f"{mean([concise_polite(q, a) for q, a in zip(demo.test_set, demo.answers[0])]):.3f}", flush=True)
+            finished: FinishedCycle | None = None
             for n in range(1, plan.cycles + 1):
                 data = fed.result()
                 cycle_started = time.time()
                 cycle_id = admin.trigger_cycle(reason=f"demo cycle {n}", request_id=f"demo-{uuid.uuid4().hex}").cycle_id
                 if n < plan.cycles:
                     fed = people.submit(feed, demo, plan, n + 1)
+                if finished is not None:
+                    record_row(demo, finished)
                 cycle, during = follow_cycle(admin, cycle_id, server, demo)
                 version = serving_version(admin)
-                if version not in demo.answers:
-                    demo.answers[version] = answer_test_set(demo, plan)
-                row = summarise(n, cycle, version, compare_with_v0(demo, version), data, during,
-                                time.time() - cycle_started)
-                demo.rows.append(row)
-                print_row(row, header=n == 1)
+                answers = tester.submit(answer_test_set, demo, plan, version) if version not in demo.answers else None
+                finished = FinishedCycle(n, cycle, version, data, during, time.time() - cycle_started, answers)
+            if finished is not None:
+                record_row(demo, finished)
         admin.close()
     final = max(demo.answers)
     result = compare_with_v0(demo, final)
@@ -414,14 +417,18 @@ def serving_version(admin: RlhfClient) -> int:
     return admin.get_stats().serving_version
 
 
-def answer_test_set(demo: Demo, plan: Plan) -> list[str]:
-    """The serving policy's greedy answers to the fixed test prompts (a test-split user asks)."""
+def answer_test_set(demo: Demo, plan: Plan, version: int) -> list[str]:
+    """The serving policy's greedy answers to the fixed test prompts (a test-split user asks);
+    every answer must come from ``version``."""
     user = demo.users["test"][0]
 
     def answer(text: str) -> str:
         with RlhfClient(demo.target, demo.keys[user]) as client:
             reply = client.generate(text, max_new_tokens=plan.max_new_tokens, temperature=0.0, timeout=300)
-        return reply.completions[0].text
+        completion = reply.completions[0]
+        if completion.policy_version != version:
+            raise RuntimeError(f"a test answer came from v{completion.policy_version}, not v{version}")
+        return completion.text
 
     with ThreadPoolExecutor(8) as pool:  # the server allows 8 calls in flight per key
         return list(pool.map(answer, demo.test_set))
@@ -455,6 +462,28 @@ def compare_with_v0(demo: Demo, version: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class FinishedCycle:
+    """A cycle that ended; its row waits for the test answers of the version serving after it."""
+
+    n: int
+    cycle: admin_pb2.Cycle
+    version: int
+    data: dict[str, Any]
+    during: dict[str, Any]
+    seconds: float
+    answers: Future | None  # of answer_test_set, when the version is new
+
+
+def record_row(demo: Demo, done: FinishedCycle) -> None:
+    if done.answers is not None:
+        demo.answers[done.version] = done.answers.result()
+    row = summarise(done.n, done.cycle, done.version, compare_with_v0(demo, done.version), done.data, done.during,
+                    done.seconds)
+    demo.rows.append(row)
+    print_row(row, header=done.n == 1)
 
 
 def mean(xs: list[float]) -> float:
@@ -498,7 +527,7 @@ COLUMNS = [
     ("ptx_reg", 7, "ptx NLL minus the serving policy's (the alignment tax)"),
     ("words", 5, "mean words per test answer"), ("stall", 6, "swap stall (s): new requests held"),
     ("failed", 6, "failed user requests: the cycle's data traffic and the traffic across its swap"),
-    ("seconds", 7, "wall time from the trigger until the new policy answered the test prompts"),
+    ("seconds", 7, "wall time of the cycle, from its trigger to its end (swap included)"),
 ]
 
 
