@@ -68,8 +68,9 @@ class _OptimConfig:
         default="auto", metadata={"help": "'auto': bf16 on a CUDA device that supports it, else fp32."})
     num_threads: int | None = field(
         default=None,
-        metadata={"help": "torch.set_num_threads for this stage; None leaves it. On a shared CPU, leave "
-                  "cores to the serving engine."})
+        metadata={"help": "torch.set_num_threads for this stage; None leaves it (in the trainer service, "
+                  "share_cpu then picks the count before each epoch). On a shared CPU, leave cores to the "
+                  "serving engine."})
     show_progress: bool = field(default=True, metadata={"help": "tqdm progress bars (only when stderr is a TTY)."})
 
     def _validate_optim(self) -> None:

@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 
 Hook = Callable[[str], None]
 TRAINED_STATES = ("promoted", "rejected")  # cycles whose PPO consumed the prompts before their watermark
+TRAINING_STAGES = ("sft", "rm", "ppo", "evaluate")  # torch-heavy: their CPU threads are re-decided first
 
 
 class CycleSkipped(Exception):
@@ -161,6 +162,10 @@ class StageLog:
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
             self.hook(f"stage:{name}")
+            if name in TRAINING_STAGES:
+                from trainer.device import adapt_threads  # torch: only once a stage trains
+
+                metrics["threads"] = adapt_threads()
             yield metrics
         finally:
             metrics["seconds"] = round(time.perf_counter() - started, 3)

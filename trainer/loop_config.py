@@ -143,6 +143,12 @@ class TrainerConfig:
                   "the previous serving and their SFT references."})
     torch_threads: int | None = field(
         default=None, metadata={"help": "torch.set_num_threads for the process; None = torch's choice."})
+    share_cpu: bool = field(
+        default=True,
+        metadata={"help": "Before each training stage, epoch and PPO iteration, use as many torch threads as "
+                  "cores the other processes (the serving engine) left idle over the last seconds: at least 1, "
+                  "at most torch_threads or all cores (trainer.device.ThreadsBesideNeighbours; Linux). A stage's "
+                  "own num_threads wins."})
     keep_work_dirs: bool = field(
         default=False, metadata={"help": "Keep a finished cycle's scratch folder (debugging)."})
     trunk_cache_mb: float = field(

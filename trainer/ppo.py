@@ -72,7 +72,7 @@ from common.models import load_causal_lm, load_tokenizer
 from trainer.config import _check, _check_literals
 from trainer.corpus import PtxBatch, PtxBatcher, load_corpus, split_corpus
 from trainer.data import PromptExample, SequenceBatch, pack_sequences
-from trainer.device import num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
 from trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -712,8 +712,10 @@ def train_ppo(
         history: list[dict[str, Any]] = []
         bar = tqdm(range(config.iterations), desc=f"ppo ({config.train_mode})", disable=not progress_enabled(progress))
         for iteration in bar:
+            threads = adapt_threads(config.num_threads)
             stats = ppo_iteration(models, optimizers, generator, ptx_batches, kl_controller, next(prompt_batches),
                                   config, iteration)
+            stats["threads"] = threads
             history.append(stats)
             bar.set_postfix(score=f"{stats['rm_score']:.3f}", kl=f"{stats['kl_ref']:.2f}")
         save_policy(models.policy, models.tokenizer, Path(out_dir))

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import RMConfig
 from trainer.data import Comparison, Demonstration, Messages, encode_response, pack_row, pack_sequences, render_prompt
-from trainer.device import num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
 from trainer.evaluate import eval_mode, pairwise_accuracy
 from trainer.losses import batched_ranking_loss
 from trainer.sft import build_optimizer, decoder_layers, training_dropout
@@ -482,6 +482,7 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
     configure_trainable(rm, config.train_mode, top_layers=config.top_layers, lora_r=config.lora_r,
                         lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
     calls_before = rm.forward_calls
+    adapt_threads(config.num_threads)
     cached = can_cache_trunk(rm, config)
     trunk = None
     if cached:  # the frozen layers' output, once for all epochs (and for scoring below)
@@ -507,14 +508,17 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
                disable=not progress_enabled(config.show_progress))
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
+        threads = adapt_threads(config.num_threads)
         order = torch.randperm(len(train), generator=generator).tolist()
         with training_dropout(rm.backbone, config.residual_dropout):
             metrics = _train_epoch(rm, [train[i] for i in order], optimizer, schedule, config,
                                    tokenizer.pad_token_id, bar)
-        result.epochs.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_started})
+        result.epochs.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_started,
+                              "threads": threads})
     bar.close()
     result.forward_passes = rm.forward_calls - calls_before
     finish_training(rm)
+    adapt_threads(config.num_threads)
     # The lower layers are still the frozen ones: validation and bias read the same trunk.
     with scoring_from_trunk(rm, trunk) if trunk is not None else contextlib.nullcontext():
         result.val = pairwise_accuracy(rm, tokenizer, val_comparisons, batch_size=config.eval_batch_size)

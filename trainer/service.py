@@ -215,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(config.torch_threads)
+    if config.share_cpu:
+        from trainer.device import share_cpu_with_neighbours
+
+        share_cpu_with_neighbours(config.torch_threads)
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with Store(config.store_path) as store:

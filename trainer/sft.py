@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import SFTConfig
 from trainer.data import Demonstration, Messages, PromptExample, encode_response, pack_sequences, render_prompt
-from trainer.device import num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
 from trainer.evaluate import as_messages, eval_mode, model_device, sample_responses
 from trainer.losses import sft_loss
 
@@ -240,6 +240,7 @@ def _train_sft(model_dir, demonstrations, val_demonstrations, config: SFTConfig,
     bar = tqdm(total=steps_per_epoch * config.epochs, desc="sft", disable=not progress_enabled(config.show_progress))
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
+        threads = adapt_threads(config.num_threads)
         order = torch.randperm(len(train), generator=generator).tolist()
         with training_dropout(model, config.residual_dropout, config.attention_dropout):
             train_loss = _train_epoch(model, [train[i] for i in order], optimizer, schedule, config, pad_id, bar)
@@ -248,6 +249,7 @@ def _train_sft(model_dir, demonstrations, val_demonstrations, config: SFTConfig,
             "train_loss": train_loss,
             "val_loss": validation_loss(model, val, pad_id, config.max_length, config.eval_batch_size),
             "lr_end": schedule.get_last_lr()[0],
+            "threads": threads,
         }
         if rm_prompts:
             metrics["rm_score"] = _mean_rm_score(model, tokenizer, reward_model, rm_prompts, config)
