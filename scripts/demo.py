@@ -120,13 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         # Users and labelers never wait for the trainer: while cycle n trains on what they did
         # before it, they produce cycle n + 1's data (labeling tasks sampled from the policy
         # serving at the time, as in the paper's iterations). The test prompts are answered
-        # beside the work that follows too (v0 beside the first data; vN beside cycle n + 1,
-        # which swaps only at its end): the engine batches them with the other requests.
+        # beside the cycle that follows a version (vN beside cycle n + 1, which swaps only at
+        # its end; v0 beside cycle 1), so no one waits for them but the final verdict.
         with ThreadPoolExecutor(1) as people, ThreadPoolExecutor(1) as tester:
             fed = people.submit(feed, demo, plan, 1)
-            demo.answers[0] = answer_test_set(demo, plan, version=0)
-            print(f"v0 answered the {len(demo.test_set)} test prompts; hidden-rule mean "
-                  f"{mean([concise_polite(q, a) for q, a in zip(demo.test_set, demo.answers[0])]):.3f}", flush=True)
             finished: FinishedCycle | None = None
             for n in range(1, plan.cycles + 1):
                 data = fed.result()
@@ -134,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                 cycle_id = admin.trigger_cycle(reason=f"demo cycle {n}", request_id=f"demo-{uuid.uuid4().hex}").cycle_id
                 if n < plan.cycles:
                     fed = people.submit(feed, demo, plan, n + 1)
+                if n == 1:
+                    demo.answers[0] = answer_test_set(demo, plan, version=0)
+                    print(f"v0 answered the {len(demo.test_set)} test prompts; hidden-rule mean "
+                          f"{mean([concise_polite(q, a) for q, a in zip(demo.test_set, demo.answers[0])]):.3f}",
+                          flush=True)
                 if finished is not None:
                     record_row(demo, finished)
                 cycle, during = follow_cycle(admin, cycle_id, server, demo)
@@ -299,7 +301,7 @@ class training:
 
 
 def send_traffic(demo: Demo, plan: Plan) -> dict[str, Any]:
-    """New prompts from train and val users (8 at a time, so the engine batches them)."""
+    """New prompts from train and val users (16 at a time, so the engine batches them)."""
     jobs = [(user, next(demo.prompts)) for split, n in (("train", plan.train_prompts), ("val", plan.val_prompts))
             for user in itertools.islice(itertools.cycle(demo.users[split]), n)]
 
@@ -313,7 +315,7 @@ def send_traffic(demo: Demo, plan: Plan) -> dict[str, Any]:
                 return None
         return reply.prompt_id, text
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(16) as pool:
         done = list(pool.map(ask, jobs))
     answered = [d for d in done[:plan.train_prompts] if d is not None]
     return {"prompts": len(done), "failed": done.count(None), "train": answered}  # (prompt id, text)
@@ -418,20 +420,27 @@ def serving_version(admin: RlhfClient) -> int:
 
 
 def answer_test_set(demo: Demo, plan: Plan, version: int) -> list[str]:
-    """The serving policy's greedy answers to the fixed test prompts (a test-split user asks);
-    every answer must come from ``version``."""
-    user = demo.users["test"][0]
+    """The serving policy's greedy answers to the fixed test prompts (the test-split users
+    ask, 8 at a time each); every answer must come from ``version``."""
+    askers = demo.users["test"]
 
-    def answer(text: str) -> str:
-        with RlhfClient(demo.target, demo.keys[user]) as client:
+    def answer(job: tuple[int, str]) -> str:
+        i, text = job
+        with RlhfClient(demo.target, demo.keys[askers[i % len(askers)]]) as client:
             reply = client.generate(text, max_new_tokens=plan.max_new_tokens, temperature=0.0, timeout=300)
         completion = reply.completions[0]
         if completion.policy_version != version:
             raise RuntimeError(f"a test answer came from v{completion.policy_version}, not v{version}")
         return completion.text
 
-    with ThreadPoolExecutor(8) as pool:  # the server allows 8 calls in flight per key
-        return list(pool.map(answer, demo.test_set))
+    # One pool of 8 per user: the server allows 8 calls in flight per key.
+    pools = [ThreadPoolExecutor(8) for _ in askers]
+    try:
+        futures = [pools[i % len(askers)].submit(answer, (i, text)) for i, text in enumerate(demo.test_set)]
+        return [f.result() for f in futures]
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
 
 
 def compare_with_v0(demo: Demo, version: int) -> dict[str, Any]:
