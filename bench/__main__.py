@@ -24,6 +24,7 @@ BENCHMARKS = [
     ("bench.feedback", "Feedback: rankings per second over gRPC vs a bare echo service"),
     ("bench.reward_model", "Reward model: K-way batched step vs naive pairwise"),
     ("bench.serving", "Serving: gRPC server vs offline vLLM and sequential HF; TTFT; swap stall"),
+    ("bench.quiet_wait", "vLLM beside a busy neighbour: spinning vs quiet message-queue waits"),
 ]
 
 
