@@ -77,7 +77,7 @@ FINISHED = {admin_pb2.CYCLE_STATE_PROMOTED: "promoted", admin_pb2.CYCLE_STATE_RE
 @dataclass
 class Plan:
     """How much happens per cycle (aimed at a 20-minute loop on 2 cores with the embedded
-    model; measured: 28.4 minutes, docs/DEMO.md)."""
+    model; measured: 17.3 minutes, docs/DEMO.md)."""
 
     cycles: int
     train_prompts: int = 24  # new train-split prompts per cycle (PPO's data)
