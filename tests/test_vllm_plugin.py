@@ -32,8 +32,12 @@ def fresh_reader() -> object:
 
 @pytest.fixture
 def restore_spin_condition(monkeypatch):
-    monkeypatch.setattr(shm_broadcast.SpinCondition, "wait", shm_broadcast.SpinCondition.wait)
-    monkeypatch.delattr(shm_broadcast.SpinCondition, "_rlhf_quiet", raising=False)
+    """vLLM's own wait during the test (an in-process engine earlier in the session may have
+    loaded the plugin already), whatever was there after it."""
+    condition = shm_broadcast.SpinCondition
+    monkeypatch.setattr(condition, "wait", getattr(condition, "_rlhf_original_wait", condition.wait))
+    monkeypatch.delattr(condition, "_rlhf_quiet", raising=False)
+    monkeypatch.delattr(condition, "_rlhf_original_wait", raising=False)
     yield
 
 

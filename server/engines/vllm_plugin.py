@@ -47,4 +47,5 @@ def register() -> None:
 
     condition.wait = wait
     condition._rlhf_quiet = True
+    condition._rlhf_original_wait = original_wait  # vLLM's own, for whoever must restore it
     log.debug("vLLM message-queue readers wait on their notification socket (no busy loop)")
