@@ -107,12 +107,13 @@ class TrunkCache:
         if keep and key != self.key:
             self.clear()
             self.key = key
+        keys = [tuple(row) for row in rows]
         found: dict[tuple[int, ...], torch.Tensor] = {}
-        for row in map(tuple, rows):
+        for row in keys:
             if row not in found and (states := self._get(row) if keep else None) is not None:
                 found[row] = states
-        self.reused += sum(1 for row in map(tuple, rows) if row in found)
-        missing = sorted({row for row in map(tuple, rows) if row not in found}, key=len)
+        self.reused += sum(1 for row in keys if row in found)
+        missing = sorted({row for row in keys if row not in found}, key=len)
         device = next(rm.parameters()).device
         with eval_mode(rm):
             for start in range(0, len(missing), batch_size):
@@ -129,7 +130,7 @@ class TrunkCache:
                     if keep:
                         self._put(row, found[row])
         self.computed += len(missing)
-        return [found[tuple(row)] for row in rows]
+        return [found[row] for row in keys]
 
     def _get(self, row: tuple[int, ...]) -> torch.Tensor | None:
         states = self._rows.get(row)
