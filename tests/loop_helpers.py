@@ -19,7 +19,7 @@ from common.store import NewCompletion, Store, add_completions, add_demonstratio
 from trainer.config import EvalConfig, RMConfig, SFTConfig
 from trainer.gate import GateConfig
 from trainer.loop_config import CycleConfig, DataConfig, TrainerConfig
-from trainer.ppo import PPOConfig
+from trainer.config import PPOConfig
 
 ANSWERS = ("Sure.", "Here is a short answer for you.",
            "Here is a much longer answer that goes on and on about many things at once.")
@@ -86,7 +86,7 @@ def tiny_cycle_config(**data: object) -> CycleConfig:
         ppo=PPOConfig(rollouts_per_iteration=4, iterations=1, max_new_tokens=8, ppo_epochs=1, minibatch_size=2,
                       ptx_batch_size=2, ptx_seq_len=32, forward_batch_size=4, num_threads=1),
         eval=EvalConfig(max_new_tokens=8, batch_size=4, max_prompts=4, ptx_max_length=32),
-        gate=GateConfig(min_win_rate=0.0, max_kl=None, max_ptx_regression=None),
+        gate=GateConfig(min_win_rate=0.0, max_kl_per_token=None, min_judge_accuracy=None, max_ptx_regression=None),
     )
 
 

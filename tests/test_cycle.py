@@ -18,6 +18,7 @@ from common.store import (
     Policy,
     Prompt,
     Store,
+    add_demonstration,
     add_policy,
     claim_queued_cycle,
     create_cycle,
@@ -27,7 +28,7 @@ from common.store import (
     set_policy_status,
     update_cycle,
 )
-from loop_helpers import fill_store, publish_v0, tiny_trainer_config, users_in
+from loop_helpers import fill_store, publish_v0, tiny_cycle_config, tiny_trainer_config, users_in
 from trainer.cycle import (
     CycleContext,
     StoreSwapper,
@@ -37,6 +38,7 @@ from trainer.cycle import (
     run_cycle,
     sft_version_of,
 )
+from trainer.data import Comparison, PromptExample, user_turn
 from trainer.gate import GateConfig, decide
 from trainer.hygiene import PromptRecord
 from trainer.loop_config import TrainerConfig, build_config, load_trainer_config
@@ -85,8 +87,9 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     # RM: trained on train-split rankings (group A), measured on val (groups A and B)
     assert m["rm"]["rm"]["num_train"] == 12 and m["rm"]["rm"]["num_val"] == 8
     assert set(m["rm"]["rm"]["val"]["by_group"]) == {"A", "B"}
-    # the judge learns from val only and is measured on train (rankings it never saw)
-    assert (m["rm"]["judge"]["num_train"], m["rm"]["judge"]["num_val"]) == (8, 12)
+    # the judge learns from the val rankings of prompts the gate does not evaluate on (4 of 8), and
+    # is measured on rankings it never saw: the other 4 (the evaluation prompts') and train's 12
+    assert (m["rm"]["judge"]["num_train"], m["rm"]["judge"]["num_val"]) == (4, 16)
     # same SFT trunk: the RM ran every completion the judge needs through it (trainer.trunk_cache)
     assert m["rm"]["rm"]["trunk_computed"] > 0 and m["rm"]["rm"]["trunk_reused"] == 0
     assert m["rm"]["judge"]["trunk_computed"] == 0 and m["rm"]["judge"]["trunk_reused"] > 0
@@ -104,6 +107,32 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     assert sft_version_of(policies[2]) == 1 and policies[1].metrics["kind"] == "sft"
     assert (cycle.base_version, cycle.candidate_version) == (0, 2)
     assert not (config.work_dir / f"cycle-{cycle.id}").exists()  # scratch removed
+
+
+def test_held_out_labelers_train_nothing_at_the_cycle_level(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Group B is held out: its rankings only measure both reward models, and its
+    demonstrations neither train SFT nor set the reward models' bias."""
+    config = tiny_trainer_config(tmp_path, cycle=tiny_cycle_config(held_out_groups=["B"]))
+    with Store(config.store_path) as store:
+        publish_v0(store, config.checkpoints_root, tiny_model_dir)
+        counts = fill_store(store, now=time.time() - 60, demos=2)  # 2 demonstrations, by group A
+        train_prompts = store.read_sync(lambda db: [r["id"] for r in db.query(
+            "SELECT id FROM prompts WHERE split = 'train' ORDER BY created_at, id")])
+        for prompt_id in train_prompts[2:6]:  # 4 more, by a held-out labeler
+            store.write_sync(add_demonstration(prompt_id, "labeler-B", "A held-out answer.", labeler_group="B"))
+        cycle = run_one(store, config, trunk_cache=TrunkCache())
+    assert cycle.state == "promoted", cycle.error
+    m = cycle.metrics
+    assert counts["demonstrations"] == 2 and m["hygiene"]["data"]["demonstrations_train"] <= 2
+    assert m["sft"]["result"]["num_train"] == m["hygiene"]["data"]["demonstrations_train"]
+    held_out = m["hygiene"]["data"]["comparisons_held_out"]
+    assert held_out == 4  # group B ranked half of the val users' prompts
+    # neither model trained on a B ranking; both were measured on all of them
+    assert m["rm"]["rm"]["num_train"] == m["hygiene"]["data"]["comparisons_train"]
+    for model in ("rm", "judge"):
+        assert m["rm"][model]["val"]["by_group"]["B"]["num_comparisons"] == held_out
+    assert m["rm"]["judge"]["num_train"] + m["rm"]["judge"]["num_val"] == (
+        m["hygiene"]["data"]["comparisons_val"] + m["hygiene"]["data"]["comparisons_train"] + held_out)
 
 
 def test_too_few_new_prompts_skips_the_cycle_before_training(loop) -> None:
@@ -245,10 +274,10 @@ def test_split_cycle_data_selects_new_train_prompts_and_maps_rankings_by_split()
 
 
 def test_gate_promotes_only_within_every_bound() -> None:
-    evaluation = {"judge_win_rate": 0.6, "p_value": 0.2, "kl_to_sft": 3.0, "ptx_regression": 0.05}
-    bounds = GateConfig(min_win_rate=0.55, max_p_value=None, max_kl=5.0, max_ptx_regression=0.1)
+    evaluation = {"judge_win_rate": 0.6, "p_value": 0.2, "kl_to_sft": 3.0, "ptx_regression": 0.05, "judge_accuracy": 0.7}
+    bounds = GateConfig(min_win_rate=0.55, max_p_value=None, max_kl_per_token=5.0, max_ptx_regression=0.1)
     assert decide(evaluation, bounds).promote
-    strict = GateConfig(min_win_rate=0.55, max_p_value=0.05, max_kl=2.0, max_ptx_regression=0.1)
+    strict = GateConfig(min_win_rate=0.55, max_p_value=0.05, max_kl_per_token=2.0, max_ptx_regression=0.1)
     decision = decide(evaluation, strict)
     assert not decision.promote
     assert decision.reason == "p_value 0.2 <= 0.05 failed; kl_to_sft 3 <= 2 failed"
@@ -256,8 +285,29 @@ def test_gate_promotes_only_within_every_bound() -> None:
     # A candidate that answers a quarter of the prompts with nothing is refused when bounded.
     collapsed = evaluation | {"empty_fraction_candidate": 0.25}
     assert decide(collapsed, bounds).promote  # unbounded by default
-    refused = decide(collapsed, GateConfig(min_win_rate=0.55, max_kl=5.0, max_empty_fraction=0.1))
+    refused = decide(collapsed, GateConfig(min_win_rate=0.55, max_kl_per_token=5.0, max_empty_fraction=0.1))
     assert not refused.promote and refused.reason == "empty_fraction 0.25 <= 0.1 failed"
+    # A judge at chance on rankings it never saw promotes nothing, however much it likes the candidate.
+    at_chance = decide(evaluation | {"judge_accuracy": 0.5, "judge_win_rate": 0.9}, bounds)
+    assert not at_chance.promote and at_chance.reason == "judge_accuracy 0.5 >= 0.55 failed"
+    unmeasured = decide({k: v for k, v in evaluation.items() if k != "judge_accuracy"}, bounds)
+    assert not unmeasured.promote and "judge_accuracy nan" in unmeasured.reason
+
+
+def test_the_judge_never_trains_on_the_prompts_the_gate_evaluates_on() -> None:
+    from trainer.cycle import judge_split
+    from trainer.snapshot_data import CycleData
+
+    def comparison(prompt_id: str, group: str = "A") -> Comparison:
+        return Comparison(user_turn(prompt_id), ("a", "b"), (0, 1), labeler_group=group, prompt_id=prompt_id)
+
+    data = CycleData(ppo_prompts=[], eval_prompts=[PromptExample("v1", user_turn("v1"))],
+                     comparisons={"train": [comparison("t1"), comparison("t2"), comparison("t3")],
+                                  "val": [comparison("v1"), comparison("v2")], "test": []},
+                     held_out_comparisons=[comparison("v2", "B")])
+    train, unseen = judge_split(data, train_split_sample=2)
+    assert [c.prompt_id for c in train] == ["v2"]
+    assert [(c.prompt_id, c.labeler_group) for c in unseen] == [("v1", "A"), ("t2", "A"), ("t3", "A"), ("v2", "B")]
 
 
 # ---------------------------------------------------------------------------- config
@@ -267,10 +317,10 @@ def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
     path = tmp_path / "trainer.toml"
     path.write_text('schedule = "cron"\ncron = "*/30 * * * *"\nserver_address = "127.0.0.1:6000"\n'
                     "[cycle.data]\nmin_new_prompts = 8\n[cycle.ppo]\nkl_coef = 0.1\niterations = 3\n")
-    config = load_trainer_config(path, ["cycle.ppo.iterations=5", "cycle.gate.max_kl=none", "poll_s=0.5"])
+    config = load_trainer_config(path, ["cycle.ppo.iterations=5", "cycle.gate.max_kl_per_token=none", "poll_s=0.5"])
     assert (config.schedule, config.cron, config.poll_s) == ("cron", "*/30 * * * *", 0.5)
     assert (config.cycle.ppo.kl_coef, config.cycle.ppo.iterations) == (0.1, 5)  # the override wins
-    assert config.cycle.data.min_new_prompts == 8 and config.cycle.gate.max_kl is None
+    assert config.cycle.data.min_new_prompts == 8 and config.cycle.gate.max_kl_per_token is None
     assert isinstance(config.store_path, Path)
 
     json_path = tmp_path / "trainer.json"

@@ -11,7 +11,7 @@ from trainer.data import Comparison, user_turn
 from trainer.evaluate import (
     accuracy_by_group,
     binomial_sf_one_sided,
-    kl_to_reference,
+    sampled_kl,
     pairwise_accuracy,
     ptx_eval_loss,
     sample_responses,
@@ -91,7 +91,7 @@ class LengthScorer:
     def __init__(self) -> None:
         self.scored = 0
 
-    def score_texts(self, tokenizer, prompts, responses, batch_size=16):
+    def score_texts(self, tokenizer, prompts, responses, batch_size=16, stopped=None):
         self.scored += len(responses)
         return torch.tensor([float(len(r)) for r in responses])
 
@@ -140,28 +140,42 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny):
     assert sample_responses(model, tok, prompts, max_new_tokens=8, temperature=1.0, seed=8) != first
 
 
-def test_kl_to_reference_is_zero_for_the_same_model_and_matches_a_manual_sum(tiny, tiny_model_dir):
+def test_sampled_kl_is_zero_for_the_same_model_and_refuses_greedy_answers(tiny):
     model, tok = tiny
-    prompts, responses = [user_turn("a"), user_turn("bb")], ["one two", "three"]
-    assert kl_to_reference(model, model, tok, prompts, responses) == pytest.approx(0.0, abs=1e-6)
+    prompts = [user_turn("a"), user_turn("bb")]
+    for estimator in ("k1", "k2", "k3"):
+        kl = sampled_kl(model, model, tok, prompts, temperature=1.0, max_new_tokens=6, estimator=estimator,
+                        samples_per_prompt=2)
+        assert kl["per_token"] == pytest.approx(0.0, abs=1e-6) and kl["samples"] == 4 and kl["tokens"] > 0
+    with pytest.raises(ValueError, match="greedy"):
+        sampled_kl(model, model, tok, prompts, temperature=0.0, max_new_tokens=6)
 
+
+def test_sampled_kl_of_another_model_is_positive_with_k3_and_matches_the_sum(tiny, tiny_model_dir):
+    """k3 is >= 0 per token; per_sequence = per_token * tokens / samples (same tokens)."""
+    model, tok = tiny
     other = load_causal_lm(tiny_model_dir, dtype="float32", device="cpu")
     with torch.no_grad():
         other.model.norm.weight.mul_(1.5)
-    kl = kl_to_reference(model, other, tok, prompts, responses)
-    expected = []
-    from trainer.data import encode_response, render_prompt
+    kl = sampled_kl(model, other, tok, [user_turn("a"), user_turn("bb")], temperature=1.0, max_new_tokens=8,
+                    estimator="k3", samples_per_prompt=3, seed=3)
+    assert kl["per_token"] > 0
+    assert kl["per_sequence"] == pytest.approx(kl["per_token"] * kl["tokens"] / kl["samples"], rel=1e-5)
 
-    for p, r in zip(prompts, responses):
-        prompt_ids, response_ids = render_prompt(tok, p), encode_response(tok, r)
-        ids = torch.tensor([prompt_ids + response_ids])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
-            lq = torch.log_softmax(other(input_ids=ids).logits[0], -1)
-        # response token at position t is predicted at t - 1
-        total = sum(lp[t - 1, ids[0, t]] - lq[t - 1, ids[0, t]] for t in range(len(prompt_ids), ids.shape[1]))
-        expected.append(float(total))
-    assert kl == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+def test_accuracy_by_group_version_separates_the_policies_that_sampled():
+    comparisons = [
+        Comparison(user_turn("a"), ("x", "y"), (0, 1), labeler_group="B", policy_versions=(3, 3)),
+        Comparison(user_turn("b"), ("x", "y"), (0, 1), labeler_group="B", policy_versions=(0, 0)),
+        Comparison(user_turn("c"), ("x", "y"), (0, 1), labeler_group="B", policy_versions=(0, 3)),
+        Comparison(user_turn("d"), ("x", "y"), (0, 1), labeler_group="A"),
+    ]
+    scores = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])]
+    result = accuracy_by_group(scores, comparisons)
+    by_version = result["by_group_version"]
+    assert by_version["B"]["3"]["accuracy"] == 1.0 and by_version["B"]["0"]["accuracy"] == 0.0
+    assert by_version["B"]["mixed"]["num_pairs"] == 1 and by_version["A"]["unknown"]["accuracy"] == 1.0
+    assert result["by_group"]["B"]["accuracy"] == pytest.approx(2 / 3)
 
 
 def test_ptx_eval_loss_is_the_token_mean_nll(tiny):

@@ -18,6 +18,7 @@ from trainer.losses import (
     FixedKLController,
     batched_ranking_loss,
     compute_approx_kl,
+    kl_summary,
     entropy_from_logits,
     gae,
     kl_penalized_rewards,
@@ -191,6 +192,22 @@ def test_compute_approx_kl_estimators():
     # k3 = e^-lr - 1 + lr: e^-0.5 - 0.5 = 0.6065307 - 0.5 = 0.1065307; e^1 - 2 = 0.7182818
     close(compute_approx_kl(logprobs, ref, mask, estimator="k3"), [[0.1065307, 0.7182818, 0.0]])
     close(compute_approx_kl(logprobs, ref), [[0.5, -1.0, 0.0]])  # no mask, default k1
+
+
+def test_kl_summary_per_token_and_per_sequence_by_hand():
+    # log-ratios: row 0 [0.5, -1.0] (2 tokens), row 1 [0.2] (1 token, then padding)
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.3, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0], [-0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    k1 = kl_summary(logprobs, ref, mask, "k1")
+    # per token: (0.5 - 1.0 + 0.2) / 3 = -0.1; per sequence: ((0.5 - 1.0) + 0.2) / 2 = -0.15
+    close(k1.per_token, -0.1)
+    close(k1.per_sequence, -0.15)
+    assert float(k1.num_tokens) == 3.0
+    k3 = kl_summary(logprobs, ref, mask, "k3")
+    # k3(r) = e^-r - 1 + r: 0.1065307, 0.7182818, e^-0.2 - 0.8 = 0.0187308; mean 0.2811811
+    close(k3.per_token, 0.2811811)
+    close(k3.per_sequence, (0.1065307 + 0.7182818 + 0.0187308) / 2)
 
 
 def test_compute_approx_kl_unknown_estimator_raises():

@@ -29,9 +29,9 @@ from trainer.corpus import PtxBatcher, load_corpus, split_corpus
 from trainer.data import PromptExample, user_turn
 from trainer.evaluate import ptx_eval_loss
 from trainer.losses import kl_penalized_rewards, ptx_loss
+from trainer.config import PPOConfig
 from trainer.ppo import (
     Experience,
-    PPOConfig,
     build_optimizers,
     compute_advantages,
     evaluate_rollouts,
@@ -98,8 +98,8 @@ def fit_function_word_rm(sft_dir: Path, out_dir: Path, texts: list[str], seed: i
     # ridge: w = (X^T X + lambda I)^-1 X^T y
     w = torch.linalg.solve(features.T @ features + 1e-2 * torch.eye(features.shape[1]), features.T @ labels)
     with torch.no_grad():
-        rm.head.weight.copy_(w[:-1].unsqueeze(0))
-        rm.head.bias.fill_(float(w[-1]))
+        rm.head.linear.weight.copy_(w[:-1].unsqueeze(0))
+        rm.head.linear.bias.fill_(float(w[-1]))
     rm.save(out_dir)
     return out_dir
 
@@ -140,7 +140,7 @@ def fresh_samples(policy_dir: Path, world: TinyWorld, *, max_new_tokens: int) ->
     batch = rollout_batch(rollouts, tokenizer.pad_token_id)
     mask = batch.response_mask[:, 1:]
     with torch.no_grad():
-        scores = rm(batch.input_ids, batch.attention_mask)
+        scores = rm(batch.input_ids, batch.attention_mask, batch.response_mask)
         kl = ((token_logprobs(policy, batch.input_ids, batch.attention_mask)
                - token_logprobs(reference, batch.input_ids, batch.attention_mask)) * mask).sum(dim=1)
     nll = ptx_eval_loss(policy, tokenizer, world.held_out_texts, max_length=64)
@@ -236,8 +236,10 @@ def toy_rollouts(tokenizer) -> Rollouts:
                     response_ids=[[30, 31, eos], [40, 41]], texts=["", ""], eos_token_id=eos)
 
 
-def test_recipe_pieces_compose_on_a_two_row_batch(tmp_path: Path, tiny_model_dir: Path):
-    rm_dir = RewardModel.from_pretrained_lm(tiny_model_dir, dtype=torch.float32, device=CPU).save(tmp_path / "rm")
+@pytest.mark.parametrize("head", ["last_token", "pooled"])
+def test_recipe_pieces_compose_on_a_two_row_batch(tmp_path: Path, tiny_model_dir: Path, head: str):
+    rm_dir = RewardModel.from_pretrained_lm(tiny_model_dir, dtype=torch.float32, device=CPU, head=head).save(
+        tmp_path / "rm")
     config = PPOConfig(minibatch_size=2, ptx_coef=1.0, ptx_seq_len=8, ptx_batch_size=1, policy_lr=1e-3, device="cpu",
                        kl_coef=0.05)
     models = load_models(tiny_model_dir, tiny_model_dir, rm_dir, config, CPU, torch.float32)
@@ -248,7 +250,8 @@ def test_recipe_pieces_compose_on_a_two_row_batch(tmp_path: Path, tiny_model_dir
     scores = score_rollouts(models.reward_model, batch, chunk_size=1)
     # The score is the value head read at each row's LAST real token (index 5 and 6).
     with torch.no_grad():
-        values = models.reward_model.per_token_values(batch.input_ids, batch.attention_mask)  # (2, 7)
+        values = models.reward_model.per_token_values(batch.input_ids, batch.attention_mask,
+                                                      batch.response_mask)  # (2, 7)
     assert_close(scores, torch.stack([values[0, 5], values[1, 6]]))
 
     experience = evaluate_rollouts(models, batch, scores, temperature=1.0, chunk_size=1)
@@ -262,7 +265,8 @@ def test_recipe_pieces_compose_on_a_two_row_batch(tmp_path: Path, tiny_model_dir
     assert_close(experience.old_logprobs, full * experience.mask, atol=1e-5, rtol=1e-5)
     # Policy == reference at the start: zero KL, so the reward is the score alone, on the last response token.
     assert_close(experience.ref_logprobs, experience.old_logprobs)
-    assert_close(sequence_kl(experience), torch.zeros(2))
+    for estimator in ("k1", "k2", "k3"):
+        assert_close(sequence_kl(experience, estimator), torch.zeros(2))
     rewards = kl_penalized_rewards(scores, experience.old_logprobs, experience.ref_logprobs, experience.mask, 0.05)
     expected = torch.zeros(2, 6)
     expected[0, 4], expected[1, 5] = scores[0], scores[1]

@@ -50,7 +50,7 @@ class ScriptedScorer:
         self.means = list(means)
         self.calls: list[int] = []
 
-    def score_texts(self, tokenizer, prompts, responses, batch_size=16):
+    def score_texts(self, tokenizer, prompts, responses, batch_size=16, stopped=None):
         self.calls.append(len(responses))
         return torch.full((len(responses),), self.means.pop(0))
 

@@ -35,7 +35,7 @@ def test_states_equal_a_fresh_trunk_pass_and_repeats_are_computed_once(frozen_rm
     assert frozen_rm.forward_calls - calls == 4 and cache.computed == 4 and len(cache) == 4
     for row, got in zip(rows, states):
         with torch.no_grad():
-            alone = frozen_rm.trunk_states(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), 1)[0]
+            alone = frozen_rm.trunk_rows(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), 1)[0]
         assert got.shape == alone.shape
         torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
 
@@ -69,7 +69,7 @@ def test_a_new_frozen_trunk_empties_the_cache(frozen_rm, tiny_model_dir, tmp_pat
 
 def test_the_least_recently_used_rows_go_first(frozen_rm, tiny_model_dir):
     rows = rows_of_lengths(10, 10, 10)
-    one_row = 10 * frozen_rm.head.in_features * 4  # (length, H) float32
+    one_row = 10 * frozen_rm.hidden_size * 4  # (length, H) float32
     cache = TrunkCache(max_mb=2.5 * one_row / 2**20)  # room for two rows
     key = trunk_key(tiny_model_dir, 1, frozen_rm)
     cache.states(frozen_rm, key, rows[:2], 1, 0, 8)
@@ -91,7 +91,7 @@ def test_a_shared_cache_changes_nothing_but_the_work(tiny_model_dir, tmp_path):
     """Two trainings on one frozen trunk: the second computes only its new completions, and
     both give what training without the cache gives (losses, accuracy, bias, weights)."""
     first, more, val = marker_comparisons(8, seed=1), marker_comparisons(4, seed=2), marker_comparisons(6, seed=3)
-    config = fast_config(epochs=2, train_mode="top_layers", top_layers=1)
+    config = fast_config(epochs=2, train_mode="top_layers", head="last_token", top_layers=1)
     cache = TrunkCache()
     runs = {}
     for name, comparisons, shared in (("a", first, cache), ("b", first + more, cache), ("plain", first + more, None)):
@@ -114,10 +114,12 @@ def test_a_shared_cache_changes_nothing_but_the_work(tiny_model_dir, tmp_path):
                                rtol=0, atol=1e-5)
 
 
-def test_scores_from_the_trunk_equal_the_saved_models_scores(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("recipe", [{"train_mode": "top_layers", "head": "last_token", "top_layers": 1},
+                                    {"train_mode": "head", "head": "pooled", "pool_depth": 0.5}])
+def test_scores_from_the_trunk_equal_the_saved_models_scores(tiny_model_dir, tmp_path, recipe):
     """Validation and bias read cached states: the saved RM, scoring with its full forward,
     gives demonstrations mean 0 (the bias was set from trunk scores)."""
-    config = fast_config(epochs=1, train_mode="top_layers", top_layers=1)
+    config = fast_config(epochs=1, **recipe)
     train_reward_model(tiny_model_dir, marker_comparisons(6, seed=5), [], config, tmp_path / "rm",
                        demonstrations=demonstrations(), trunk_cache=TrunkCache())
     rm = RewardModel.load(tmp_path / "rm", device="cpu")

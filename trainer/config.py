@@ -4,7 +4,8 @@ ValueError naming the field. Configs are unpacked at the edge; inner functions t
 keyword arguments.
 
 Defaults follow the paper where that is affordable on the CPU default (SmolLM2-135M on
-2 cores) and say so in the help when they differ. ``PPOConfig`` lives in ``trainer.ppo``.
+2 cores) and say so in the help when they differ. Importing this module needs no torch
+(``rlhf trainer --help`` and the service's start stay fast).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-TrainMode = Literal["full", "lora", "top_layers"]
+TrainMode = Literal["head", "top_layers", "lora", "full"]
+HeadKind = Literal["last_token", "pooled"]
 
 
 def _check(condition: bool, name: str, message: str, value: Any) -> None:
@@ -151,32 +153,52 @@ class RMConfig(_OptimConfig):
 
     Each prompt's K completions are ONE batch element: one forward pass per completion and
     all C(K, 2) pairs in the loss. Paper: 6B RM, one epoch, lr 9e-6, cosine decay to 10%,
-    batch 64 prompts. On a CPU a full fine-tune of even a 135M RM is slow, hence the
-    ``train_mode`` options; the full RM stays available for a GPU (``--set train_mode=full``).
+    batch 64 prompts, a scalar head on the last token. On a CPU a full fine-tune of even a
+    135M RM is slow, hence ``train_mode``; the full RM stays available for a GPU
+    (``--set train_mode=full``, with ``head=last_token`` for the paper's recipe).
 
-    Default ``top_layers`` (2 of SmolLM2's 30): measured by ``bench.reward_model`` on the
-    embedded model (synthetic preference, 24 comparisons x K = 4, one epoch, 72 held-out
-    pairs) at 0.83 held-out accuracy vs 0.88 for LoRA and 0.92 for full, with steps ~2.5x
-    cheaper than full and ~4x cheaper than LoRA on these CPUs.
+    Default: the whole SFT trunk frozen (``head``; its output is computed once per
+    completion and cached) under the ``pooled`` head. Chosen by ``python -m
+    bench.reward_curve`` on the embedded model's own samples ranked by simulated labelers
+    (docs/BENCHMARKS.md): it beat the last-token head and trained top layers at every data
+    size measured, and an epoch costs only the head.
     """
 
     learning_rate: float = field(
-        default=1e-4,
-        metadata={"help": "Peak AdamW learning rate for every trainable weight (paper, full 6B: 9e-6; "
-                  "LoRA and top-layers training want more)."})
+        default=1e-3,
+        metadata={"help": "Peak AdamW learning rate for every trainable weight (paper, full 6B: 9e-6; a head "
+                  "on a frozen trunk wants ~1e-3, top layers ~3e-4, LoRA ~2e-4)."})
+    weight_decay: float = field(
+        default=1.0,
+        metadata={"help": "AdamW weight decay on matrices (the head's projections): the head has ~10k inputs "
+                  "and a few thousand noisy pairs, so it needs a strong prior (measured: 0.1 overfits)."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Cosine decay ends at 10% of the peak (paper)."})
-    epochs: int = field(default=1, metadata={"help": "Passes over the comparisons (paper: 1; the RM overfits after)."})
+    epochs: int = field(
+        default=6,
+        metadata={"help": "Passes over the comparisons (paper: 1 for a full RM, which overfits after). A head "
+                  "on a cached trunk costs little per epoch and wants several."})
     train_mode: TrainMode = field(
-        default="top_layers",
-        metadata={"help": "Which weights train: 'full' (all), 'lora' (adapters on the backbone's linear layers, "
-                  "merged for saving; the head trains fully), 'top_layers' (the top `top_layers` decoder "
-                  "layers, the final norm and the head)."})
+        default="head",
+        metadata={"help": "Which weights train: 'head' (the trunk frozen, its output cached: the head only), "
+                  "'top_layers' (the top `top_layers` decoder layers, the final norm and the head), 'lora' "
+                  "(adapters on the backbone's linear layers, merged for saving; the head trains fully), 'full'."})
+    head: HeadKind = field(
+        default="pooled",
+        metadata={"help": "'pooled': every response token's final state, projected to head_features features "
+                  "and max/mean/sum-pooled, beside the last token's state (trainer.rm_heads); 'last_token': "
+                  "the paper's linear head on the last token's state."})
+    head_features: int = field(default=16, metadata={"help": "Projections the pooled head pools (measured: 64 overfit)."})
+    pool_depth: float = field(
+        default=0.4,
+        metadata={"help": "Which hidden states the pooled head pools, as a fraction of the depth (0 = the token "
+                  "embeddings, 1 = the final states): 0.4 = layer 12 of SmolLM2's 30, where a token's identity is "
+                  "still plain (measured: better than the final states); the last token's state is always the final one."})
     top_layers: int = field(default=2, metadata={"help": "Decoder layers trained in train_mode='top_layers'."})
     cache_trunk: bool = field(
         default=True,
-        metadata={"help": "train_mode='top_layers': run the frozen lower layers ONCE per completion and reuse "
-                  "their output in every epoch (exact: they do not change; needs residual_dropout = 0). "
-                  "Makes an epoch about layers/top_layers times cheaper, so several epochs fit on a CPU."})
+        metadata={"help": "train_mode 'head' or 'top_layers': run the frozen layers ONCE per completion and "
+                  "reuse their output in every epoch (exact: they do not change; top_layers needs "
+                  "residual_dropout = 0). An epoch then costs the head (or the top layers) only."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (train_mode='lora')."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the LoRA adapters."})
@@ -201,6 +223,8 @@ class RMConfig(_OptimConfig):
     def __post_init__(self) -> None:
         self._validate_optim()
         _check(self.top_layers >= 0, "top_layers", "must be >= 0", self.top_layers)
+        _check(self.head_features >= 1, "head_features", "must be >= 1", self.head_features)
+        _check(0 <= self.pool_depth <= 1, "pool_depth", "must be in [0, 1]", self.pool_depth)
         _check(self.lora_r >= 1, "lora_r", "must be >= 1", self.lora_r)
         _check(self.lora_alpha >= 1, "lora_alpha", "must be >= 1", self.lora_alpha)
         _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
@@ -230,6 +254,10 @@ class EvalConfig:
         default=256, metadata={"help": "Tokens per held-out pretraining text for the alignment-tax NLL."})
     significance_level: float = field(
         default=0.05, metadata={"help": "One-sided binomial test level for 'candidate beats incumbent'."})
+    kl_samples_per_prompt: int = field(
+        default=2,
+        metadata={"help": "Samples per evaluation prompt (at PPO's temperature, with PPO's kl_estimator) for the "
+                  "candidate's KL to its SFT reference: the KL is measured on the policy's own samples."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
     def __post_init__(self) -> None:
@@ -241,6 +269,152 @@ class EvalConfig:
         _check(self.ptx_max_length >= 2, "ptx_max_length", "must be >= 2", self.ptx_max_length)
         _check(0 < self.significance_level < 1, "significance_level", "must be in (0, 1)",
                self.significance_level)
+        _check(self.kl_samples_per_prompt >= 1, "kl_samples_per_prompt", "must be >= 1", self.kl_samples_per_prompt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_PPO_LR = {"full": 2e-5, "lora": 2e-4}  # measured on the 135M model (MACHINE-FACTS)
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+@dataclass
+class PPOConfig:
+    """Step 3: PPO-ptx against a frozen RM with a per-token KL penalty to the SFT reference.
+
+    Paper: beta = 0.02, gamma (ptx) = 27.8 under its own normalisation, value function
+    initialised from the RM. Defaults are sized for the embedded SmolLM2-135M on a 2-core CPU.
+    """
+
+    # -- rollouts
+    rollouts_per_iteration: int = field(
+        default=16, metadata={"help": "Prompts sampled (one response each) per PPO iteration."})
+    iterations: int = field(default=10, metadata={"help": "PPO iterations (rollout + update rounds)."})
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "Response token cap; a response that hits it has no EOS."})
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature (> 0). Log-probs of policy AND reference are taken at this "
+                  "temperature, so PPO optimises the distribution it samples from."})
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling; < 1 makes rollouts slightly off-policy (log-probs ignore the cut)."})
+    max_prompt_tokens: int = field(
+        default=256, metadata={"help": "Prompt tokens kept (the END of a longer prompt is kept)."})
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Subtracted from the RM score of responses cut at max_new_tokens (the RM was trained "
+                  "on responses ending with EOS); None = no penalty."})
+    # -- KL penalty
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "beta: per-token reward -beta * log(pi / pi_ref) (paper: 0.02). On the 135M model "
+                  "beta = 0.05 still let KL reach 6-8 nats in 12 iterations (MACHINE-FACTS); 0.1 is cleaner."})
+    kl_estimator: KLEstimator = field(
+        default="k1",
+        metadata={"help": "Per-token estimate of KL(pi || pi_ref) from the policy's own samples (Schulman): 'k1' "
+                  "log-ratio (unbiased, can be negative: the paper's penalty), 'k2' half its square (biased, low "
+                  "variance), 'k3' exp(-r) - 1 + r (unbiased, >= 0). PPO's penalty, the adaptive controller and "
+                  "the gate's KL bound all use it."})
+    kl_control: Literal["fixed", "adaptive"] = field(
+        default="fixed",
+        metadata={"help": "'fixed' beta, or 'adaptive' (Ziegler et al. 2019): beta moves to keep the per-sequence "
+                  "KL near kl_target."})
+    kl_target: float = field(
+        default=6.0, metadata={"help": "Target per-sequence KL in nats for kl_control='adaptive'."})
+    kl_horizon: int = field(
+        default=256,
+        metadata={"help": "Adaptive controller horizon in episodes: beta changes by at most 20% * episodes / "
+                  "horizon per update (Ziegler: 10000, for runs of millions of episodes)."})
+    # -- advantages
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount (1.0: the episode is one response)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "Whiten advantages over the iteration's response tokens."})
+    # -- PPO update
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
+    value_clip_eps: float = field(default=0.2, metadata={"help": "Value clip: V may move this far from V_old."})
+    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each iteration's rollouts."})
+    minibatch_size: int = field(default=4, metadata={"help": "Rollouts per optimizer step."})
+    policy_lr: float | None = field(
+        default=None, metadata={"help": "Policy AdamW LR; None = 2e-5 (full) or 2e-4 (lora)."})
+    value_lr: float | None = field(
+        default=None, metadata={"help": "Value-model AdamW LR; None = same rule as policy_lr."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip each model's gradient norm; None disables clipping."})
+    # -- pretraining mix (ptx)
+    ptx_coef: float = field(
+        default=0.3,
+        metadata={"help": "gamma: loss = policy loss + ptx_coef * pretraining NLL, both per-token means "
+                  "(gamma = 1 weighs one pretraining token like one RL token); 0 = plain PPO. The paper's 27.8 "
+                  "is under an unpublished normalisation: here it would leave ~9% of the RL progress. Calibrated "
+                  "on the embedded model (module docstring): 0.3 turns the alignment tax negative and keeps ~95% "
+                  "of the RL progress; 1.0 protects more and keeps ~78%."})
+    ptx_batch_size: int = field(default=4, metadata={"help": "Pretraining windows per policy step."})
+    ptx_seq_len: int = field(default=128, metadata={"help": "Tokens per pretraining window."})
+    ptx_held_out_fraction: float = field(
+        default=0.1,
+        metadata={"help": "With the default corpus, the fraction of paragraphs held out (split seed 0) to measure "
+                  "the alignment tax; PPO trains on the rest."})
+    # -- which weights train
+    train_mode: Literal["full", "lora"] = field(
+        default="full",
+        metadata={"help": "'full': every policy and value weight trains; 'lora': adapters on lora_targets of both "
+                  "(the value head trains fully), merged into full weights when the policy is saved."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
+    lora_targets: tuple[str, ...] = field(
+        default=LORA_TARGETS, metadata={"help": "Module names that get LoRA adapters (default: all linear layers)."})
+    # -- runtime
+    forward_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per generate call and per no-grad forward (scoring, log-probs)."})
+    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and minibatch shuffles."})
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto", metadata={"help": "'auto': CUDA when available, else CPU."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Frozen models' dtype and the trained models' autocast dtype; 'auto': bf16 on a CUDA "
+                  "device that supports it, else fp32."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads during training; None leaves it."})
+
+    def __post_init__(self) -> None:
+        self.lora_targets = tuple(self.lora_targets)
+        positive_ints = ("rollouts_per_iteration", "iterations", "max_new_tokens", "max_prompt_tokens", "kl_horizon",
+                         "ppo_epochs", "minibatch_size", "ptx_batch_size", "ptx_seq_len", "lora_r", "lora_alpha",
+                         "forward_batch_size")
+        for name in positive_ints:
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.temperature > 0, "temperature", "must be > 0 (PPO samples)", self.temperature)
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)
+        _check(self.kl_target > 0, "kl_target", "must be > 0", self.kl_target)
+        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]", self.gamma)
+        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]", self.lam)
+        _check(self.clip_eps > 0, "clip_eps", "must be > 0", self.clip_eps)
+        _check(self.value_clip_eps > 0, "value_clip_eps", "must be > 0", self.value_clip_eps)
+        for name in ("policy_lr", "value_lr", "max_grad_norm"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, "must be > 0 or None", value)
+        _check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0, "missing_eos_penalty",
+               "must be >= 0 or None", self.missing_eos_penalty)
+        _check(self.ptx_coef >= 0, "ptx_coef", "must be >= 0", self.ptx_coef)
+        _check(0 <= self.ptx_held_out_fraction < 1, "ptx_held_out_fraction", "must be in [0, 1)",
+               self.ptx_held_out_fraction)
+        _check(len(self.lora_targets) >= 1, "lora_targets", "must name at least one module", self.lora_targets)
+        _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1 or None",
+               self.num_threads)
+        _check_literals(self)
+
+    @property
+    def resolved_policy_lr(self) -> float:
+        return self.policy_lr if self.policy_lr is not None else DEFAULT_PPO_LR[self.train_mode]
+
+    @property
+    def resolved_value_lr(self) -> float:
+        return self.value_lr if self.value_lr is not None else DEFAULT_PPO_LR[self.train_mode]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,8 +14,10 @@
              held-out labeler groups (``data.held_out_groups``) train neither; they
              measure both
   ppo        PPO-ptx on the train-split prompts logged since the last trained cycle
-  evaluate   candidate vs serving on held-out prompts (``trainer.gate.evaluate_candidate``)
-  gate       promote only within the bounds of ``GateConfig``; else "rejected"
+  evaluate   candidate vs serving on the evaluation prompts, judged by the judge
+             (``trainer.evaluate.evaluate_candidate``); the KL to SFT on the candidate's samples
+  gate       promote only within the bounds of ``GateConfig`` (the judge's own accuracy on
+             rankings it never saw among them); else "rejected"
   publish    ``common.checkpoints.write_checkpoint`` (write aside, fsync, rename, hashes),
              then the store's policies table (candidate)
   swap       ``Admin.SwapPolicy`` on the running server (or, with no server configured,
@@ -68,12 +70,13 @@ from common.store import (
     set_policy_status,
     update_cycle,
 )
-from trainer.gate import decide, evaluate_candidate
+from trainer.gate import decide
 from trainer.hygiene import HygieneReport, run_hygiene
 from trainer.loop_config import CycleConfig, DataConfig, TrainerConfig
 from trainer.snapshot_data import CycleData, StoreRows, prompt_records, read_rows, split_cycle_data
 
 if TYPE_CHECKING:
+    from trainer.data import Comparison
     from trainer.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)
@@ -256,11 +259,13 @@ def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: Path) 
         lineage, sft_metrics = sft_if_demonstrations_changed(ctx, cycle_id, snap, data, work / "sft")
         m.update(sft_metrics, lineage=lineage.summary())
     with stage("rm") as m:
-        m.update(train_reward_models(lineage.reference_dir, data, cfg, work, ctx.trunk_cache))
+        reward_models = train_reward_models(lineage.reference_dir, data, cfg, work, ctx.trunk_cache)
+        m.update(reward_models)
     with stage("ppo") as m:
         m.update(run_ppo(lineage, data, cfg, work))
     with stage("evaluate") as m:
         evaluation = evaluate_against_serving(snap.serving, lineage, data, cfg, work)
+        evaluation["judge_accuracy"] = reward_models["judge"]["val"].get("accuracy")
         m.update(evaluation)
     with stage("gate") as m:
         decision = decide(evaluation, cfg.gate)
@@ -406,20 +411,33 @@ def sft_if_demonstrations_changed(
 
 def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, work: Path,
                         trunk_cache: TrunkCache | None = None) -> dict[str, Any]:
-    """PPO's RM on the train-split rankings (measured on val), and the gate's judge on the
-    val-split ones (measured on train: rankings it never saw), both from the lineage's SFT model.
-    Both are also measured on the held-out labelers' rankings (their accuracy ``by_group``).
-    Both read the frozen trunk's outputs from ``trunk_cache`` (shared: same SFT model)."""
+    """PPO's RM on the train-split rankings (measured on val), and the gate's JUDGE on the
+    val-split rankings of prompts the gate does NOT evaluate on (``judge_split``), measured
+    on rankings it never saw: the newest train-split ones, those of the evaluation prompts
+    and the held-out labelers'. Both are measured per labeler group (and per sampling
+    policy version); both read the frozen trunk's outputs from ``trunk_cache`` (same SFT model)."""
     from trainer.reward_model import train_reward_model
 
     demos = data.demonstrations["train"] or None
     comparisons, held_out = data.comparisons, data.held_out_comparisons
     rm = train_reward_model(reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm, work / "rm",
                             demonstrations=demos, trunk_cache=trunk_cache)
-    unseen = comparisons["train"][-cfg.data.judge_eval_comparisons:]
-    judge = train_reward_model(reference_dir, comparisons["val"], unseen + held_out, cfg.rm, work / "judge",
+    judge_train, judge_unseen = judge_split(data, cfg.data.judge_eval_comparisons)
+    judge = train_reward_model(reference_dir, judge_train, judge_unseen, cfg.rm, work / "judge",
                                demonstrations=demos, trunk_cache=trunk_cache)
     return {"rm": rm.to_dict(), "judge": judge.to_dict()}
+
+
+def judge_split(data: CycleData, train_split_sample: int) -> tuple[list[Comparison], list[Comparison]]:
+    """(what the judge trains on, what measures it): val-split rankings of prompts the gate
+    will NOT evaluate on train it; those of the evaluation prompts, the newest
+    ``train_split_sample`` train-split ones and the held-out labelers' measure it."""
+    evaluated = {p.prompt_id for p in data.eval_prompts}
+    val = data.comparisons["val"]
+    train = [c for c in val if c.prompt_id not in evaluated]
+    unseen = [c for c in val if c.prompt_id in evaluated]
+    unseen += data.comparisons["train"][-train_split_sample:] + data.held_out_comparisons
+    return train, unseen
 
 
 def pretraining_texts(cfg: CycleConfig) -> tuple[list[str], list[str]]:
@@ -446,12 +464,15 @@ def run_ppo(lineage: Lineage, data: CycleData, cfg: CycleConfig, work: Path) -> 
 def evaluate_against_serving(serving: Policy, lineage: Lineage, data: CycleData, cfg: CycleConfig,
                              work: Path) -> dict[str, Any]:
     """Candidate vs serving on the held-out prompts, judged by the judge RM."""
+    from trainer.evaluate import evaluate_candidate
+
     _, ptx_held_out = pretraining_texts(cfg)
     e = cfg.eval
     return evaluate_candidate(
         work / "ppo", Path(serving.path), lineage.reference_dir, work / "judge", work / "rm", data.eval_prompts,
         ptx_held_out, max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
-        ptx_max_length=e.ptx_max_length, seed=e.seed)
+        ptx_max_length=e.ptx_max_length, seed=e.seed, kl_estimator=cfg.ppo.kl_estimator,
+        kl_temperature=cfg.ppo.temperature, kl_samples_per_prompt=e.kl_samples_per_prompt)
 
 
 # ---------------------------------------------------------------------------- publish, swap, retention

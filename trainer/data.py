@@ -58,10 +58,16 @@ class Comparison:
     labeler_group: str = ""
     labeler_id: str = ""
     prompt_id: str = ""
+    # Per completion: did the policy stop (EOS) or hit its token budget? None: all stopped.
+    # The RM sees a cut completion without EOS, as PPO's rollouts are scored.
+    stopped: tuple[bool, ...] | None = None
+    policy_versions: tuple[int, ...] | None = None  # which policy sampled each completion, when known
 
     def __post_init__(self) -> None:
         if len(self.completions) != len(self.ranks):
             raise ValueError(f"{len(self.completions)} completions but {len(self.ranks)} ranks")
+        if self.stopped is not None and len(self.stopped) != len(self.completions):
+            raise ValueError(f"{len(self.completions)} completions but {len(self.stopped)} stopped flags")
         if len(self.completions) < 2:
             raise ValueError("a comparison needs at least 2 completions")
 
@@ -103,9 +109,15 @@ def render_prompt(tokenizer, messages: Messages) -> list[int]:
     return list(ids)
 
 
-def encode_response(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
-    """Response token ids followed by EOS (truncated before the EOS when too long)."""
+def encode_response(tokenizer, text: str, max_tokens: int | None = None, eos: bool = True) -> list[int]:
+    """Response token ids followed by EOS (truncated before the EOS when too long).
+
+    ``eos`` False: the policy was cut at its token budget, so the response has no EOS (as in
+    PPO's rollouts), and is cut to ``max_tokens`` tokens.
+    """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not eos:
+        return list(ids)[:max_tokens] if max_tokens is not None else list(ids)
     if max_tokens is not None:
         ids = ids[: max(max_tokens - 1, 0)]
     return list(ids) + [tokenizer.eos_token_id]

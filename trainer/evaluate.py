@@ -4,7 +4,7 @@
   (the paper checks held-out labelers: 72.4% vs 69.6%).
 - ``win_rate`` and ``binomial_sf_one_sided``: does the candidate beat the incumbent, and
   how surprising would that be under a fair coin.
-- ``kl_to_reference``: how far the policy moved from the SFT reference on its own samples.
+- ``sampled_kl``: how far the policy moved from the SFT reference, on its own samples.
 - ``ptx_eval_loss``: held-out pretraining NLL, the "alignment tax" PPO-ptx guards against.
 - ``sample_responses``: batched HF generation with left padding.
 
@@ -17,19 +17,21 @@ import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
-from trainer.data import Comparison, Messages, PromptExample, encode_response, pack_sequences, render_prompt
-from trainer.losses import ptx_loss, ranked_pair_mask, response_logprobs
+from trainer.data import Comparison, Messages, PromptExample, pack_sequences, render_prompt
+from trainer.losses import kl_summary, ptx_loss, ranked_pair_mask, response_logprobs
 
 
 class Scorer(Protocol):
     """What ``pairwise_accuracy`` needs of a reward model."""
 
     def score_texts(self, tokenizer: Any, prompts: list[Messages], responses: list[str],
-                    batch_size: int = ...) -> torch.Tensor: ...
+                    batch_size: int = ..., stopped: list[bool] | None = ...) -> torch.Tensor: ...
 
 
 def as_messages(prompt: Messages | PromptExample | str) -> Messages:
@@ -73,35 +75,52 @@ def pair_outcomes(scores: torch.Tensor, ranks: Sequence[int]) -> tuple[int, int]
 
 
 def accuracy_by_group(per_comparison_scores: Sequence[torch.Tensor], comparisons: Sequence[Comparison]) -> dict:
-    """Pairwise accuracy pooled over pairs: overall and per ``labeler_group``.
+    """Pairwise accuracy pooled over pairs: overall, per ``labeler_group``, and per group and
+    the policy version that sampled the completions (``by_group_version``; "mixed" when a
+    comparison's completions come from several versions, "unknown" when not recorded).
 
     Returns ``{"accuracy", "num_pairs", "num_comparisons", "by_group": {group: {"accuracy",
-    "num_pairs", "num_comparisons"}}}``; accuracy is None where there is no ordered pair.
+    "num_pairs", "num_comparisons"}}, "by_group_version": {group: {version: {...}}}}``;
+    accuracy is None where there is no ordered pair.
     """
-    right: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    count: dict[str, int] = defaultdict(int)
+    right: dict[tuple[str, str], int] = defaultdict(int)
+    total: dict[tuple[str, str], int] = defaultdict(int)
+    count: dict[tuple[str, str], int] = defaultdict(int)
     for scores, comparison in zip(per_comparison_scores, comparisons, strict=True):
         r, t = pair_outcomes(scores, comparison.ranks)
-        right[comparison.labeler_group] += r
-        total[comparison.labeler_group] += t
-        count[comparison.labeler_group] += 1
+        key = (comparison.labeler_group, sampled_by(comparison))
+        right[key] += r
+        total[key] += t
+        count[key] += 1
 
-    def summary(r: int, t: int, c: int) -> dict:
+    def summary(keys: list[tuple[str, str]]) -> dict:
+        r, t, c = (sum(d[k] for k in keys) for d in (right, total, count))
         return {"accuracy": r / t if t else None, "num_pairs": t, "num_comparisons": c}
 
-    overall = summary(sum(right.values()), sum(total.values()), sum(count.values()))
-    overall["by_group"] = {g: summary(right[g], total[g], count[g]) for g in sorted(total)}
+    groups = sorted({g for g, _ in count})
+    overall = summary(list(count))
+    overall["by_group"] = {g: summary([k for k in count if k[0] == g]) for g in groups}
+    overall["by_group_version"] = {g: {v: summary([(g, v)]) for gg, v in sorted(count) if gg == g} for g in groups}
     return overall
+
+
+def sampled_by(comparison: Comparison) -> str:
+    """The policy version that sampled all of a comparison's completions, as text."""
+    versions = set(comparison.policy_versions or ())
+    if not versions:
+        return "unknown"
+    return str(versions.pop()) if len(versions) == 1 else "mixed"
 
 
 def pairwise_accuracy(rm: Scorer, tokenizer: Any, comparisons: Sequence[Comparison], batch_size: int = 16) -> dict:
     """Score every completion once and report pairwise accuracy overall and per labeler group."""
     prompts = [c.messages for c in comparisons for _ in c.completions]
     responses = [text for c in comparisons for text in c.completions]
+    # as the policy left them: a completion cut at its token budget is scored without EOS
+    stopped = [s for c in comparisons for s in (c.stopped or [True] * len(c.completions))]
     if not responses:
         return accuracy_by_group([], [])
-    flat = rm.score_texts(tokenizer, prompts, responses, batch_size=batch_size).float().cpu()  # (N,)
+    flat = rm.score_texts(tokenizer, prompts, responses, batch_size=batch_size, stopped=stopped).float().cpu()  # (N,)
     per_comparison = list(torch.split(flat, [len(c.completions) for c in comparisons]))
     return accuracy_by_group(per_comparison, comparisons)
 
@@ -137,35 +156,55 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def kl_to_reference(
+def sampled_kl(
     policy: torch.nn.Module,
     ref: torch.nn.Module,
     tokenizer: Any,
     prompts: Sequence[Messages | PromptExample],
-    responses: Sequence[str],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    estimator: str = "k1",
+    samples_per_prompt: int = 1,
+    seed: int = 0,
     batch_size: int = 8,
-    max_length: int | None = None,
-) -> float:
-    """Mean over responses of sum_t log pi(y_t) - log pi_ref(y_t): a Monte Carlo KL(pi || pi_ref)
-    when the responses were sampled from ``policy``."""
-    prompt_ids = [render_prompt(tokenizer, as_messages(p)) for p in prompts]
-    response_ids = [encode_response(tokenizer, r) for r in responses]
-    per_sequence: list[torch.Tensor] = []
+) -> dict[str, float]:
+    """KL(pi || pi_ref) on the policy's OWN samples, the way PPO's penalty measures it.
+
+    ``samples_per_prompt`` samples per prompt at ``temperature`` (PPO's: the log-probs of
+    both models are taken at it too), their exact token ids kept; the per-token
+    ``estimator`` (k1 | k2 | k3) averaged over all sampled tokens (``per_token``) and summed
+    per sample (``per_sequence``). Raises ValueError for temperature 0: greedy answers are
+    not samples of the policy, and the log-ratio on them is no KL estimate (it can be negative).
+    """
+    if temperature <= 0:
+        raise ValueError("sampled_kl needs samples from the policy (temperature > 0); greedy answers are not "
+                         "samples, and their log-ratio is no estimate of the KL")
+    from trainer.rollout import HFRolloutGenerator
+
+    examples = [PromptExample(str(i), as_messages(p)) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
+    rollouts = HFRolloutGenerator(policy, tokenizer, batch_size=batch_size).generate(
+        examples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    parts: dict[str, list[torch.Tensor]] = {"logp": [], "ref": [], "mask": []}
     with eval_mode(policy), eval_mode(ref):
-        for part in _chunks(len(prompt_ids), batch_size):
-            batch = pack_sequences(prompt_ids[part], response_ids[part], tokenizer.pad_token_id, max_length)
-            logp = _sequence_logprobs(policy, batch)  # (B, T-1)
-            ref_logp = _sequence_logprobs(ref, batch)
-            mask = batch.response_mask[:, 1:].to(logp.device)
-            per_sequence.append(((logp - ref_logp) * mask).sum(dim=1).cpu())  # (B,)
-    return float(torch.cat(per_sequence).mean()) if per_sequence else 0.0
+        for part in _chunks(len(rollouts), batch_size):
+            batch = pack_sequences(rollouts.prompt_ids[part], rollouts.response_ids[part], tokenizer.pad_token_id)
+            parts["logp"].append(_sequence_logprobs(policy, batch, temperature).cpu())
+            parts["ref"].append(_sequence_logprobs(ref, batch, temperature).cpu())
+            parts["mask"].append(batch.response_mask[:, 1:])
+    width = max(t.shape[1] for t in parts["mask"])
+    logp, ref_logp, mask = (torch.cat([F.pad(t, (0, width - t.shape[1])) for t in parts[k]]) for k in ("logp", "ref", "mask"))
+    summary = kl_summary(logp, ref_logp, mask, estimator)
+    return {"per_token": float(summary.per_token), "per_sequence": float(summary.per_sequence),
+            "tokens": int(summary.num_tokens), "samples": len(rollouts), "estimator": estimator,
+            "temperature": temperature}
 
 
-def _sequence_logprobs(model: torch.nn.Module, batch) -> torch.Tensor:
-    """log pi(token t | < t) on the label grid. Shape: batch (B, T) -> (B, T-1), float32."""
+def _sequence_logprobs(model: torch.nn.Module, batch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token t | < t) on the label grid, at ``temperature``. Shape: batch (B, T) -> (B, T-1), float32."""
     batch = batch.to(model_device(model))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return response_logprobs(logits[:, :-1, :].float(), batch.input_ids[:, 1:])
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1, :].float()
+    return response_logprobs(logits / temperature, batch.input_ids[:, 1:])
 
 
 def ptx_eval_loss(
@@ -200,11 +239,14 @@ def sample_responses(
     temperature: float = 0.0,
     seed: int = 0,
     batch_size: int = 8,
-) -> list[str]:
+    with_stopped: bool = False,
+) -> list[str] | tuple[list[str], list[bool]]:
     """One response per prompt (greedy when ``temperature`` is 0), decoded without special tokens.
 
     Batched with LEFT padding so every row's new tokens start at the same column. Sampling
     uses a private RNG stream seeded with ``seed``: the caller's global RNG is untouched.
+    ``with_stopped``: also return whether each response ended with EOS (False: cut at
+    ``max_new_tokens``), which the reward model needs to score it as the policy left it.
     """
     device = model_device(model)
     pad_id = tokenizer.pad_token_id
@@ -214,6 +256,7 @@ def sample_responses(
     if sampling:
         options.update(temperature=temperature, top_k=0, top_p=1.0)
     texts: list[str] = []
+    stopped: list[bool] = []
     devices = [device] if device.type == "cuda" else []
     with eval_mode(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -226,5 +269,91 @@ def sample_responses(
                 input_ids[i, width - len(row):] = torch.tensor(row)
                 attention_mask[i, width - len(row):] = 1
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options)
-            texts.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
-    return texts
+            new = out[:, width:]
+            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            stopped.extend(bool((row == tokenizer.eos_token_id).any()) for row in new)
+    return (texts, stopped) if with_stopped else texts
+
+
+# ---------------------------------------------------------------------------- a candidate against the serving policy
+
+
+def evaluate_candidate(
+    candidate_dir: Path,
+    serving_dir: Path,
+    reference_dir: Path,
+    judge_dir: Path,
+    rm_dir: Path,
+    prompts: Sequence[PromptExample],
+    ptx_texts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    ptx_max_length: int,
+    seed: int,
+    kl_estimator: str,
+    kl_temperature: float,
+    kl_samples_per_prompt: int,
+    num_examples: int = 3,
+) -> dict[str, Any]:
+    """What the gate decides on (``trainer.gate.decide``): both policies answer ``prompts``
+    (greedy by default), the judge (and, for reference, PPO's RM) scores both answers; the
+    candidate's KL to the SFT reference on its own samples (``sampled_kl``, PPO's estimator
+    and temperature); the held-out pretraining NLL of both."""
+    from common.models import load_causal_lm, load_tokenizer
+    from trainer.reward_model import RewardModel
+
+    if not prompts:
+        raise ValueError("no evaluation prompts")
+    tokenizer = load_tokenizer(candidate_dir, padding_side="right")
+    candidate, serving = load_causal_lm(candidate_dir), load_causal_lm(serving_dir)
+    messages = [p.messages for p in prompts]
+
+    def answers(model: torch.nn.Module) -> tuple[list[str], list[bool]]:
+        return sample_responses(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed, batch_size=batch_size, with_stopped=True)
+
+    (cand_text, cand_stopped), (serve_text, serve_stopped) = answers(candidate), answers(serving)
+    scores = {}
+    for name, folder in (("judge", judge_dir), ("rm", rm_dir)):
+        rm = RewardModel.load(folder)
+        scores[name] = (rm.score_texts(rm.tokenizer, messages, cand_text, batch_size=batch_size, stopped=cand_stopped),
+                        rm.score_texts(rm.tokenizer, messages, serve_text, batch_size=batch_size, stopped=serve_stopped))
+        del rm
+    judge_c, judge_s = scores["judge"]
+    wins, losses = int((judge_c > judge_s).sum()), int((judge_c < judge_s).sum())
+    ptx_candidate = ptx_eval_loss(candidate, tokenizer, ptx_texts, ptx_max_length, batch_size) if ptx_texts else None
+    ptx_serving = ptx_eval_loss(serving, tokenizer, ptx_texts, ptx_max_length, batch_size) if ptx_texts else None
+    del serving
+    reference = load_causal_lm(reference_dir)
+    kl = sampled_kl(candidate, reference, tokenizer, messages, temperature=kl_temperature, max_new_tokens=max_new_tokens,
+                    estimator=kl_estimator, samples_per_prompt=kl_samples_per_prompt, seed=seed, batch_size=batch_size)
+    return {
+        "num_prompts": len(prompts),
+        "judge_win_rate": win_rate(judge_c, judge_s),
+        "judge_wins": wins,
+        "judge_losses": losses,
+        "p_value": binomial_sf_one_sided(wins, wins + losses),
+        "judge_score_candidate": float(judge_c.mean()),
+        "judge_score_serving": float(judge_s.mean()),
+        "rm_win_rate": win_rate(*scores["rm"]),
+        "rm_score_candidate": float(scores["rm"][0].mean()),
+        "rm_score_serving": float(scores["rm"][1].mean()),
+        "kl_to_sft": kl["per_token"],  # nats per token, on the candidate's own samples
+        "kl_to_sft_per_sequence": kl["per_sequence"],
+        "kl": kl,
+        "ptx_nll_candidate": ptx_candidate,
+        "ptx_nll_serving": ptx_serving,
+        "ptx_regression": None if ptx_candidate is None else ptx_candidate - ptx_serving,
+        "empty_fraction_candidate": sum(not t.strip() for t in cand_text) / len(cand_text),
+        "stopped_fraction_candidate": sum(cand_stopped) / len(cand_stopped),
+        "mean_words_candidate": _mean_words(cand_text),
+        "mean_words_serving": _mean_words(serve_text),
+        "examples": [{"prompt": m[-1]["content"], "candidate": c, "serving": s}
+                     for m, c, s in zip(messages[:num_examples], cand_text, serve_text)],
+    }
+
+
+def _mean_words(texts: Sequence[str]) -> float:
+    return sum(len(t.split()) for t in texts) / max(len(texts), 1)

@@ -28,18 +28,12 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, get_type_hints
 
 from common import paths
-from trainer.config import EvalConfig, RMConfig, SFTConfig, config_from_overrides
+from trainer.config import EvalConfig, PPOConfig, RMConfig, SFTConfig, _check, config_from_overrides
 from trainer.gate import GateConfig
 from trainer.hygiene import HygieneConfig
-from trainer.ppo import PPOConfig
 
 Schedule = Literal["interval", "cron", "off"]
 ADMIN_KEY_ENV = "RLHF_ADMIN_KEY"
-
-
-def _check(condition: bool, name: str, message: str, value: Any) -> None:
-    if not condition:
-        raise ValueError(f"{name} {message}, got {value!r}")
 
 
 @dataclass

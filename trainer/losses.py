@@ -178,6 +178,26 @@ def compute_approx_kl(
     return kl if mask is None else kl * mask
 
 
+class KLSummary(NamedTuple):
+    """A sample-based KL(pi || pi_ref) estimate, per token and per sequence (detached)."""
+
+    per_token: torch.Tensor  # token-level masked mean of the estimator
+    per_sequence: torch.Tensor  # mean over rows of each row's sum
+    num_tokens: torch.Tensor
+
+
+def kl_summary(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
+               ) -> KLSummary:
+    """KL(pi || pi_ref) from tokens SAMPLED from pi, with ``compute_approx_kl``'s ``estimator``.
+
+    Shape: logprobs, ref_logprobs, mask (B, T) -> three 0-dim tensors. Only samples from pi
+    make this an estimate of KL(pi || pi_ref): greedy answers are not samples.
+    """
+    kl = compute_approx_kl(logprobs, ref_logprobs, mask, estimator)  # (B, T)
+    return KLSummary(per_token=masked_mean(kl, mask).detach(), per_sequence=kl.sum(dim=-1).mean().detach(),
+                     num_tokens=mask.sum().detach())
+
+
 def last_valid_onehot(mask: torch.Tensor) -> torch.Tensor:
     """1 at each row's last valid token, else 0 (all 0 for an empty row). Shape: (B, T) -> (B, T)."""
     positions = torch.arange(mask.shape[-1], device=mask.device, dtype=mask.dtype)  # (T,)
@@ -191,14 +211,16 @@ def kl_penalized_rewards(
     ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
     kl_coef: float,
+    kl_estimator: str = "k1",
 ) -> torch.Tensor:
-    """Per-token PPO rewards: -beta * log(pi_RL / pi_SFT) at every token, the RM score at the last.
+    """Per-token PPO rewards: -beta * KL_t at every token, the RM score at the last.
 
     Shape: scores (B,); logprobs, ref_logprobs, mask (B, T) -> (B, T), 0 where ``mask`` is 0.
-    The score lands on each row's last VALID token (the EOS), not on column T - 1.
+    KL_t is ``compute_approx_kl(..., kl_estimator)``: with "k1" (the paper's) it is
+    log(pi_RL / pi_SFT). The score lands on each row's last VALID token (the EOS), not on column T - 1.
     """
-    # r_t = -kl_coef * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) + [t == last] * score
-    kl_penalty = -kl_coef * compute_approx_kl(logprobs, ref_logprobs, mask, estimator="k1")
+    # r_t = -kl_coef * KL_t + [t == last] * score
+    kl_penalty = -kl_coef * compute_approx_kl(logprobs, ref_logprobs, mask, estimator=kl_estimator)
     return kl_penalty + scores.unsqueeze(-1) * last_valid_onehot(mask)
 
 

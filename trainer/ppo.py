@@ -63,16 +63,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from common.models import load_causal_lm, load_tokenizer
-from trainer.config import _check, _check_literals
+from trainer.config import PPOConfig
 from trainer.corpus import PtxBatch, PtxBatcher, load_corpus, split_corpus
 from trainer.data import PromptExample, SequenceBatch, pack_sequences
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.lora import add_lora
 from trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -89,147 +90,6 @@ from trainer.losses import (
 )
 from trainer.reward_model import RewardModel
 from trainer.rollout import HFRolloutGenerator, RolloutGenerator, Rollouts
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4}  # measured on the 135M model (MACHINE-FACTS)
-
-
-# ---------------------------------------------------------------------------- config
-
-
-@dataclass
-class PPOConfig:
-    """Step 3: PPO-ptx against a frozen RM with a per-token KL penalty to the SFT reference.
-
-    Paper: beta = 0.02, gamma (ptx) = 27.8 under its own normalisation, value function
-    initialised from the RM. Defaults are sized for the embedded SmolLM2-135M on a 2-core CPU.
-    """
-
-    # -- rollouts
-    rollouts_per_iteration: int = field(
-        default=16, metadata={"help": "Prompts sampled (one response each) per PPO iteration."})
-    iterations: int = field(default=10, metadata={"help": "PPO iterations (rollout + update rounds)."})
-    max_new_tokens: int = field(
-        default=48, metadata={"help": "Response token cap; a response that hits it has no EOS."})
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Sampling temperature (> 0). Log-probs of policy AND reference are taken at this "
-                  "temperature, so PPO optimises the distribution it samples from."})
-    top_p: float = field(
-        default=1.0,
-        metadata={"help": "Nucleus sampling; < 1 makes rollouts slightly off-policy (log-probs ignore the cut)."})
-    max_prompt_tokens: int = field(
-        default=256, metadata={"help": "Prompt tokens kept (the END of a longer prompt is kept)."})
-    missing_eos_penalty: float | None = field(
-        default=None,
-        metadata={"help": "Subtracted from the RM score of responses cut at max_new_tokens (the RM was trained "
-                  "on responses ending with EOS); None = no penalty."})
-    # -- KL penalty
-    kl_coef: float = field(
-        default=0.05,
-        metadata={"help": "beta: per-token reward -beta * log(pi / pi_ref) (paper: 0.02). On the 135M model "
-                  "beta = 0.05 still let KL reach 6-8 nats in 12 iterations (MACHINE-FACTS); 0.1 is cleaner."})
-    kl_control: Literal["fixed", "adaptive"] = field(
-        default="fixed",
-        metadata={"help": "'fixed' beta, or 'adaptive' (Ziegler et al. 2019): beta moves to keep the per-sequence "
-                  "KL near kl_target."})
-    kl_target: float = field(
-        default=6.0, metadata={"help": "Target per-sequence KL in nats for kl_control='adaptive'."})
-    kl_horizon: int = field(
-        default=256,
-        metadata={"help": "Adaptive controller horizon in episodes: beta changes by at most 20% * episodes / "
-                  "horizon per update (Ziegler: 10000, for runs of millions of episodes)."})
-    # -- advantages
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount (1.0: the episode is one response)."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    whiten_advantages: bool = field(
-        default=True, metadata={"help": "Whiten advantages over the iteration's response tokens."})
-    # -- PPO update
-    clip_eps: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
-    value_clip_eps: float = field(default=0.2, metadata={"help": "Value clip: V may move this far from V_old."})
-    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each iteration's rollouts."})
-    minibatch_size: int = field(default=4, metadata={"help": "Rollouts per optimizer step."})
-    policy_lr: float | None = field(
-        default=None, metadata={"help": "Policy AdamW LR; None = 2e-5 (full) or 2e-4 (lora)."})
-    value_lr: float | None = field(
-        default=None, metadata={"help": "Value-model AdamW LR; None = same rule as policy_lr."})
-    max_grad_norm: float | None = field(
-        default=1.0, metadata={"help": "Clip each model's gradient norm; None disables clipping."})
-    # -- pretraining mix (ptx)
-    ptx_coef: float = field(
-        default=0.3,
-        metadata={"help": "gamma: loss = policy loss + ptx_coef * pretraining NLL, both per-token means "
-                  "(gamma = 1 weighs one pretraining token like one RL token); 0 = plain PPO. The paper's 27.8 "
-                  "is under an unpublished normalisation: here it would leave ~9% of the RL progress. Calibrated "
-                  "on the embedded model (module docstring): 0.3 turns the alignment tax negative and keeps ~95% "
-                  "of the RL progress; 1.0 protects more and keeps ~78%."})
-    ptx_batch_size: int = field(default=4, metadata={"help": "Pretraining windows per policy step."})
-    ptx_seq_len: int = field(default=128, metadata={"help": "Tokens per pretraining window."})
-    ptx_held_out_fraction: float = field(
-        default=0.1,
-        metadata={"help": "With the default corpus, the fraction of paragraphs held out (split seed 0) to measure "
-                  "the alignment tax; PPO trains on the rest."})
-    # -- which weights train
-    train_mode: Literal["full", "lora"] = field(
-        default="full",
-        metadata={"help": "'full': every policy and value weight trains; 'lora': adapters on lora_targets of both "
-                  "(the value head trains fully), merged into full weights when the policy is saved."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
-    lora_targets: tuple[str, ...] = field(
-        default=LORA_TARGETS, metadata={"help": "Module names that get LoRA adapters (default: all linear layers)."})
-    # -- runtime
-    forward_batch_size: int = field(
-        default=16, metadata={"help": "Sequences per generate call and per no-grad forward (scoring, log-probs)."})
-    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and minibatch shuffles."})
-    device: Literal["auto", "cpu", "cuda"] = field(
-        default="auto", metadata={"help": "'auto': CUDA when available, else CPU."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto",
-        metadata={"help": "Frozen models' dtype and the trained models' autocast dtype; 'auto': bf16 on a CUDA "
-                  "device that supports it, else fp32."})
-    num_threads: int | None = field(
-        default=None, metadata={"help": "torch.set_num_threads during training; None leaves it."})
-
-    def __post_init__(self) -> None:
-        self.lora_targets = tuple(self.lora_targets)
-        positive_ints = ("rollouts_per_iteration", "iterations", "max_new_tokens", "max_prompt_tokens", "kl_horizon",
-                         "ppo_epochs", "minibatch_size", "ptx_batch_size", "ptx_seq_len", "lora_r", "lora_alpha",
-                         "forward_batch_size")
-        for name in positive_ints:
-            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        _check(self.temperature > 0, "temperature", "must be > 0 (PPO samples)", self.temperature)
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
-        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)
-        _check(self.kl_target > 0, "kl_target", "must be > 0", self.kl_target)
-        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]", self.gamma)
-        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]", self.lam)
-        _check(self.clip_eps > 0, "clip_eps", "must be > 0", self.clip_eps)
-        _check(self.value_clip_eps > 0, "value_clip_eps", "must be > 0", self.value_clip_eps)
-        for name in ("policy_lr", "value_lr", "max_grad_norm"):
-            value = getattr(self, name)
-            _check(value is None or value > 0, name, "must be > 0 or None", value)
-        _check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0, "missing_eos_penalty",
-               "must be >= 0 or None", self.missing_eos_penalty)
-        _check(self.ptx_coef >= 0, "ptx_coef", "must be >= 0", self.ptx_coef)
-        _check(0 <= self.ptx_held_out_fraction < 1, "ptx_held_out_fraction", "must be in [0, 1)",
-               self.ptx_held_out_fraction)
-        _check(len(self.lora_targets) >= 1, "lora_targets", "must name at least one module", self.lora_targets)
-        _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1 or None",
-               self.num_threads)
-        _check_literals(self)
-
-    @property
-    def resolved_policy_lr(self) -> float:
-        return self.policy_lr if self.policy_lr is not None else DEFAULT_LR[self.train_mode]
-
-    @property
-    def resolved_value_lr(self) -> float:
-        return self.value_lr if self.value_lr is not None else DEFAULT_LR[self.train_mode]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 # ---------------------------------------------------------------------------- models
 
@@ -259,8 +119,9 @@ def load_models(policy_dir: Path | str, ref_dir: Path | str, rm_dir: Path | str,
     value_model = copy.deepcopy(reward_model).float()  # on CUDA: from bf16-rounded RM weights
     value_model.requires_grad_(True)
     if config.train_mode == "lora":
-        policy = add_lora(policy, config, task_type="CAUSAL_LM")
-        value_model.backbone = add_lora(value_model.backbone, config)
+        lora = {"r": config.lora_r, "alpha": config.lora_alpha, "targets": config.lora_targets}
+        policy = add_lora(policy, **lora, task_type="CAUSAL_LM")
+        value_model.backbone = add_lora(value_model.backbone, **lora)
         value_model.head.requires_grad_(True)
     # Dropout stays off (eval mode) so old and new log-probs come from the same function.
     policy.eval()
@@ -277,17 +138,6 @@ def check_same_vocabulary(policy_tokenizer: Any, rm_tokenizer: Any, rm_dir: Path
     """The RM reads the policy's token ids directly: their vocabularies must agree."""
     if rm_tokenizer is not None and rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
         raise ValueError(f"the reward model in {rm_dir} uses another tokenizer than the policy")
-
-
-def add_lora(module: torch.nn.Module, config: PPOConfig, task_type: str | None = None) -> torch.nn.Module:
-    """Wrap ``module`` with LoRA adapters on ``config.lora_targets`` (base weights frozen)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as exc:  # pragma: no cover - peft is a declared dependency
-        raise ImportError("train_mode='lora' needs peft: pip install 'peft>=0.21,<0.22'") from exc
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(config.lora_targets), task_type=task_type)
-    return get_peft_model(module, lora)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -356,7 +206,7 @@ def rollout_batch(rollouts: Rollouts, pad_token_id: int) -> SequenceBatch:
 @torch.no_grad()
 def score_rollouts(reward_model: RewardModel, batch: SequenceBatch, chunk_size: int) -> torch.Tensor:
     """The frozen RM's score of each sequence, read at its last token. Shape: (B,) float32."""
-    scores = [reward_model(ids, mask) for ids, mask in _row_chunks(batch, chunk_size)]
+    scores = [reward_model(ids, mask, response) for ids, mask, response in _row_chunks(batch, chunk_size)]
     return torch.cat(scores).float()
 
 
@@ -368,9 +218,11 @@ def apply_missing_eos_penalty(scores: torch.Tensor, stopped: Sequence[bool], pen
     return scores - penalty * cut
 
 
-def _row_chunks(batch: SequenceBatch, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _row_chunks(batch: SequenceBatch, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, response_mask) of ``size`` rows at a time."""
     for start in range(0, batch.input_ids.shape[0], size):
-        yield batch.input_ids[start:start + size], batch.attention_mask[start:start + size]
+        rows = slice(start, start + size)
+        yield batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows]
 
 
 # ---------------------------------------------------------------------------- log-probs and values
@@ -406,9 +258,15 @@ def first_response_column(mask: torch.Tensor) -> int:
     return int(mask.argmax(dim=1).min()) if mask.any() else 0
 
 
-def token_values(value_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(value_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor) -> torch.Tensor:
     """V(s_t) on the label grid: the value of the prefix ending at token t. Shape: (B, T) -> (B, T-1)."""
-    return value_model.per_token_values(input_ids, attention_mask)[:, :-1].float()
+    return value_model.per_token_values(input_ids, attention_mask, response_mask)[:, :-1].float()
+
+
+def response_mask_from_grid(mask: torch.Tensor) -> torch.Tensor:
+    """The (B, T) response mask back from its label-grid shift. Shape: (B, T-1) -> (B, T)."""
+    return torch.nn.functional.pad(mask, (1, 0))
 
 
 def reference_logprobs(models: PPOModels, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -465,11 +323,11 @@ def evaluate_rollouts(models: PPOModels, batch: SequenceBatch, scores: torch.Ten
     parts: dict[str, list[torch.Tensor]] = {"old": [], "entropy": [], "ref": [], "values": []}
     mask = batch.response_mask[:, 1:].to(models.device)  # (B, T-1)
     start = first_response_column(mask)
-    for ids, attn in _row_chunks(batch, chunk_size):
+    for ids, attn, response in _row_chunks(batch, chunk_size):
         with autocast(models):
             old, entropy = token_logprobs(models.policy, ids, attn, temperature, with_entropy=True, start=start)
             parts["ref"].append(reference_logprobs(models, ids, attn, temperature, start=start))
-            parts["values"].append(token_values(models.value_model, ids, attn))
+            parts["values"].append(token_values(models.value_model, ids, attn, response))
         parts["old"].append(old)
         parts["entropy"].append(entropy)
     old, entropy, ref, values = (torch.cat(parts[k]) * mask for k in ("old", "entropy", "ref", "values"))
@@ -537,7 +395,8 @@ def value_step(models: PPOModels, optimizer: torch.optim.Optimizer, mb: Experien
                max_grad_norm: float | None) -> dict[str, float]:
     """Clipped value loss toward the GAE returns; one optimizer step."""
     with autocast(models):
-        values = token_values(models.value_model, mb.input_ids, mb.attention_mask)  # (b, T-1)
+        values = token_values(models.value_model, mb.input_ids, mb.attention_mask,
+                              response_mask_from_grid(mb.mask))  # (b, T-1)
     loss, stats = value_loss(values, mb.old_values, mb.returns, mb.mask, value_clip_eps)
     loss.backward()
     return {"value_loss": float(loss.detach()), "value_clip_frac": float(stats.clip_frac),
@@ -613,22 +472,22 @@ def ppo_iteration(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, to
     with timer("advantages"):
         kl_coef = kl_controller.value
         rewards = kl_penalized_rewards(scores, experience.old_logprobs, experience.ref_logprobs, experience.mask,
-                                       kl_coef)  # (B, T-1)
+                                       kl_coef, config.kl_estimator)  # (B, T-1)
         advantages, returns = compute_advantages(experience.old_values, rewards, experience.mask,
                                                  gamma=config.gamma, lam=config.lam,
                                                  whiten=config.whiten_advantages)
         experience = dataclasses.replace(experience, rewards=rewards, advantages=advantages, returns=returns)
     with timer("train"):
         train_stats = ppo_update(models, optimizers, experience, ptx_batches, config)
-    kl_per_sequence = sequence_kl(experience)  # (B,)
+    kl_per_sequence = sequence_kl(experience, config.kl_estimator)  # (B,)
     kl_controller.update(float(kl_per_sequence.mean()), n_steps=len(rollouts))
     return iteration_stats(iteration, rollouts, experience, kl_per_sequence, kl_coef, train_stats, timer,
                            peak_memory_mb(models.device))
 
 
-def sequence_kl(experience: Experience) -> torch.Tensor:
-    """Per-sequence KL(pi || pi_ref) estimate: the sum of k1 over response tokens. Shape: (B,)."""
-    return compute_approx_kl(experience.old_logprobs, experience.ref_logprobs, experience.mask).sum(dim=1)
+def sequence_kl(experience: Experience, estimator: str) -> torch.Tensor:
+    """Per-sequence KL(pi || pi_ref) estimate: the sum over response tokens of ``estimator``. Shape: (B,)."""
+    return compute_approx_kl(experience.old_logprobs, experience.ref_logprobs, experience.mask, estimator).sum(dim=1)
 
 
 def iteration_stats(iteration: int, rollouts: Rollouts, experience: Experience, kl_per_sequence: torch.Tensor,
@@ -640,7 +499,7 @@ def iteration_stats(iteration: int, rollouts: Rollouts, experience: Experience, 
         "iteration": iteration,
         "rm_score": float(experience.scores.mean()),
         "rm_score_std": float(experience.scores.std()) if len(rollouts) > 1 else 0.0,
-        "kl_ref": float(kl_per_sequence.mean()),  # nats per sequence (k1 sum), before this update
+        "kl_ref": float(kl_per_sequence.mean()),  # nats per sequence (kl_estimator sum), before this update
         "kl_coef": kl_coef,
         "non_score_reward": float(-kl_coef * kl_per_sequence.mean()),
         "entropy": float(masked_mean(experience.entropy, experience.mask)),  # nats per token

@@ -41,26 +41,31 @@ from trainer.config import RMConfig
 from trainer.data import Comparison, Demonstration, Messages, encode_response, pack_row, pack_sequences, render_prompt
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
 from trainer.evaluate import eval_mode, pairwise_accuracy
+from trainer.lora import add_lora
 from trainer.losses import batched_ranking_loss
+from trainer.rm_heads import PooledHead, build_head, gather_last
 from trainer.sft import build_optimizer, decoder_layers, training_dropout
 from trainer.trunk_cache import TrunkCache, TrunkKey, trunk_key
 
-RM_FORMAT = 1
+RM_FORMAT = 2  # 1: a last-token linear head only (still read)
 RM_META = "reward_model.json"
 RM_HEAD = "reward_head.safetensors"
 
 
 class RewardModel(torch.nn.Module):
-    """r(x, y) = head(h_last(x ++ y)) + bias, where h_last is the backbone's final hidden state
-    at the last non-pad token (the response's EOS)."""
+    """r(x, y) = head(final hidden states of x ++ y) + bias. The head (``trainer.rm_heads``)
+    reads the last non-pad token (the response's EOS when the policy stopped) and, for the
+    pooled head, every response token."""
 
-    def __init__(self, backbone: torch.nn.Module, hidden_size: int, head_init_std: float | None = None) -> None:
+    def __init__(self, backbone: torch.nn.Module, hidden_size: int, head: torch.nn.Module | None = None,
+                 pool_layer: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = torch.nn.Linear(hidden_size, 1)
-        std = head_init_std if head_init_std is not None else 1.0 / math.sqrt(hidden_size + 1)
-        torch.nn.init.normal_(self.head.weight, std=std)
-        torch.nn.init.zeros_(self.head.bias)
+        self.hidden_size = hidden_size
+        self.head = head if head is not None else build_head("last_token", hidden_size)
+        # Which hidden states the head's token pools read: index into the backbone's
+        # hidden_states (0 = embeddings, i = the output of layer i); None = the final states.
+        self.pool_layer = pool_layer if self.head.reads_tokens else None
         # The ranking loss is blind to a constant; the bias is SET (normalisation), not learned.
         self.register_buffer("bias", torch.zeros(()))
         self.forward_calls = 0  # sequences through the backbone since creation (or reset)
@@ -72,17 +77,28 @@ class RewardModel(torch.nn.Module):
         # this cache and runs the top layers only.
         self.frozen_trunk: FrozenTrunk | None = None
 
+    @property
+    def head_kind(self) -> str:
+        return self.head.kind
+
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_pretrained_lm(
         cls, path: Path | str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-        head_init_std: float | None = None,
+        head_init_std: float | None = None, head: str = "last_token", head_features: int = 16,
+        pool_depth: float = 1.0,
     ) -> RewardModel:
-        """A fresh RM on the backbone of the causal LM in ``path`` (the SFT policy); small head init."""
+        """A fresh RM on the backbone of the causal LM in ``path`` (the SFT policy); small head init.
+        ``pool_depth``: where the pooled head's token states come from, as a fraction of the
+        depth (0 = embeddings, 1 = the final states)."""
         lm = load_causal_lm(path, dtype=dtype, device=device)
         backbone = lm.base_model  # LlamaForCausalLM.model: everything but the LM head
-        rm = cls(backbone, lm.config.hidden_size, head_init_std).to(next(backbone.parameters()).device)
+        hidden = lm.config.hidden_size
+        new_head = build_head(head, hidden, features=head_features, init_std=head_init_std)
+        layers = len(decoder_layers(backbone))
+        pool_layer = None if pool_depth >= 1.0 else round(pool_depth * layers)
+        rm = cls(backbone, hidden, new_head, pool_layer).to(next(backbone.parameters()).device)
         rm.tokenizer = load_tokenizer(path, padding_side="right")
         return rm
 
@@ -95,16 +111,20 @@ class RewardModel(torch.nn.Module):
 
         folder = Path(path)
         meta = json.loads((folder / RM_META).read_text(encoding="utf-8"))
-        if meta.get("format") != RM_FORMAT:
+        if meta.get("format") not in (1, RM_FORMAT):
             raise ValueError(f"{folder}: unknown reward model format {meta.get('format')!r}")
         target = resolve_device(device)
         backbone = AutoModel.from_pretrained(folder, dtype=resolve_dtype(dtype, target), local_files_only=True)
-        rm = cls(backbone, int(meta["hidden_size"]))
-        head = load_file(str(folder / RM_HEAD))
+        hidden = int(meta["hidden_size"])
+        stored = load_file(str(folder / RM_HEAD))
+        score_bias = stored.pop("score_bias")
+        if meta["format"] == 1:  # a bare linear head: weight, bias
+            stored = {"linear.weight": stored["weight"], "linear.bias": stored["bias"]}
+        head = build_head(meta.get("head", "last_token"), hidden, features=int(meta.get("head_features") or 16))
+        head.load_state_dict(stored)
+        rm = cls(backbone, hidden, head, meta.get("pool_layer"))
         with torch.no_grad():
-            rm.head.weight.copy_(head["weight"])
-            rm.head.bias.copy_(head["bias"])
-            rm.bias.copy_(head["score_bias"])
+            rm.bias.copy_(score_bias)
         rm.max_length, rm.max_response_length = meta.get("max_length"), meta.get("max_response_length")
         rm.tokenizer = load_tokenizer(folder, padding_side="right") if (folder / "tokenizer_config.json").exists() \
             else None
@@ -118,14 +138,15 @@ class RewardModel(torch.nn.Module):
         if callable(getattr(backbone, "merge_and_unload", None)):  # LoRA mid-training: save merged weights
             backbone = copy.deepcopy(backbone).merge_and_unload()
         backbone.save_pretrained(folder)
-        head = {"weight": self.head.weight.detach().float().cpu().contiguous(),
-                "bias": self.head.bias.detach().float().cpu().contiguous(),
-                "score_bias": self.bias.detach().float().cpu().contiguous()}
-        save_file(head, str(folder / RM_HEAD))
-        meta = {"format": RM_FORMAT, "hidden_size": self.head.in_features, "bias": float(self.bias),
+        tensors = {name: t.detach().float().cpu().contiguous() for name, t in self.head.state_dict().items()}
+        tensors["score_bias"] = self.bias.detach().float().cpu().contiguous()
+        save_file(tensors, str(folder / RM_HEAD))
+        meta = {"format": RM_FORMAT, "hidden_size": self.hidden_size, "bias": float(self.bias),
+                "head": self.head_kind, "head_features": self.head.proj.out_features if hasattr(self.head, "proj") else None,
+                "pool_layer": self.pool_layer,
                 "backbone_class": type(backbone).__name__, "head_file": RM_HEAD,
                 "max_length": self.max_length, "max_response_length": self.max_response_length,
-                "reads": "final hidden state at the last non-pad token; score = head(h) + bias"}
+                "reads": "final hidden states; score = head(states, masks) + bias (trainer.rm_heads)"}
         (folder / RM_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
@@ -135,70 +156,101 @@ class RewardModel(torch.nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states. Shape: (B, T) -> (B, T, H). Counts B forward passes."""
+        return self.head_states(input_ids, attention_mask)[1]
+
+    def head_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token states the head pools, final states). Shape: (B, T) -> two (B, T, H), float32.
+        Counts B forward passes."""
         self.forward_calls += int(input_ids.shape[0])
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            output_hidden_states=self.pool_layer is not None)
+        final = out.last_hidden_state.float()
+        tokens = final if self.pool_layer is None else out.hidden_states[self.pool_layer].float()
+        return tokens, final
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores of right-padded sequences. Shape: input_ids, attention_mask (B, T) -> (B,) float32."""
-        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
-        last = attention_mask.sum(dim=1).long() - 1  # (B,) last non-pad token
-        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.head(h_last.float()).squeeze(-1) + self.bias  # (B,)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of right-padded sequences. Shape: input_ids, attention_mask, response_mask
+        (B, T) -> (B,) float32. The pooled head needs ``response_mask`` (1 on response tokens)."""
+        tokens, final = self.head_states(input_ids, attention_mask)  # (B, T, H) each
+        return self.head(tokens, gather_last(final, attention_mask), response_mask) + self.bias  # (B,)
 
-    def per_token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The head (+ bias) at every position: V(s_t) for PPO. Shape: (B, T) -> (B, T) float32.
+    def per_token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """V(s_t) for PPO: the score as if the response ended at t. Shape: (B, T) -> (B, T) float32.
 
         At each row's last non-pad token this equals ``forward``; padding positions hold
         whatever the head gives there (mask them).
         """
-        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
-        return self.head(hidden.float()).squeeze(-1) + self.bias  # (B, T)
+        tokens, final = self.head_states(input_ids, attention_mask)  # (B, T, H) each
+        return self.head.per_token(tokens, final, response_mask) + self.bias  # (B, T)
 
     @torch.no_grad()
-    def trunk_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_layers: int) -> torch.Tensor:
-        """Hidden states ENTERING the top ``top_layers`` decoder layers (what ``scores_from_trunk``
-        continues from). Shape: (B, T) -> (B, T, H). Counts B forward passes."""
+    def trunk_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_layers: int) -> list[torch.Tensor]:
+        """Per row, what training above a frozen trunk needs (what ``scores_from_trunk`` reads):
+        the states ENTERING the top ``top_layers`` decoder layers, (len, H); with 0 (the head
+        alone) the head's token states followed by the final state at the last token, (len + 1, H).
+        Shape: (B, T) -> B tensors. Counts B forward passes."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        if top_layers == 0:
+            tokens, final = self.head_states(input_ids, attention_mask)
+            return [torch.cat([tokens[i, :n], final[i, n - 1:n]]) for i, n in enumerate(lengths)]
         self.forward_calls += int(input_ids.shape[0])
         layers = decoder_layers(self.backbone)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                             output_hidden_states=True)
-        return out.hidden_states[len(layers) - top_layers]  # [0] is the embeddings, [i] enters layer i
+        states = out.hidden_states[len(layers) - top_layers]  # [0] is the embeddings, [i] enters layer i
+        return [states[i, :n] for i, n in enumerate(lengths)]
 
-    def scores_from_trunk(self, states: torch.Tensor, attention_mask: torch.Tensor, top_layers: int) -> torch.Tensor:
-        """``forward`` from ``trunk_states``: the top layers, the final norm and the head only.
-        Shape: states (B, T, H), attention_mask (B, T) -> (B,) float32."""
+    def scores_from_trunk(self, rows: Sequence[torch.Tensor], response_lengths: Sequence[int], top_layers: int
+                          ) -> torch.Tensor:
+        """``forward``'s scores from ``trunk_rows``: the top layers, the final norm and the head
+        (the head alone when ``top_layers`` is 0). Each row's last ``response_lengths[i]``
+        tokens are its response. Shape: -> (N,) float32."""
+        device = next(self.parameters()).device
+        if top_layers == 0:
+            tokens, _, response_mask = pad_states([r[:-1] for r in rows], response_lengths)
+            last = torch.stack([r[-1] for r in rows])
+            return self.head(tokens.to(device), last.to(device), response_mask.to(device)) + self.bias
+        states, attention_mask, response_mask = pad_states(rows, response_lengths)
+        attention_mask = attention_mask.to(device)
         with only_top_layers(self.backbone, top_layers):
-            hidden = self.backbone(inputs_embeds=states, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        last = attention_mask.sum(dim=1).long() - 1
-        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.head(h_last.float()).squeeze(-1) + self.bias
+            final = self.backbone(inputs_embeds=states.to(device), attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state.float()
+        # a pooled head above trained top layers reads the final states (can_cache_trunk)
+        return self.head(final, gather_last(final, attention_mask), response_mask.to(device)) + self.bias
 
     @torch.no_grad()
     def score_texts(
         self, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int = 16,
         max_length: int | None = None, max_response_length: int | None = None,
+        stopped: Sequence[bool] | None = None,
     ) -> torch.Tensor:
         """Scores of (prompt, response) texts, rendered as in training. Shape: -> (N,) float32 on CPU.
 
-        ``max_length`` / ``max_response_length`` default to the truncation the RM was trained with.
+        ``stopped[i]`` False: response i was cut at its token budget and gets no EOS, as the
+        policy left it (default: every response ended with EOS). ``max_length`` /
+        ``max_response_length`` default to the truncation the RM was trained with.
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         max_length = max_length if max_length is not None else self.max_length
         max_response_length = max_response_length if max_response_length is not None else self.max_response_length
+        stopped = [True] * len(responses) if stopped is None else list(stopped)
         device = next(self.parameters()).device
         prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
-        response_ids = [encode_response(tokenizer, r, max_response_length) for r in responses]
+        response_ids = [encode_response(tokenizer, r, max_response_length, eos=s) for r, s in zip(responses, stopped)]
         if self.frozen_trunk is not None:
             rows = [pack_row(p, r, max_length) for p, r in zip(prompt_ids, response_ids)]
-            return self.frozen_trunk.scores(self, rows, tokenizer.pad_token_id, batch_size)
+            return self.frozen_trunk.scores(self, rows, [len(r) for r in response_ids], tokenizer.pad_token_id,
+                                            batch_size)
         scores = []
         with eval_mode(self):
             for start in range(0, len(prompt_ids), batch_size):
                 part = slice(start, start + batch_size)
                 batch = pack_sequences(prompt_ids[part], response_ids[part], tokenizer.pad_token_id, max_length)
-                scores.append(self(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu())
+                scores.append(self(batch.input_ids.to(device), batch.attention_mask.to(device),
+                                   batch.response_mask.to(device)).float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
 
     def set_bias(self, value: float) -> None:
@@ -209,14 +261,13 @@ class RewardModel(torch.nn.Module):
 # ---------------------------------------------------------------------------- which weights train
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def configure_trainable(rm: RewardModel, mode: str, *, top_layers: int, lora_r: int, lora_alpha: int,
                         lora_dropout: float) -> None:
     """Set ``requires_grad`` (and wrap LoRA adapters) for ``mode``; the head always trains."""
     if mode == "full":
         rm.requires_grad_(True)
+    elif mode == "head":
+        rm.requires_grad_(False)  # the whole trunk is frozen: only the head below trains
     elif mode == "top_layers":
         rm.requires_grad_(False)
         layers = decoder_layers(rm.backbone)
@@ -228,16 +279,7 @@ def configure_trainable(rm: RewardModel, mode: str, *, top_layers: int, lora_r: 
         if norm is not None:
             norm.requires_grad_(True)
     elif mode == "lora":
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as exc:  # pragma: no cover - peft is a declared dependency
-            raise ImportError("train_mode='lora' needs peft: pip install 'peft>=0.21,<0.22'") from exc
-        targets = sorted({name.rsplit(".", 1)[-1] for name, m in rm.backbone.named_modules()
-                          if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS})
-        if not targets:
-            raise ValueError("Unknown architecture: no linear layer to put LoRA adapters on")
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-        rm.backbone = get_peft_model(rm.backbone, lora)  # freezes the backbone, adapters train
+        rm.backbone = add_lora(rm.backbone, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)  # freezes the rest
     else:
         raise ValueError(f"Unknown train_mode: {mode}")
     rm.head.requires_grad_(True)
@@ -269,24 +311,34 @@ class FrozenTrunk:
         return self.cache.states(rm, self.key, rows, self.top_layers, pad_token_id, batch_size)
 
     @torch.no_grad()
-    def scores(self, rm: RewardModel, rows: Sequence[Sequence[int]], pad_token_id: int, batch_size: int
-               ) -> torch.Tensor:
-        """``forward``'s scores of token rows from cached trunk states. Shape: -> (N,) float32, CPU."""
+    def scores(self, rm: RewardModel, rows: Sequence[Sequence[int]], response_lengths: Sequence[int],
+               pad_token_id: int, batch_size: int) -> torch.Tensor:
+        """``forward``'s scores of token rows (each ending with its response of
+        ``response_lengths[i]`` tokens) from cached trunk states. Shape: -> (N,) float32, CPU."""
         states = self.states(rm, rows, pad_token_id, batch_size)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar length
         scores = torch.zeros(len(rows))
-        device = next(rm.parameters()).device
         with eval_mode(rm):
             for start in range(0, len(order), batch_size):
                 part = order[start:start + batch_size]
-                width = max(len(rows[i]) for i in part)
-                padded = torch.stack([torch.nn.functional.pad(states[i], (0, 0, 0, width - len(rows[i])))
-                                      for i in part])
-                mask = torch.zeros((len(part), width), dtype=torch.long)
-                for j, i in enumerate(part):
-                    mask[j, :len(rows[i])] = 1
-                scores[part] = rm.scores_from_trunk(padded.to(device), mask.to(device), self.top_layers).float().cpu()
+                scores[part] = rm.scores_from_trunk([states[i] for i in part], [response_lengths[i] for i in part],
+                                                    self.top_layers).float().cpu()
         return scores
+
+
+def pad_states(states: Sequence[torch.Tensor], response_lengths: Sequence[int], width: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad per-row states, (len_i, H) each, to one batch with its masks; a row's last
+    ``response_lengths[i]`` positions are its response. Returns states (B, W, H),
+    attention_mask (B, W) long, response_mask (B, W) float."""
+    width = width if width is not None else max(s.shape[0] for s in states)
+    padded = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in states])
+    attention_mask = torch.zeros((len(states), width), dtype=torch.long)
+    response_mask = torch.zeros((len(states), width))
+    for i, (s, n) in enumerate(zip(states, response_lengths)):
+        attention_mask[i, :s.shape[0]] = 1
+        response_mask[i, s.shape[0] - n:s.shape[0]] = 1
+    return padded, attention_mask, response_mask
 
 
 @contextlib.contextmanager
@@ -301,10 +353,21 @@ def scoring_from_trunk(rm: RewardModel, trunk: FrozenTrunk) -> Iterator[RewardMo
 
 
 def can_cache_trunk(rm: RewardModel, config: RMConfig) -> bool:
-    """The trunk is cached in top_layers mode without dropout, on a backbone whose forward
-    loops over ``self.layers`` (Llama-style; others train uncached)."""
-    return (config.cache_trunk and config.train_mode == "top_layers" and 0 < config.top_layers
-            and config.residual_dropout == 0 and isinstance(getattr(rm.backbone, "layers", None), torch.nn.ModuleList))
+    """The trunk is cached in ``head`` mode (all of it frozen) and in top_layers mode without
+    dropout on a backbone whose forward loops over ``self.layers`` (Llama-style; others
+    train uncached)."""
+    if not config.cache_trunk:
+        return False
+    if config.train_mode == "head":
+        return True
+    # a head that pools a lower layer's states needs them, and only the top layers' input is cached
+    return (config.train_mode == "top_layers" and 0 < config.top_layers and config.residual_dropout == 0
+            and rm.pool_layer is None and isinstance(getattr(rm.backbone, "layers", None), torch.nn.ModuleList))
+
+
+def frozen_top_layers(config: RMConfig) -> int:
+    """How many top decoder layers train above a cached trunk (0: the head alone)."""
+    return 0 if config.train_mode == "head" else config.top_layers
 
 
 def finish_training(rm: RewardModel) -> None:
@@ -321,7 +384,7 @@ def finish_training(rm: RewardModel) -> None:
 @dataclass
 class EncodedComparison:
     prompt_ids: list[int]
-    completion_ids: list[list[int]]
+    completion_ids: list[list[int]]  # EOS-terminated when the policy stopped
     ranks: list[int]
     # Cached trunk output per completion, (length, H) as packed (``attach_trunk_states``), or
     # None; the states enter the top ``trunk_top_layers`` decoder layers.
@@ -342,15 +405,22 @@ def attach_trunk_states(rm: RewardModel, items: Sequence[EncodedComparison], tru
 
 def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_response_length: int
                        ) -> list[EncodedComparison]:
-    """Token ids per comparison; the prompt is rendered once for its K completions."""
+    """Token ids per comparison; the prompt is rendered once for its K completions. A
+    completion the policy did not finish gets no EOS (``Comparison.stopped``)."""
     return [EncodedComparison(render_prompt(tokenizer, c.messages),
-                              [encode_response(tokenizer, text, max_response_length) for text in c.completions],
+                              [encode_response(tokenizer, text, max_response_length, eos=stopped)
+                               for text, stopped in zip(c.completions, c.stopped or [True] * len(c.completions))],
                               list(c.ranks))
             for c in comparisons]
 
 
 def has_ordered_pair(comparison: Comparison) -> bool:
     return len(set(comparison.ranks)) > 1
+
+
+def ordered_pairs(ranks: Sequence[int]) -> int:
+    """Pairs a ranking orders (tied completions give none): C(K, 2) without ties."""
+    return sum(1 for a in ranks for b in ranks if a < b)
 
 
 def comparison_batch(items: Sequence[EncodedComparison], pad_token_id: int, max_length: int | None):
@@ -397,14 +467,12 @@ def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id:
     Items with cached trunk states (``attach_trunk_states``) run the top layers only."""
     batch, ranks, valid, index = comparison_batch(items, pad_token_id, max_length)
     device = next(rm.parameters()).device
-    if all(item.trunk is not None for item in items):  # cached trunk: the top layers only
+    if all(item.trunk is not None for item in items):  # cached trunk: the top layers (or the head) only
         states = [s for item in items for s in item.trunk]
-        width = batch.input_ids.shape[1]
-        padded_states = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in states])
-        flat = rm.scores_from_trunk(padded_states.to(device), batch.attention_mask.to(device),
-                                    items[0].trunk_top_layers)
+        lengths = [len(ids) for item in items for ids in item.completion_ids]
+        flat = rm.scores_from_trunk(states, lengths, items[0].trunk_top_layers)
     else:
-        flat = rm(batch.input_ids.to(device), batch.attention_mask.to(device))  # (N,)
+        flat = rm(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device))
     padded = torch.cat([flat, flat.new_zeros(1)])  # slot N: padding completions read 0
     rewards = padded[index.to(device)]  # (P, Kmax)
     return batched_ranking_loss(rewards, ranks.to(device), valid.to(device))
@@ -425,6 +493,8 @@ class RMResult:
     skipped_all_tied: int
     trainable_params: int
     total_params: int
+    head: str = "last_token"
+    num_train_pairs: int = 0  # ordered pairs in the training comparisons (ties give none)
     epochs: list[dict[str, Any]] = field(default_factory=list)
     val: dict[str, Any] = field(default_factory=dict)  # pairwise accuracy, overall and per group
     bias: float = 0.0
@@ -483,39 +553,20 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
                         lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
     calls_before = rm.forward_calls
     adapt_threads(config.num_threads)
-    cached = can_cache_trunk(rm, config)
-    trunk = None
-    if cached:  # the frozen layers' output, once for all epochs (and for scoring below)
-        shared = trunk_cache is not None and not isinstance(model_dir_or_rm, RewardModel)
-        key = trunk_key(model_dir_or_rm, config.top_layers, rm) if shared else None
-        trunk = FrozenTrunk(trunk_cache if shared else TrunkCache(), key, config.top_layers)
+    trunk = bind_trunk(rm, model_dir_or_rm, config, trunk_cache)
+    if trunk is not None:  # the frozen layers' output, once for all epochs (and for scoring below)
         reused_before, computed_before = trunk.cache.reused, trunk.cache.computed
         attach_trunk_states(rm, train, trunk, tokenizer.pad_token_id, config.max_length,
                             config.max_completions_per_step)
-    result = RMResult(str(out_dir), config.train_mode, trunk_cached=cached, num_train=len(usable),
-                      num_val=len(val_comparisons),
-                      skipped_all_tied=len(comparisons) - len(usable),
+    before_normalizer = rm.forward_calls
+    fit_head_normalizer(rm, train, tokenizer.pad_token_id, config.max_length, config.max_completions_per_step)
+    calls_before += rm.forward_calls - before_normalizer  # not training passes
+    result = RMResult(str(out_dir), config.train_mode, trunk_cached=trunk is not None, num_train=len(usable),
+                      num_val=len(val_comparisons), skipped_all_tied=len(comparisons) - len(usable),
                       trainable_params=sum(p.numel() for p in rm.parameters() if p.requires_grad),
-                      total_params=sum(p.numel() for p in rm.parameters()))
-
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    optimizer, schedule = build_optimizer(
-        list(rm.named_parameters()), config.learning_rate, config.weight_decay,
-        (config.adam_beta1, config.adam_beta2), steps_per_epoch * config.epochs, config.warmup_ratio,
-        config.min_lr_ratio)
-    generator = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(total=steps_per_epoch * config.epochs, desc=f"rm ({config.train_mode})",
-               disable=not progress_enabled(config.show_progress))
-    for epoch in range(1, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        threads = adapt_threads(config.num_threads)
-        order = torch.randperm(len(train), generator=generator).tolist()
-        with training_dropout(rm.backbone, config.residual_dropout):
-            metrics = _train_epoch(rm, [train[i] for i in order], optimizer, schedule, config,
-                                   tokenizer.pad_token_id, bar)
-        result.epochs.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_started,
-                              "threads": threads})
-    bar.close()
+                      total_params=sum(p.numel() for p in rm.parameters()), head=rm.head_kind,
+                      num_train_pairs=sum(ordered_pairs(c.ranks) for c in usable))
+    result.epochs = fit_epochs(rm, train, config, tokenizer.pad_token_id)
     result.forward_passes = rm.forward_calls - calls_before
     finish_training(rm)
     adapt_threads(config.num_threads)
@@ -538,7 +589,72 @@ def _load_rm(model_dir_or_rm: Path | str | RewardModel, config: RMConfig) -> Rew
         return model_dir_or_rm
     device = resolve_device(config.device)
     return RewardModel.from_pretrained_lm(model_dir_or_rm, dtype=resolve_dtype(config.dtype, device), device=device,
-                                          head_init_std=config.head_init_std)
+                                          head_init_std=config.head_init_std, head=config.head,
+                                          head_features=config.head_features, pool_depth=config.pool_depth)
+
+
+def bind_trunk(rm: RewardModel, model_dir_or_rm: Path | str | RewardModel, config: RMConfig,
+               trunk_cache: TrunkCache | None) -> FrozenTrunk | None:
+    """The cache the frozen trunk's states come from: the shared one when the trunk is a
+    model folder (its content hash is the key), else one for this training; None when
+    ``can_cache_trunk`` says no."""
+    if not can_cache_trunk(rm, config):
+        return None
+    top = frozen_top_layers(config)
+    shared = trunk_cache is not None and not isinstance(model_dir_or_rm, RewardModel)
+    key = trunk_key(model_dir_or_rm, top, rm) if shared else None
+    return FrozenTrunk(trunk_cache if shared else TrunkCache(), key, top)
+
+
+@torch.no_grad()
+def fit_head_normalizer(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id: int,
+                        max_length: int | None, max_sequences: int, max_rows: int = 512) -> None:
+    """Fix the head's input standardisation from (up to ``max_rows``) training completions:
+    the response tokens' states it pools and the last tokens' final states (from the cached
+    trunk when only the head trains)."""
+    if not rm.head.reads_tokens:
+        return
+    device = next(rm.parameters()).device
+    tokens, lasts, rows = [], [], 0
+    for group in micro_batches(list(items), max_sequences):
+        lengths = [len(ids) for item in group for ids in item.completion_ids]
+        if all(item.trunk is not None and item.trunk_top_layers == 0 for item in group):
+            for states, n in zip((s for item in group for s in item.trunk), lengths):
+                tokens.append(states[-1 - n:-1])  # (n, H): the response's token states
+                lasts.append(states[-1:])  # (1, H): the final state at the last token
+        else:
+            batch, _, _, _ = comparison_batch(group, pad_token_id, max_length)
+            with eval_mode(rm):
+                token_states, final = rm.head_states(batch.input_ids.to(device), batch.attention_mask.to(device))
+            tokens.append(token_states.cpu()[batch.response_mask.bool()])
+            lasts.append(gather_last(final.cpu(), batch.attention_mask))
+        rows += len(lengths)
+        if rows >= max_rows:
+            break
+    rm.head.fit_normalizer(torch.cat(tokens).float().to(device), torch.cat(lasts).float().to(device))
+
+
+def fit_epochs(rm: RewardModel, train: list[EncodedComparison], config: RMConfig, pad_id: int
+               ) -> list[dict[str, Any]]:
+    """``config.epochs`` shuffled passes under AdamW with cosine decay; per-epoch metrics."""
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    optimizer, schedule = build_optimizer(
+        list(rm.named_parameters()), config.learning_rate, config.weight_decay,
+        (config.adam_beta1, config.adam_beta2), steps_per_epoch * config.epochs, config.warmup_ratio,
+        config.min_lr_ratio)
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(total=steps_per_epoch * config.epochs, desc=f"rm ({config.train_mode})",
+               disable=not progress_enabled(config.show_progress))
+    epochs = []
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        threads = adapt_threads(config.num_threads)
+        order = torch.randperm(len(train), generator=generator).tolist()
+        with training_dropout(rm.backbone, config.residual_dropout):
+            metrics = _train_epoch(rm, [train[i] for i in order], optimizer, schedule, config, pad_id, bar)
+        epochs.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_started, "threads": threads})
+    bar.close()
+    return epochs
 
 
 def _train_epoch(rm: RewardModel, items: list[EncodedComparison], optimizer, schedule, config: RMConfig,

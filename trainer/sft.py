@@ -321,9 +321,11 @@ def _selection_value(selected_by: str, metrics: dict[str, Any]) -> float:
 
 
 def _mean_rm_score(model, tokenizer, reward_model, prompts: list[Messages], config: SFTConfig) -> float:
-    responses = sample_responses(model, tokenizer, prompts, max_new_tokens=config.eval_max_new_tokens,
-                                 temperature=0.0, seed=config.seed, batch_size=config.eval_batch_size)
-    scores = reward_model.score_texts(tokenizer, prompts, responses, batch_size=config.eval_batch_size)
+    responses, stopped = sample_responses(model, tokenizer, prompts, max_new_tokens=config.eval_max_new_tokens,
+                                          temperature=0.0, seed=config.seed, batch_size=config.eval_batch_size,
+                                          with_stopped=True)
+    scores = reward_model.score_texts(tokenizer, prompts, responses, batch_size=config.eval_batch_size,
+                                      stopped=stopped)
     return float(scores.float().mean())
 
 

@@ -11,7 +11,8 @@ records of ``trainer.data``, by split:
   val measures (and trains the gate's independent judge);
 - held-out labelers' comparisons (``held_out_groups``, the paper's held-out labelers): never
   trained on, whatever their split; they only measure how well the reward models generalise
-  to people whose judgements they never saw;
+  to people whose judgements they never saw. Their demonstrations train nothing either
+  (neither SFT nor the reward models' bias);
 - evaluation prompts: the prompts of ``eval_splits`` (never train), oldest first.
 
 A prompt dropped by hygiene drops its rankings and demonstrations too; a redacted
@@ -123,10 +124,11 @@ def split_cycle_data(
         ppo_prompts=[PromptExample(k.id, messages[k.id]) for k in newest],
         eval_prompts=[PromptExample(k.id, messages[k.id]) for k in held_out],
         comparisons=_by_split([c for c in comparisons if c.labeler_group not in held_out_groups], split_of),
-        demonstrations=_by_split(_demonstrations(rows, messages), split_of),
+        demonstrations=_by_split(_demonstrations(rows, messages, held_out_groups), split_of),
         held_out_comparisons=[c for c in comparisons if c.labeler_group in held_out_groups],
     )
-    used_demos = sorted(d.id for d in rows.demonstrations if split_of.get(d.prompt_id) in ("train", "val"))
+    used_demos = sorted(d.id for d in rows.demonstrations if split_of.get(d.prompt_id) in ("train", "val")
+                        and d.labeler_group not in held_out_groups)
     data.demonstrations_sha256 = hashlib.sha256("\n".join(used_demos).encode()).hexdigest() if used_demos else ""
     return data
 
@@ -138,16 +140,21 @@ def _comparisons(rows: StoreRows, messages: dict[str, Messages]) -> list[Compari
         ids = [cid for group in r.ranking for cid in group]
         if r.prompt_id not in messages or any(cid not in rows.completions for cid in ids):
             continue
+        completions = [rows.completions[c] for c in ids]
         out.append(Comparison(
-            messages=messages[r.prompt_id], completions=tuple(rows.completions[c].text for c in ids),
+            messages=messages[r.prompt_id], completions=tuple(c.text for c in completions),
             ranks=ranks_from_groups(r.ranking, ids), labeler_group=r.labeler_group or "",
-            labeler_id=r.labeler_id, prompt_id=r.prompt_id))
+            labeler_id=r.labeler_id, prompt_id=r.prompt_id,
+            stopped=tuple(c.finish_reason == "stop" for c in completions),
+            policy_versions=tuple(c.policy_version for c in completions)))
     return out
 
 
-def _demonstrations(rows: StoreRows, messages: dict[str, Messages]) -> list[DemoExample]:
+def _demonstrations(rows: StoreRows, messages: dict[str, Messages], held_out_groups: Sequence[str]
+                    ) -> list[DemoExample]:
+    """Demonstrations of kept prompts, except the held-out labelers' (they train nothing)."""
     return [DemoExample(messages[d.prompt_id], d.response, d.prompt_id)
-            for d in rows.demonstrations if d.prompt_id in messages]
+            for d in rows.demonstrations if d.prompt_id in messages and d.labeler_group not in held_out_groups]
 
 
 def _by_split(items: Sequence, split_of: dict[str, str]) -> dict[str, list]:

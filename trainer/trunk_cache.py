@@ -10,8 +10,9 @@ run, of which the epochs were 34 to 44 s). With it, a cycle's trunk work is its 
 completions only.
 
 ``TrunkCache`` maps an exact token row (prompt + completion after truncation, as
-``trainer.data.pack_row`` builds it) to the hidden states entering the top layers,
-(length, H). Rows are right-padded and attention is causal, so a row's states do not
+``trainer.data.pack_row`` builds it) to what the model's ``trunk_rows`` gives for it: the
+hidden states entering the top layers, (length, H), or, when only the head trains, the
+head's token states and the final state at the last token, (length + 1, H). Rows are right-padded and attention is causal, so a row's states do not
 depend on what else was in its batch (up to float rounding between batch shapes, ~1e-6).
 The cache is bound to one frozen trunk, ``TrunkKey``: the content hash of the model's
 weight files, the number of top layers, dtype and device. A different key (a new SFT
@@ -93,7 +94,8 @@ class TrunkCache:
 
     def states(self, rm: Any, key: TrunkKey | None, rows: Sequence[Sequence[int]], top_layers: int,
                pad_token_id: int, batch_size: int) -> list[torch.Tensor]:
-        """The states entering ``rm``'s top ``top_layers`` decoder layers for each row, (len(row), H).
+        """``rm.trunk_rows`` of each row: the states entering its top ``top_layers`` decoder layers
+        (len(row), H), or with 0 the head's inputs (len(row) + 1, H).
 
         Rows not cached go through the trunk in batches of ``batch_size``, sorted by length
         (little padding). ``key`` None: nothing is kept beyond this call (a row repeated
@@ -124,9 +126,9 @@ class TrunkCache:
                 for i, row in enumerate(part):
                     input_ids[i, :len(row)] = torch.tensor(row)
                     attention_mask[i, :len(row)] = 1
-                states = rm.trunk_states(input_ids.to(device), attention_mask.to(device), top_layers)
+                states = rm.trunk_rows(input_ids.to(device), attention_mask.to(device), top_layers)
                 for i, row in enumerate(part):
-                    found[row] = states[i, :len(row)].clone()  # its own storage, not a view of the batch
+                    found[row] = states[i].clone()  # its own storage, not a view of the batch
                     if keep:
                         self._put(row, found[row])
         self.computed += len(missing)

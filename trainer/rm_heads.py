@@ -1,0 +1,142 @@
+"""The reward model's scalar heads: what turns the trunk's final hidden states into a score.
+
+- ``LastTokenHead`` (the paper's): a linear map of the state at the response's last token.
+- ``PooledHead``: the states of EVERY response token at a middle layer (where a token's
+  identity is still plain), projected to a few features and pooled three ways (max, mean,
+  log of the positive sum), next to the last token's final state, then a linear map. Max-pooling carries "some token of the response is X", the sum
+  carries "how many", the mean "how much on average": properties spread over a response
+  that the last token's state barely encodes. Measured on the embedded model's own samples
+  ranked by simulated labelers (``python -m bench.reward_curve``, docs/BENCHMARKS.md): on a
+  frozen trunk it beat the last-token head and trained top layers at every data size, and
+  pooling a middle layer's states beat pooling the final ones.
+
+Both read only response tokens besides the last one, so both need the response mask, and
+both give per-token values (``per_token``, the PPO value model's V(s_t)): the score the
+head would give if the response ended at t. For the pooled head the pools then run over
+the response tokens up to t (cumulative max, mean and sum).
+
+Inputs are standardised by statistics fixed before training (``fit_normalizer``) and saved
+with the head: final hidden states have a few dimensions two orders of magnitude larger
+than the rest, which otherwise dominate the first steps of AdamW.
+
+Pure modules: tensors in, tensors out (torch only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.config import HeadKind
+_NO_TOKEN = -1e4  # a pooled max over no response token yet
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last non-pad position. Shape: (B, T) -> (B,) long."""
+    return attention_mask.sum(dim=1).long() - 1
+
+
+def gather_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The state at each row's last non-pad token. Shape: (B, T, H), (B, T) -> (B, H)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(attention_mask)]
+
+
+class LastTokenHead(torch.nn.Module):
+    """r = w . h_last + b: the paper's head, read at the last token (the EOS when the policy stopped)."""
+
+    kind: HeadKind = "last_token"
+    reads_tokens = False  # only the last token's final state
+
+    def __init__(self, hidden_size: int, init_std: float | None = None) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        std = init_std if init_std is not None else 1.0 / math.sqrt(hidden_size + 1)
+        torch.nn.init.normal_(self.linear.weight, std=std)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, tokens: torch.Tensor | None, last: torch.Tensor, response_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Shape: last (B, H) -> (B,); ``tokens`` and ``response_mask`` are not read."""
+        return self.linear(last).squeeze(-1)
+
+    def per_token(self, tokens: torch.Tensor | None, final: torch.Tensor, response_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """The head at every position. Shape: final (B, T, H) -> (B, T)."""
+        return self.linear(final).squeeze(-1)
+
+    def fit_normalizer(self, token_states: torch.Tensor, last_states: torch.Tensor) -> None:
+        """Nothing to fit (the paper's head reads raw states)."""
+
+
+class PooledHead(torch.nn.Module):
+    """r = w . [max_t p_t, mean_t p_t, log(1 + sum_t relu(p_t)), z(h_last)] + b over response tokens t,
+    where p_t = U z(x_t) (``features`` projections) of the token states x_t (a middle layer's:
+    ``RewardModel.pool_layer``), h_last the final state at the last token, z a standardisation."""
+
+    kind: HeadKind = "pooled"
+    reads_tokens = True
+
+    def __init__(self, hidden_size: int, features: int = 16, init_std: float | None = None) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden_size, features)
+        self.linear = torch.nn.Linear(3 * features + hidden_size, 1)
+        std = init_std if init_std is not None else 1.0 / math.sqrt(3 * features + hidden_size + 1)
+        torch.nn.init.normal_(self.linear.weight, std=std)
+        torch.nn.init.zeros_(self.linear.bias)
+        for name in ("token_mean", "last_mean"):
+            self.register_buffer(name, torch.zeros(hidden_size))
+        for name in ("token_std", "last_std"):
+            self.register_buffer(name, torch.ones(hidden_size))
+
+    def fit_normalizer(self, token_states: torch.Tensor, last_states: torch.Tensor) -> None:
+        """Fix the standardisation from training data. Shape: token_states (N, H) response
+        tokens, last_states (M, H) last tokens' final states."""
+        with torch.no_grad():
+            self.token_mean.copy_(token_states.mean(0))
+            self.token_std.copy_(token_states.std(0) + 1e-4)
+            self.last_mean.copy_(last_states.mean(0))
+            self.last_std.copy_(last_states.std(0) + 1e-4)
+
+    def forward(self, tokens: torch.Tensor, last: torch.Tensor, response_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Shape: tokens (B, T, H), last (B, H), response_mask (B, T) -> (B,)."""
+        mask = self._response(response_mask, tokens)  # (B, T, 1)
+        p = self.proj((tokens - self.token_mean) / self.token_std)  # (B, T, F)
+        count = mask.sum(dim=1)  # (B, 1)
+        pooled_max = p.masked_fill(mask == 0, _NO_TOKEN).max(dim=1).values  # (B, F)
+        pooled_max = torch.where(count > 0, pooled_max, torch.zeros_like(pooled_max))
+        pooled_mean = (p * mask).sum(dim=1) / count.clamp_min(1.0)  # (B, F)
+        pooled_sum = torch.log1p(torch.relu(p * mask).sum(dim=1))  # (B, F)
+        z_last = (last - self.last_mean) / self.last_std  # (B, H)
+        return self.linear(torch.cat([pooled_max, pooled_mean, pooled_sum, z_last], dim=-1)).squeeze(-1)
+
+    def per_token(self, tokens: torch.Tensor, final: torch.Tensor, response_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """The score as if the response ended at each position t: the pools over the response
+        tokens up to t, final[:, t] as the last state. Shape: (B, T, H) twice, (B, T) -> (B, T)."""
+        mask = self._response(response_mask, tokens)  # (B, T, 1)
+        p = self.proj((tokens - self.token_mean) / self.token_std)  # (B, T, F)
+        count = torch.cumsum(mask, dim=1)  # (B, T, 1) response tokens up to t
+        pooled_max = torch.cummax(p.masked_fill(mask == 0, _NO_TOKEN), dim=1).values
+        pooled_max = torch.where(count > 0, pooled_max, torch.zeros_like(pooled_max))
+        pooled_mean = torch.cumsum(p * mask, dim=1) / count.clamp_min(1.0)
+        pooled_sum = torch.log1p(torch.cumsum(torch.relu(p * mask), dim=1))
+        z_last = (final - self.last_mean) / self.last_std  # (B, T, H)
+        return self.linear(torch.cat([pooled_max, pooled_mean, pooled_sum, z_last], dim=-1)).squeeze(-1)
+
+    @staticmethod
+    def _response(response_mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        if response_mask is None:
+            raise ValueError("the pooled reward head reads the response tokens: pass response_mask")
+        return response_mask.to(tokens.dtype).unsqueeze(-1)
+
+
+def build_head(kind: str, hidden_size: int, *, features: int = 16, init_std: float | None = None) -> torch.nn.Module:
+    """A fresh head of ``kind`` for states of ``hidden_size``."""
+    if kind == "last_token":
+        return LastTokenHead(hidden_size, init_std)
+    if kind == "pooled":
+        return PooledHead(hidden_size, features, init_std)
+    raise ValueError(f"Unknown reward head: {kind}")
