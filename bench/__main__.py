@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("bench.reward_model", "Reward model: K-way batched step vs naive pairwise"),
     ("bench.serving", "Serving: gRPC server vs offline vLLM and sequential HF; TTFT; swap stall"),
     ("bench.quiet_wait", "vLLM beside a busy neighbour: spinning vs quiet message-queue waits"),
+    ("bench.rollouts", "PPO rollouts in the trainer: HF generate vs a weight-synced vLLM engine"),
 ]
 
 

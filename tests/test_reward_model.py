@@ -222,11 +222,12 @@ def test_bias_from_bias_prompts(tiny_model_dir, tmp_path):
     torch.testing.assert_close(scores.mean(), torch.tensor(0.0), atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module", params=["last_token", "pooled"])
+@pytest.fixture(scope="module", params=[("last_token", 1), ("pooled", 1), ("pooled", 3)])
 def any_head_rm(request, tiny_model_dir) -> RewardModel:
     torch.manual_seed(0)
-    rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head=request.param,
-                                        pool_depth=0.5)
+    head, ensemble = request.param
+    rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head=head,
+                                        pool_depth=0.5, head_ensemble=ensemble)
     with torch.no_grad():  # a non-trivial standardisation, so that saving it matters
         for buffer in rm.head.buffers():
             buffer.uniform_(0.5, 1.5)
@@ -410,11 +411,11 @@ def test_rm_config_rejects_bad_values(field, value):
 
 
 def test_rm_config_defaults_are_the_measured_cpu_recipe():
-    """bench.reward_curve chose a pooled head on the frozen, cached trunk (docs/BENCHMARKS.md);
-    the paper's cosine decay to 10% stays."""
+    """bench.reward_curve chose a pooled head on the frozen, cached trunk, an ensemble of 5
+    heads at a constant learning rate (docs/BENCHMARKS.md)."""
     config = RMConfig()
     assert (config.train_mode, config.head, config.cache_trunk) == ("head", "pooled", True)
-    assert config.min_lr_ratio == 0.1
+    assert (config.head_ensemble, config.min_lr_ratio) == (5, 1.0)
 
 
 def test_jsonl_formats_parse_to_comparisons():

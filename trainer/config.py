@@ -172,7 +172,10 @@ class RMConfig(_OptimConfig):
         default=1.0,
         metadata={"help": "AdamW weight decay on matrices (the head's projections): the head has ~10k inputs "
                   "and a few thousand noisy pairs, so it needs a strong prior (measured: 0.1 overfits)."})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "Cosine decay ends at 10% of the peak (paper)."})
+    min_lr_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Cosine decay ends at learning_rate * min_lr_ratio: 1 keeps the rate constant (measured "
+                  "better for a head trained a few dozen steps: 0.72 vs 0.68); the paper decays a full RM to 0.1."})
     epochs: int = field(
         default=6,
         metadata={"help": "Passes over the comparisons (paper: 1 for a full RM, which overfits after). A head "
@@ -188,6 +191,11 @@ class RMConfig(_OptimConfig):
                   "and max/mean/sum-pooled, beside the last token's state (trainer.rm_heads); 'last_token': "
                   "the paper's linear head on the last token's state."})
     head_features: int = field(default=16, metadata={"help": "Projections the pooled head pools (measured: 64 overfit)."})
+    head_ensemble: int = field(
+        default=5,
+        metadata={"help": "Heads trained side by side from different inits, the score their mean (each its own "
+                  "loss): on a few thousand noisy pairs single heads vary with the seed, their mean less "
+                  "(bench.reward_curve). On a cached trunk a member costs little."})
     pool_depth: float = field(
         default=0.4,
         metadata={"help": "Which hidden states the pooled head pools, as a fraction of the depth (0 = the token "
@@ -225,6 +233,7 @@ class RMConfig(_OptimConfig):
         _check(self.top_layers >= 0, "top_layers", "must be >= 0", self.top_layers)
         _check(self.head_features >= 1, "head_features", "must be >= 1", self.head_features)
         _check(0 <= self.pool_depth <= 1, "pool_depth", "must be in [0, 1]", self.pool_depth)
+        _check(self.head_ensemble >= 1, "head_ensemble", "must be >= 1", self.head_ensemble)
         _check(self.lora_r >= 1, "lora_r", "must be >= 1", self.lora_r)
         _check(self.lora_alpha >= 1, "lora_alpha", "must be >= 1", self.lora_alpha)
         _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
@@ -303,6 +312,12 @@ class PPOConfig:
         metadata={"help": "Nucleus sampling; < 1 makes rollouts slightly off-policy (log-probs ignore the cut)."})
     max_prompt_tokens: int = field(
         default=256, metadata={"help": "Prompt tokens kept (the END of a longer prompt is kept)."})
+    rollout_engine: Literal["hf", "vllm"] = field(
+        default="hf",
+        metadata={"help": "Who samples the rollouts: 'hf' (transformers' generate on the policy itself) or 'vllm' "
+                  "(vLLM's engine in a child process, its weights synced after each update; +~3.7 GB and ~20 s of "
+                  "start-up per run). On 2 CPU cores vLLM was 0.86x HF's speed per iteration on an idle machine and "
+                  "1.5x beside a busy core (python -m bench.rollouts, docs/BENCHMARKS.md): 'hf' stays the default."})
     missing_eos_penalty: float | None = field(
         default=None,
         metadata={"help": "Subtracted from the RM score of responses cut at max_new_tokens (the RM was trained "

@@ -564,25 +564,37 @@ def train_ppo(
         models = load_models(policy_dir, ref_dir, rm_dir, config, device, resolve_dtype(config.dtype, device))
         optimizers = build_optimizers(models, config)
         ptx_batches = build_ptx_batcher(models.tokenizer, corpus_texts, config)
-        generator = rollout_generator or HFRolloutGenerator(models.policy, models.tokenizer,
-                                                            batch_size=config.forward_batch_size)
+        generator = rollout_generator or build_rollout_generator(models, policy_dir, config)
         kl_controller = build_kl_controller(config)
         prompt_batches = prompt_schedule(list(prompts), config.rollouts_per_iteration, config.seed)
         history: list[dict[str, Any]] = []
         bar = tqdm(range(config.iterations), desc=f"ppo ({config.train_mode})", disable=not progress_enabled(progress))
         for iteration in bar:
             threads = adapt_threads(config.num_threads)
+            if iteration > 0:
+                generator.sync(models.policy)  # an engine with its own copy of the weights takes the update
             stats = ppo_iteration(models, optimizers, generator, ptx_batches, kl_controller, next(prompt_batches),
                                   config, iteration)
             stats["threads"] = threads
             history.append(stats)
             bar.set_postfix(score=f"{stats['rm_score']:.3f}", kl=f"{stats['kl_ref']:.2f}")
         save_policy(models.policy, models.tokenizer, Path(out_dir))
+        if rollout_generator is None:
+            generator.close()
     return PPOResult(
         out_dir=str(out_dir), history=history, config=config.to_dict(), final_kl_coef=kl_controller.value,
         policy_trainable_params=sum(p.numel() for p in trainable_parameters(models.policy)),
         value_trainable_params=sum(p.numel() for p in trainable_parameters(models.value_model)),
         device=str(device), seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(device))
+
+
+def build_rollout_generator(models: PPOModels, policy_dir: Path | str, config: PPOConfig) -> RolloutGenerator:
+    """The engine of ``config.rollout_engine``, sampling from the policy's current weights."""
+    if config.rollout_engine == "vllm":
+        from trainer.rollout_vllm import VLLMRolloutGenerator
+
+        return VLLMRolloutGenerator(policy_dir, models.tokenizer, seed=config.seed)
+    return HFRolloutGenerator(models.policy, models.tokenizer, batch_size=config.forward_batch_size)
 
 
 def save_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:

@@ -43,7 +43,7 @@ from trainer.device import adapt_threads, num_threads, progress_enabled, resolve
 from trainer.evaluate import eval_mode, pairwise_accuracy
 from trainer.lora import add_lora
 from trainer.losses import batched_ranking_loss
-from trainer.rm_heads import PooledHead, build_head, gather_last
+from trainer.rm_heads import HeadEnsemble, build_head, gather_last, member_count
 from trainer.sft import build_optimizer, decoder_layers, training_dropout
 from trainer.trunk_cache import TrunkCache, TrunkKey, trunk_key
 
@@ -87,7 +87,7 @@ class RewardModel(torch.nn.Module):
     def from_pretrained_lm(
         cls, path: Path | str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
         head_init_std: float | None = None, head: str = "last_token", head_features: int = 16,
-        pool_depth: float = 1.0,
+        pool_depth: float = 1.0, head_ensemble: int = 1,
     ) -> RewardModel:
         """A fresh RM on the backbone of the causal LM in ``path`` (the SFT policy); small head init.
         ``pool_depth``: where the pooled head's token states come from, as a fraction of the
@@ -95,7 +95,7 @@ class RewardModel(torch.nn.Module):
         lm = load_causal_lm(path, dtype=dtype, device=device)
         backbone = lm.base_model  # LlamaForCausalLM.model: everything but the LM head
         hidden = lm.config.hidden_size
-        new_head = build_head(head, hidden, features=head_features, init_std=head_init_std)
+        new_head = build_head(head, hidden, features=head_features, init_std=head_init_std, ensemble=head_ensemble)
         layers = len(decoder_layers(backbone))
         pool_layer = None if pool_depth >= 1.0 else round(pool_depth * layers)
         rm = cls(backbone, hidden, new_head, pool_layer).to(next(backbone.parameters()).device)
@@ -120,7 +120,8 @@ class RewardModel(torch.nn.Module):
         score_bias = stored.pop("score_bias")
         if meta["format"] == 1:  # a bare linear head: weight, bias
             stored = {"linear.weight": stored["weight"], "linear.bias": stored["bias"]}
-        head = build_head(meta.get("head", "last_token"), hidden, features=int(meta.get("head_features") or 16))
+        head = build_head(meta.get("head", "last_token"), hidden, features=int(meta.get("head_features") or 16),
+                          ensemble=int(meta.get("head_ensemble") or 1))
         head.load_state_dict(stored)
         rm = cls(backbone, hidden, head, meta.get("pool_layer"))
         with torch.no_grad():
@@ -142,7 +143,8 @@ class RewardModel(torch.nn.Module):
         tensors["score_bias"] = self.bias.detach().float().cpu().contiguous()
         save_file(tensors, str(folder / RM_HEAD))
         meta = {"format": RM_FORMAT, "hidden_size": self.hidden_size, "bias": float(self.bias),
-                "head": self.head_kind, "head_features": self.head.proj.out_features if hasattr(self.head, "proj") else None,
+                "head": self.head_kind, "head_features": head_features(self.head),
+                "head_ensemble": member_count(self.head),
                 "pool_layer": self.pool_layer,
                 "backbone_class": type(backbone).__name__, "head_file": RM_HEAD,
                 "max_length": self.max_length, "max_response_length": self.max_response_length,
@@ -169,11 +171,13 @@ class RewardModel(torch.nn.Module):
         return tokens, final
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+                response_mask: torch.Tensor | None = None, members: bool = False) -> torch.Tensor:
         """Scores of right-padded sequences. Shape: input_ids, attention_mask, response_mask
-        (B, T) -> (B,) float32. The pooled head needs ``response_mask`` (1 on response tokens)."""
+        (B, T) -> (B,) float32; ``members``: each ensemble member's, (M, B). The pooled head
+        needs ``response_mask`` (1 on response tokens)."""
         tokens, final = self.head_states(input_ids, attention_mask)  # (B, T, H) each
-        return self.head(tokens, gather_last(final, attention_mask), response_mask) + self.bias  # (B,)
+        head = self.head.member_scores if members and isinstance(self.head, HeadEnsemble) else self.head
+        return head(tokens, gather_last(final, attention_mask), response_mask) + self.bias
 
     def per_token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          response_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,23 +206,24 @@ class RewardModel(torch.nn.Module):
         states = out.hidden_states[len(layers) - top_layers]  # [0] is the embeddings, [i] enters layer i
         return [states[i, :n] for i, n in enumerate(lengths)]
 
-    def scores_from_trunk(self, rows: Sequence[torch.Tensor], response_lengths: Sequence[int], top_layers: int
-                          ) -> torch.Tensor:
+    def scores_from_trunk(self, rows: Sequence[torch.Tensor], response_lengths: Sequence[int], top_layers: int,
+                          members: bool = False) -> torch.Tensor:
         """``forward``'s scores from ``trunk_rows``: the top layers, the final norm and the head
         (the head alone when ``top_layers`` is 0). Each row's last ``response_lengths[i]``
-        tokens are its response. Shape: -> (N,) float32."""
+        tokens are its response. Shape: -> (N,) float32; ``members``: each ensemble member's, (M, N)."""
         device = next(self.parameters()).device
+        head = self.head.member_scores if members and isinstance(self.head, HeadEnsemble) else self.head
         if top_layers == 0:
             tokens, _, response_mask = pad_states([r[:-1] for r in rows], response_lengths)
             last = torch.stack([r[-1] for r in rows])
-            return self.head(tokens.to(device), last.to(device), response_mask.to(device)) + self.bias
+            return head(tokens.to(device), last.to(device), response_mask.to(device)) + self.bias
         states, attention_mask, response_mask = pad_states(rows, response_lengths)
         attention_mask = attention_mask.to(device)
         with only_top_layers(self.backbone, top_layers):
             final = self.backbone(inputs_embeds=states.to(device), attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state.float()
         # a pooled head above trained top layers reads the final states (can_cache_trunk)
-        return self.head(final, gather_last(final, attention_mask), response_mask.to(device)) + self.bias
+        return head(final, gather_last(final, attention_mask), response_mask.to(device)) + self.bias
 
     @torch.no_grad()
     def score_texts(
@@ -414,6 +419,12 @@ def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_re
             for c in comparisons]
 
 
+def head_features(head: torch.nn.Module) -> int | None:
+    """The pooled head's projection count (None for the last-token head)."""
+    member = head.members[0] if isinstance(head, HeadEnsemble) else head
+    return member.proj.out_features if hasattr(member, "proj") else None
+
+
 def has_ordered_pair(comparison: Comparison) -> bool:
     return len(set(comparison.ranks)) > 1
 
@@ -470,12 +481,18 @@ def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id:
     if all(item.trunk is not None for item in items):  # cached trunk: the top layers (or the head) only
         states = [s for item in items for s in item.trunk]
         lengths = [len(ids) for item in items for ids in item.completion_ids]
-        flat = rm.scores_from_trunk(states, lengths, items[0].trunk_top_layers)
+        flat = rm.scores_from_trunk(states, lengths, items[0].trunk_top_layers, members=True)
     else:
-        flat = rm(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device))
-    padded = torch.cat([flat, flat.new_zeros(1)])  # slot N: padding completions read 0
-    rewards = padded[index.to(device)]  # (P, Kmax)
-    return batched_ranking_loss(rewards, ranks.to(device), valid.to(device))
+        flat = rm(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device),
+                  members=True)
+    # An ensemble's members each train on their own loss (then their mean is the score);
+    # the reported statistics are the mean's.
+    members = flat if flat.dim() == 2 else flat.unsqueeze(0)  # (M, N)
+    padded = torch.cat([members, members.new_zeros(members.shape[0], 1)], dim=1)  # slot N: padding reads 0
+    rewards = padded[:, index.to(device)]  # (M, P, Kmax)
+    losses = [batched_ranking_loss(r, ranks.to(device), valid.to(device))[0] for r in rewards]
+    _, stats = batched_ranking_loss(rewards.mean(dim=0), ranks.to(device), valid.to(device))
+    return torch.stack(losses).mean(), stats
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -590,7 +607,8 @@ def _load_rm(model_dir_or_rm: Path | str | RewardModel, config: RMConfig) -> Rew
     device = resolve_device(config.device)
     return RewardModel.from_pretrained_lm(model_dir_or_rm, dtype=resolve_dtype(config.dtype, device), device=device,
                                           head_init_std=config.head_init_std, head=config.head,
-                                          head_features=config.head_features, pool_depth=config.pool_depth)
+                                          head_features=config.head_features, pool_depth=config.pool_depth,
+                                          head_ensemble=config.head_ensemble)
 
 
 def bind_trunk(rm: RewardModel, model_dir_or_rm: Path | str | RewardModel, config: RMConfig,

@@ -8,11 +8,10 @@ token (the EOS is part of the response, so the policy learns to stop); one that 
 
 ``RolloutGenerator`` is the interface PPO depends on. ``HFRolloutGenerator`` runs
 ``transformers``' ``generate`` on the very module being trained, so every rollout uses the
-current weights with no sync step. A faster engine (vLLM, with n samples per prompt and
-continuous batching) can implement the same interface later; it must then load the
-policy's new weights before each ``generate`` (vLLM's ``reload_weights`` through
-``collective_rpc``, or a LoRA adapter per iteration), and PPO's importance ratio stays
-right because the old log-probs are recomputed by the trainer, not taken from the engine.
+current weights with no sync step. ``trainer.rollout_vllm.VLLMRolloutGenerator`` samples
+from vLLM's engine on a copy of the weights, which ``sync`` refreshes after each update
+(``PPOConfig.rollout_engine``; measured in docs/BENCHMARKS.md); PPO's importance ratio
+stays right because the old log-probs are recomputed by the trainer, not taken from the engine.
 """
 
 from __future__ import annotations
@@ -51,6 +50,13 @@ class Rollouts:
 
 class RolloutGenerator(abc.ABC):
     """Samples responses from the CURRENT policy weights."""
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Take ``policy``'s current weights (after an optimizer step). An engine sampling
+        from the policy module itself has nothing to do."""
+
+    def close(self) -> None:
+        """Release the engine (a process, memory)."""
 
     @abc.abstractmethod
     def generate(
