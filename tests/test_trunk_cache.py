@@ -44,6 +44,26 @@ def test_states_equal_a_fresh_trunk_pass_and_repeats_are_computed_once(frozen_rm
     assert all(torch.equal(a, b) for a, b in zip(again, states[:2]))
 
 
+@pytest.mark.parametrize("top_layers, head", [(1, "last_token"), (0, "pooled")])
+def test_rows_sharing_a_prompt_run_it_once_and_get_the_same_states(tiny_model_dir, top_layers, head):
+    """prefix_lengths: a prompt's K completions share its keys and values (one prompt pass);
+    each row's states equal a fresh pass of the whole row (up to float rounding)."""
+    torch.manual_seed(0)
+    rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head=head,
+                                        pool_depth=0.5).eval()
+    prompt_a, prompt_b = rows_of_lengths(11, 7, start=20)
+    rows = [prompt_a + r for r in rows_of_lengths(5, 1, 9)] + [prompt_b + r for r in rows_of_lengths(3, 6)]
+    prefixes = [len(prompt_a)] * 3 + [len(prompt_b)] * 2
+    cache = TrunkCache()
+    states = cache.states(rm, None, rows, top_layers, pad_token_id=0, batch_size=2, prefix_lengths=prefixes)
+    assert cache.computed == 5
+    for row, got in zip(rows, states):
+        with torch.no_grad():
+            alone = rm.trunk_rows(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), top_layers)[0]
+        assert got.shape == alone.shape == (len(row) + (top_layers == 0), 128)
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-4)
+
+
 def test_a_new_frozen_trunk_empties_the_cache(frozen_rm, tiny_model_dir, tmp_path):
     """The key is the weights' CONTENT: a copy elsewhere is the same trunk, changed weights are not."""
     copy = tmp_path / "copy"

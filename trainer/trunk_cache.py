@@ -93,13 +93,14 @@ class TrunkCache:
         self.bytes = 0
 
     def states(self, rm: Any, key: TrunkKey | None, rows: Sequence[Sequence[int]], top_layers: int,
-               pad_token_id: int, batch_size: int) -> list[torch.Tensor]:
+               pad_token_id: int, batch_size: int, prefix_lengths: Sequence[int] | None = None) -> list[torch.Tensor]:
         """``rm.trunk_rows`` of each row: the states entering its top ``top_layers`` decoder layers
         (len(row), H), or with 0 the head's inputs (len(row) + 1, H).
 
-        Rows not cached go through the trunk in batches of ``batch_size``, sorted by length
-        (little padding). ``key`` None: nothing is kept beyond this call (a row repeated
-        within it is still computed once).
+        Rows not cached go through the trunk in batches of ``batch_size``: with
+        ``prefix_lengths`` (each row's prompt length), grouped by prompt, the prompt run once
+        per group (``_compute_by_prefix``); else right-padded, sorted by length. ``key`` None:
+        nothing is kept beyond this call (a row repeated within it is still computed once).
         """
         from trainer.evaluate import eval_mode
 
@@ -116,23 +117,54 @@ class TrunkCache:
                 found[row] = states
         self.reused += sum(1 for row in keys if row in found)
         missing = sorted({row for row in keys if row not in found}, key=len)
-        device = next(rm.parameters()).device
         with eval_mode(rm):
-            for start in range(0, len(missing), batch_size):
-                part = missing[start:start + batch_size]
-                width = len(part[-1])  # sorted by length: the last is the longest
-                input_ids = torch.full((len(part), width), pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(part), width), dtype=torch.long)
-                for i, row in enumerate(part):
-                    input_ids[i, :len(row)] = torch.tensor(row)
-                    attention_mask[i, :len(row)] = 1
-                states = rm.trunk_rows(input_ids.to(device), attention_mask.to(device), top_layers)
-                for i, row in enumerate(part):
-                    found[row] = states[i].clone()  # its own storage, not a view of the batch
-                    if keep:
-                        self._put(row, found[row])
+            if prefix_lengths is not None:
+                computed = self._compute_by_prefix(rm, missing, dict(zip(keys, prefix_lengths)), top_layers, batch_size)
+            else:
+                computed = self._compute_padded(rm, missing, top_layers, pad_token_id, batch_size)
+        for row, states in computed.items():
+            found[row] = states
+            if keep:
+                self._put(row, states)
         self.computed += len(missing)
         return [found[row] for row in keys]
+
+    @staticmethod
+    def _compute_padded(rm: Any, rows: list[tuple[int, ...]], top_layers: int, pad_token_id: int, batch_size: int
+                        ) -> dict[tuple[int, ...], torch.Tensor]:
+        """Rows (sorted by length) through the trunk in right-padded batches of ``batch_size``."""
+        device = next(rm.parameters()).device
+        out = {}
+        for start in range(0, len(rows), batch_size):
+            part = rows[start:start + batch_size]
+            width = len(part[-1])  # sorted by length: the last is the longest
+            input_ids = torch.full((len(part), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(part), width), dtype=torch.long)
+            for i, row in enumerate(part):
+                input_ids[i, :len(row)] = torch.tensor(row)
+                attention_mask[i, :len(row)] = 1
+            states = rm.trunk_rows(input_ids.to(device), attention_mask.to(device), top_layers)
+            for i, row in enumerate(part):
+                out[row] = states[i].clone()  # its own storage, not a view of the batch
+        return out
+
+    @staticmethod
+    def _compute_by_prefix(rm: Any, rows: list[tuple[int, ...]], prefix_lengths: dict[tuple[int, ...], int],
+                           top_layers: int, batch_size: int) -> dict[tuple[int, ...], torch.Tensor]:
+        """Rows grouped by their prompt (the first ``prefix_lengths[row]`` tokens): each prompt
+        runs through the trunk once for its rows (``rm.trunk_rows_after_prefix``), up to
+        ``batch_size`` of them at a time. K completions of a prompt then cost their own tokens."""
+        groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for row in rows:
+            groups.setdefault(row[:prefix_lengths[row]], []).append(row)
+        out = {}
+        for prefix, members in groups.items():
+            for start in range(0, len(members), batch_size):
+                part = members[start:start + batch_size]
+                states = rm.trunk_rows_after_prefix(prefix, [row[len(prefix):] for row in part], top_layers)
+                for row, row_states in zip(part, states):
+                    out[row] = row_states.clone()
+        return out
 
     def _get(self, row: tuple[int, ...]) -> torch.Tensor | None:
         states = self._rows.get(row)
