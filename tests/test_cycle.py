@@ -308,6 +308,16 @@ def test_the_judge_never_trains_on_the_prompts_the_gate_evaluates_on() -> None:
     train, unseen = judge_split(data, train_split_sample=2)
     assert [c.prompt_id for c in train] == ["v2"]
     assert [(c.prompt_id, c.labeler_group) for c in unseen] == [("v1", "A"), ("t2", "A"), ("t3", "A"), ("v2", "B")]
+    # Enough data counts only the judge's own rankings: with every val prompt evaluated, the cycle skips.
+    from trainer.cycle import CycleSkipped, check_enough_data
+    from trainer.loop_config import DataConfig
+
+    data.ppo_prompts = [PromptExample("t9", user_turn("t9"))]
+    need = DataConfig(min_new_prompts=1, min_train_comparisons=1, min_val_comparisons=1)
+    check_enough_data(data, need)
+    data.eval_prompts.append(PromptExample("v2", user_turn("v2")))
+    with pytest.raises(CycleSkipped, match="judge_comparisons 0 < 1"):
+        check_enough_data(data, need)
 
 
 # ---------------------------------------------------------------------------- config

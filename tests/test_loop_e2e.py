@@ -134,11 +134,12 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
         trainer = spawn(["-m", "trainer.service", "--config", str(config_path)], trainer_log,
                         {"RLHF_ADMIN_KEY": keys["admin"]})
 
-        # users' traffic: train prompts for PPO, val/test prompts for evaluation
+        # users' traffic: train prompts for PPO, val prompts for the judge and the evaluation
+        # (8: the gate evaluates 4, the judge trains on the rankings of the other 4), test prompts
         texts, train_prompt_ids = iter(PROMPTS), []
         for name in [k for k in keys if k.split("-")[0] in ("train", "val", "test")]:
             with RlhfClient(target, keys[name]) as user:
-                for _ in range(4 if name.startswith("train") else 2):
+                for _ in range(2 if name.startswith("test") else 4):
                     reply = user.generate(next(texts), max_new_tokens=8, timeout=120)
                     assert reply.policy_version == 0
                     if name.startswith("train"):
@@ -146,7 +147,7 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
         # labelers: every train/val prompt ranked once (K = 4 fresh samples), a few demonstrations
         with grpc.insecure_channel(target) as channel:
             feedback = feedback_pb2_grpc.FeedbackStub(channel)
-            for group, n in (("A", 11), ("B", 11)):
+            for group, n in (("A", 12), ("B", 12)):
                 metadata = (("authorization", f"Bearer {keys['labeler-' + group]}"),)
                 SimulatedLabeler(p=0.0, seed=1, labeler_group=group, metadata=metadata).run(feedback, n, k=4)
             metadata = (("authorization", f"Bearer {keys['labeler-A']}"),)

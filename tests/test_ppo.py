@@ -60,7 +60,7 @@ PPO_TEST_CONFIG = dict(
     rollouts_per_iteration=32, iterations=12, max_new_tokens=2, ppo_epochs=1, minibatch_size=16,
     policy_lr=3e-3, value_lr=1e-3, kl_coef=0.05, ptx_batch_size=2, ptx_seq_len=32, seed=0, device="cpu",
 )
-PTX_COEF = 1.0
+PTX_COEF = PPOConfig().ptx_coef  # the shipped coefficient (0.3), not one tuned for this test
 EVAL_SAMPLES_PER_PROMPT = 8
 EVAL_SEED = 1234  # fresh samples: a seed no training rollout used
 
@@ -307,7 +307,7 @@ def test_experience_select_trims_padding_columns():
 def test_ppo_raises_rm_score_of_fresh_samples_with_bounded_kl(learning_runs: LearningRuns):
     before, after = learning_runs.before, learning_runs.plain
     gain = after.rm_score - before.rm_score
-    assert gain > 0.1, (before, after)  # measured over seeds 0, 1, 2: 0.64, 0.23, 0.40
+    assert gain > 0.1, (before, after)  # measured over seeds 0, 1, 2: 0.31, 0.17, 0.44
     # Bound: PPO maximises E[score] - beta * KL(pi || pi_ref), which is E_ref[score] at the
     # start (KL = 0). If it improved that objective, then beta * KL <= score gain, i.e.
     # KL <= gain / beta: the policy bought no more divergence than its reward gain pays for.
@@ -323,10 +323,11 @@ def test_ptx_reduces_the_alignment_tax(learning_runs: LearningRuns):
     before = learning_runs.before.heldout_nll
     tax_plain = learning_runs.plain.heldout_nll - before
     tax_ptx = learning_runs.ptx.heldout_nll - before
-    # Measured over seeds 0, 1, 2 (nats/token): plain 2.05 / 1.31 / 2.26, ptx 0.96 / 0.83 / 0.91.
+    # Measured over seeds 0, 1, 2 (nats/token): plain 2.67 / 1.19 / 2.75, ptx 0.76 / 0.83 / 1.51.
     assert tax_plain > 0, "plain PPO should cost held-out likelihood"
     assert tax_ptx < tax_plain - 0.2, (tax_plain, tax_ptx)
-    # It still learns, more slowly (score gain 0.15 / 0.12 / 0.17 over the same seeds).
+    # It still learns (score gain 0.17 / 0.22 / 0.33 over the same seeds; at ptx_coef 1.0 it was
+    # 0.04 / 0.13 / 0.09 on this torch, too slow for a bound: the test uses the shipped 0.3).
     assert learning_runs.ptx.rm_score > learning_runs.before.rm_score + 0.05
     assert all(s["ptx_loss"] is not None for s in learning_runs.ptx_history)
     assert all(s["ptx_loss"] is None for s in learning_runs.plain_history)

@@ -351,8 +351,10 @@ def hygiene_summary(report: HygieneReport) -> dict[str, Any]:
 def check_enough_data(data: CycleData, need: DataConfig) -> None:
     """Raise CycleSkipped naming every shortfall."""
     counts = data.counts()
+    # The judge trains only on val rankings of prompts the gate does not evaluate on.
+    counts["judge_comparisons"] = len(judge_split(data, need.judge_eval_comparisons)[0])
     wanted = {"ppo_prompts": need.min_new_prompts, "comparisons_train": need.min_train_comparisons,
-              "comparisons_val": need.min_val_comparisons, "eval_prompts": 1}
+              "judge_comparisons": need.min_val_comparisons, "eval_prompts": 1}
     short = [f"{name} {counts[name]} < {least}" for name, least in wanted.items() if counts[name] < least]
     if short:
         raise CycleSkipped("too little new data: " + ", ".join(short))

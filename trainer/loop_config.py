@@ -58,7 +58,7 @@ class DataConfig:
     min_val_comparisons: int = field(
         default=4,
         metadata={"help": "Fewest val-split rankings to train the gate's judge (an RM PPO never optimises "
-                  "against); fewer: 'skipped'."})
+                  "against), counting only prompts the gate does not evaluate on; fewer: 'skipped'."})
     judge_eval_comparisons: int = field(
         default=64,
         metadata={"help": "The newest train-split rankings (which the judge never sees) that measure the judge's "
