@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("bench.serving", "Serving: gRPC server vs offline vLLM and sequential HF; TTFT; swap stall"),
     ("bench.quiet_wait", "vLLM beside a busy neighbour: spinning vs quiet message-queue waits"),
     ("bench.rollouts", "PPO rollouts in the trainer: HF generate vs a weight-synced vLLM engine"),
+    ("bench.reward_curve", "Reward model learning curve: accuracy on unseen rankings vs training comparisons"),
 ]
 
 

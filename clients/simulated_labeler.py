@@ -164,6 +164,7 @@ class LabelingReport:
     submitted: int = 0
     skipped: int = 0
     comparisons: int = 0
+    demonstrations: int = 0
     refused: dict[str, int] = dataclasses.field(default_factory=dict)
     no_task: int = 0
 
@@ -202,6 +203,12 @@ class SimulatedLabeler:
             return None
         return noisy_ranking(scores, self.p, self._rng)
 
+    def best_completion(self, task: feedback_pb2.ComparisonTask) -> str:
+        """The completion the rule likes best: what this labeler would write as a demonstration
+        (chosen among the K drafts it was shown, noise-free: a demonstration is written with care)."""
+        texts = [c.text for c in task.completions]
+        return max(texts, key=lambda text: self.rule(task.prompt_text, text))
+
     def rank_task(self, task: feedback_pb2.ComparisonTask) -> list[list[str]] | None:
         """Groups of completion ids for a leased task (None: pass)."""
         groups = self.rank(task.prompt_text, [c.text for c in task.completions])
@@ -210,10 +217,13 @@ class SimulatedLabeler:
         ids = [c.completion_id for c in task.completions]
         return [[ids[i] for i in group] for group in groups]
 
-    def run(self, client, n_tasks: int, *, k: int = 0, timeout: float = 60.0) -> LabelingReport:
+    def run(self, client, n_tasks: int, *, k: int = 0, timeout: float = 60.0, demonstrations: int = 0
+            ) -> LabelingReport:
         """Lease, rank and submit up to `n_tasks` tasks through a `FeedbackStub`; stops early
         when the queue is empty (NOT_FOUND). Transient failures are retried with the same
-        request_id, which the server answers idempotently."""
+        request_id, which the server answers idempotently. For the first `demonstrations`
+        tasks the labeler also submits a demonstration: the best of the task's drafts by its
+        rule (``best_completion``), so demonstrations follow the labeler's preference whatever it is."""
         report = LabelingReport()
         for _ in range(n_tasks):
             try:
@@ -242,6 +252,10 @@ class SimulatedLabeler:
                 continue
             report.submitted += 1
             report.comparisons += response.comparisons
+            if report.demonstrations < demonstrations:
+                self._call(client.SubmitDemonstration, feedback_pb2.SubmitDemonstrationRequest(
+                    request_id=_new_id(), prompt_id=task.prompt_id, response=self.best_completion(task)), timeout)
+                report.demonstrations += 1
         return report
 
     def _call(self, method, request, timeout: float, attempts: int = 5):

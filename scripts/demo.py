@@ -52,19 +52,19 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 
 from clients.client import RlhfClient  # noqa: E402
 from clients.prompts import load_prompts  # noqa: E402
-from clients.simulated_labeler import SimulatedLabeler, concise_polite, content_words, noisy_ranking  # noqa: E402
+from clients.simulated_labeler import SimulatedLabeler, concise_polite, noisy_ranking  # noqa: E402
 from common.identity import generate_api_key, hash_api_key, split_for_user  # noqa: E402
 from common.store import Store, add_api_key  # noqa: E402
-from rlhf.v1 import admin_pb2, feedback_pb2, feedback_pb2_grpc  # noqa: E402
+from rlhf.v1 import admin_pb2, feedback_pb2_grpc  # noqa: E402
 
 SCRIPT_STARTED = time.time()
 TRAINER_TOML = REPO / "scripts" / "demo_trainer.toml"
 USERS = {"train": 8, "val": 3, "test": 2}
-# (name, group, seed, labeling tasks per cycle); group B is held out (demo_trainer.toml).
-# Four A labelers side by side rather than two with twice the tasks: each task samples K = 4
-# completions, and the engine turns more concurrent sequences into more tokens per second.
-LABELERS = [("lab-a1", "A", 1, 7), ("lab-a2", "A", 2, 7), ("lab-a3", "A", 5, 7), ("lab-a4", "A", 6, 7),
-            ("lab-b1", "B", 3, 4), ("lab-b2", "B", 4, 4)]
+# (name, group, seed); group B is held out (demo_trainer.toml). Four A labelers side by side
+# rather than fewer with more tasks: the engine turns more concurrent sequences into more
+# tokens per second. Their tasks per cycle: Plan.
+LABELERS = [("lab-a1", "A", 1), ("lab-a2", "A", 2), ("lab-a3", "A", 5), ("lab-a4", "A", 6),
+            ("lab-b1", "B", 3), ("lab-b2", "B", 4)]
 HELD_OUT = "B"
 NOISE_P = 0.16
 CEILING_RULE = 1 - NOISE_P  # a noisy labeler agrees with the rule this often (0.84)
@@ -77,18 +77,55 @@ FINISHED = {admin_pb2.CYCLE_STATE_PROMOTED: "promoted", admin_pb2.CYCLE_STATE_RE
 @dataclass
 class Plan:
     """How much happens per cycle (aimed at a 20-minute loop on 2 cores with the embedded
-    model; measured: 17.3 minutes, docs/DEMO.md)."""
+    model; measured: docs/DEMO.md).
+
+    Rankings: the reward model of the first cycle must see at least 2,000 pairwise
+    comparisons (below that, reward models stay near chance: Gao et al. 2022; here
+    ``python -m bench.reward_curve``), so the first cycle's data is larger: 80 tasks of
+    K = 9 by the training labelers, about 60 of them on train-split prompts (36 pairs
+    each); later cycles add 48. The queue spreads tasks over the cycle's train and val
+    prompts, so their ratio sets the RM's (train) and the judge's (val) share.
+    """
 
     cycles: int
-    train_prompts: int = 24  # new train-split prompts per cycle (PPO's data)
-    val_prompts: int = 20  # new val-split prompts per cycle (the judge's rankings, evaluation)
+    first_train_prompts: int = 40  # new train-split prompts in the first cycle (PPO's data, most rankings)
+    first_val_prompts: int = 16  # ... val-split: the judge's rankings, and the gate's evaluation prompts
+    train_prompts: int = 24  # ... in each later cycle
+    val_prompts: int = 8
+    first_tasks_a: int = 20  # labeling tasks per training labeler (4 of them) in the first cycle
+    tasks_a: int = 12  # ... in each later cycle
+    tasks_b: int = 4  # per held-out labeler (2), every cycle: they only measure
+    label_k: int = 9  # completions per labeling task: C(9, 2) = 36 pairs for 9 samples
+    # 64 tokens: per sampling second the RM learnt as much as from 128-token samples
+    # (bench.reward_curve, docs/BENCHMARKS.md), and each completion costs the RM's frozen
+    # trunk half as much; at 40 tokens (the users' replies) samples barely differed in length.
+    label_max_new_tokens: int = 64
     test_prompts: int = 64  # the fixed measurement set (vN vs v0, greedy)
-    demonstrations: int = 16  # cycle 1 only
+    demonstrations: int = 16  # cycle 1 only (0: --no-demonstrations)
     max_new_tokens: int = 40  # users' replies (PPO's rollouts and evaluation: demo_trainer.toml)
-    # Labeling samples run longer than users' replies: at 40 tokens nearly every sample was
-    # cut at ~30 words, so rankings said nothing about length (most of the rule), and an RM
-    # trained on them preferred v0's answers to rule-following ones (docs/DEMO.md).
-    label_max_new_tokens: int = 96
+
+    def prompts(self, n: int) -> tuple[int, int]:
+        """(train, val) prompts the users send before cycle n."""
+        return (self.first_train_prompts, self.first_val_prompts) if n == 1 else (self.train_prompts, self.val_prompts)
+
+    def tasks(self, n: int, group: str) -> int:
+        """Labeling tasks per labeler of ``group`` before cycle n."""
+        if group == HELD_OUT:
+            return self.tasks_b
+        return self.first_tasks_a if n == 1 else self.tasks_a
+
+
+def QUICK_PLAN(cycles: int) -> Plan:
+    """A plan a few times smaller than the real one (``--quick``)."""
+    return Plan(cycles, first_train_prompts=8, first_val_prompts=6, train_prompts=6, val_prompts=4, first_tasks_a=3,
+                tasks_a=2, tasks_b=1, test_prompts=8, demonstrations=4)
+
+
+# The trainer's data minimums and stage sizes for QUICK_PLAN.
+QUICK_TRAINER = ["cycle.data.min_new_prompts=4", "cycle.data.min_train_comparisons=2", "cycle.data.min_val_comparisons=1",
+                 "cycle.data.min_sft_demonstrations=2", "cycle.eval.max_prompts=2", "cycle.ppo.iterations=1",
+                 "cycle.ppo.rollouts_per_iteration=4", "cycle.ppo.max_new_tokens=8", "cycle.eval.max_new_tokens=8",
+                 "cycle.gate.min_judge_accuracy=none", "cycle.sft.epochs=1", "cycle.sft.max_eval_prompts=2"]
 
 
 @dataclass
@@ -110,7 +147,11 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    plan = Plan(cycles=args.cycles)
+    plan = (QUICK_PLAN if args.quick else Plan)(cycles=args.cycles)
+    if args.no_demonstrations:
+        plan.demonstrations = 0
+    if args.quick:
+        args.overrides = QUICK_TRAINER + args.overrides
     demo = set_up(args, plan)
     with serving(demo, args, plan) as server, training(demo, args):
         set_up_s = time.time() - float(os.environ.get("RLHF_DEMO_STARTED") or SCRIPT_STARTED)
@@ -140,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                     record_row(demo, finished)
                 cycle, during = follow_cycle(admin, cycle_id, server, demo)
                 version = serving_version(admin)
-                answers = tester.submit(answer_test_set, demo, plan, version) if version not in demo.answers else None
+                answers = {version: tester.submit(answer_test_set, demo, plan, version)} if version not in demo.answers \
+                    else {}
+                start = ppo_start(cycle)  # the policy PPO began from (an SFT model the server never served)
+                if start is not None and start not in demo.answers and start != version:
+                    answers[start] = tester.submit(answer_offline, demo, plan, start)
                 finished = FinishedCycle(n, cycle, version, data, during, time.time() - cycle_started, answers)
             if finished is not None:
                 record_row(demo, finished)
@@ -163,6 +208,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="SmolLM2-135M-Instruct, or the tiny random model for a quick dry run")
     parser.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/demo-<time>)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a plan a few times smaller (a dry run, and the demo's own test on the tiny model); "
+                             "no learning goal holds at that size")
+    parser.add_argument("--no-demonstrations", action="store_true",
+                        help="no demonstrations, so no SFT: the paper's steps 2 and 3 alone (rankings -> RM -> PPO)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra trainer config override (see `rlhf trainer --print-config`)")
     return parser.parse_args(argv)
@@ -179,7 +229,7 @@ def set_up(args: argparse.Namespace, plan: Plan) -> Demo:
     keys, users = {"admin": generate_api_key()}, {}
     with Store(out / "data" / "rlhf.sqlite") as store:
         store.write_sync(add_api_key("operator", "admin", hash_api_key(keys["admin"])))
-        for name, group, _, _ in LABELERS:
+        for name, group, _ in LABELERS:
             keys[name] = generate_api_key()
             store.write_sync(add_api_key(name, "labeler", hash_api_key(keys[name]), labeler_group=group))
         for split, n in USERS.items():
@@ -188,7 +238,7 @@ def set_up(args: argparse.Namespace, plan: Plan) -> Demo:
                 keys[user] = generate_api_key()
                 store.write_sync(add_api_key(user, "user", hash_api_key(keys[user])))
     texts = [p.text for p in load_prompts()]
-    needed = plan.test_prompts + plan.cycles * (plan.train_prompts + plan.val_prompts)
+    needed = plan.test_prompts + sum(sum(plan.prompts(n)) for n in range(1, plan.cycles + 1))
     if needed > len(texts):
         raise SystemExit(f"{plan.cycles} cycles need {needed} prompts; the shipped set has {len(texts)}")
     return Demo(out, f"127.0.0.1:{free_port()}", keys, users, iter(texts[plan.test_prompts:]),
@@ -300,9 +350,10 @@ class training:
 # ---------------------------------------------------------------------------- the people
 
 
-def send_traffic(demo: Demo, plan: Plan) -> dict[str, Any]:
+def send_traffic(demo: Demo, plan: Plan, n_cycle: int) -> dict[str, Any]:
     """New prompts from train and val users (16 at a time, so the engine batches them)."""
-    jobs = [(user, next(demo.prompts)) for split, n in (("train", plan.train_prompts), ("val", plan.val_prompts))
+    train, val = plan.prompts(n_cycle)
+    jobs = [(user, next(demo.prompts)) for split, n in (("train", train), ("val", val))
             for user in itertools.islice(itertools.cycle(demo.users[split]), n)]
 
     def ask(job: tuple[str, str]) -> tuple[str, str] | None:
@@ -317,51 +368,38 @@ def send_traffic(demo: Demo, plan: Plan) -> dict[str, Any]:
 
     with ThreadPoolExecutor(16) as pool:
         done = list(pool.map(ask, jobs))
-    answered = [d for d in done[:plan.train_prompts] if d is not None]
-    return {"prompts": len(done), "failed": done.count(None), "train": answered}  # (prompt id, text)
+    return {"prompts": len(done), "failed": done.count(None)}
 
 
-def label(demo: Demo) -> dict[str, Any]:
-    """The labelers work the Feedback queue side by side (each task: K = 4 fresh samples)."""
+def label(demo: Demo, plan: Plan, n_cycle: int) -> dict[str, Any]:
+    """The labelers work the Feedback queue side by side (each task: K = 9 fresh samples of the
+    serving policy). In the first cycle, training labelers also write demonstrations: the
+    best of each task's drafts by their own preference (``SimulatedLabeler.best_completion``)."""
+    demonstrators = [lab for lab in LABELERS if lab[1] != HELD_OUT]
+    per_demonstrator = -(-plan.demonstrations // len(demonstrators)) if n_cycle == 1 else 0
 
-    def work(labeler: tuple[str, str, int, int]) -> Any:
-        name, group, seed, tasks = labeler
+    def work(labeler: tuple[str, str, int]) -> Any:
+        name, group, seed = labeler
         metadata = (("authorization", f"Bearer {demo.keys[name]}"),)
+        demos = per_demonstrator if labeler in demonstrators else 0
         with grpc.insecure_channel(demo.target) as channel:
             stub = feedback_pb2_grpc.FeedbackStub(channel)
-            return SimulatedLabeler(p=NOISE_P, seed=seed, labeler_group=group, metadata=metadata).run(
-                stub, tasks, k=4, timeout=300)
+            # a new random stream per cycle: the lapses of attention differ from cycle to cycle
+            return SimulatedLabeler(p=NOISE_P, seed=1000 * seed + n_cycle, labeler_group=group,
+                                    metadata=metadata).run(stub, plan.tasks(n_cycle, group), k=plan.label_k,
+                                                           timeout=300, demonstrations=demos)
 
     with ThreadPoolExecutor(len(LABELERS)) as pool:
         reports = list(pool.map(work, LABELERS))
-    return {"rankings": sum(r.submitted for r in reports), "pairs": sum(r.comparisons for r in reports)}
-
-
-def demonstration_for(prompt: str) -> str:
-    """What the demonstrator writes: on topic, polite, about 20 words, no digits."""
-    topic = " ".join(sorted(content_words(prompt))[:3]) or "this"
-    return (f"Thanks for asking about {topic}. I am glad to help: here is a short, clear and friendly answer, "
-            "and I hope it helps you.")
-
-
-def demonstrate(demo: Demo, prompts: list[tuple[str, str]]) -> int:
-    """Demonstrations for logged train prompts (the SFT data), by a group-A labeler."""
-    metadata = (("authorization", f"Bearer {demo.keys['lab-a1']}"),)
-    with grpc.insecure_channel(demo.target) as channel:
-        stub = feedback_pb2_grpc.FeedbackStub(channel)
-        for prompt_id, text in prompts:
-            stub.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
-                request_id=uuid.uuid4().hex, prompt_id=prompt_id, response=demonstration_for(text)),
-                metadata=metadata, timeout=60)
-    return len(prompts)
+    return {"rankings": sum(r.submitted for r in reports), "pairs": sum(r.comparisons for r in reports),
+            "demos": sum(r.demonstrations for r in reports)}
 
 
 def feed(demo: Demo, plan: Plan, n: int) -> dict[str, Any]:
-    """One cycle's worth of people: users' prompts, labelers' rankings, demonstrations (cycle 1)."""
-    traffic = send_traffic(demo, plan)
-    labels = label(demo)
-    demos = demonstrate(demo, traffic["train"][:plan.demonstrations]) if n == 1 else 0
-    return {"prompts": traffic["prompts"], "failed": traffic["failed"], **labels, "demos": demos}
+    """One cycle's worth of people: users' prompts, then labelers' rankings (and, before the
+    first cycle, demonstrations)."""
+    traffic = send_traffic(demo, plan, n)
+    return {"prompts": traffic["prompts"], "failed": traffic["failed"], **label(demo, plan, n)}
 
 
 def follow_cycle(admin: RlhfClient, cycle_id: int, server: Process, demo: Demo) -> tuple[admin_pb2.Cycle, dict]:
@@ -444,25 +482,30 @@ def answer_test_set(demo: Demo, plan: Plan, version: int) -> list[str]:
 
 
 def compare_with_v0(demo: Demo, version: int) -> dict[str, Any]:
-    """vN vs v0 on the test prompts: every held-out labeler judges every pair (noisy, as they
-    label), and the hidden rule judges it without noise. One-sided binomial test on the
-    held-out labelers' strict preferences (ties carry no comparison)."""
+    """vN vs v0 on the test prompts (``compare_versions``)."""
+    return compare_versions(demo, version, 0)
+
+
+def compare_versions(demo: Demo, version: int, other: int) -> dict[str, Any]:
+    """vN vs another version on the test prompts: every held-out labeler judges every pair
+    (noisy, as they label), and the hidden rule judges it without noise. One-sided binomial
+    test on the held-out labelers' strict preferences (ties carry no comparison)."""
     import torch
 
     from trainer.evaluate import binomial_sf_one_sided, win_rate
 
-    pairs = list(zip(demo.test_set, demo.answers[version], demo.answers[0]))
-    scores = [(concise_polite(q, new), concise_polite(q, old)) for q, new, old in pairs]  # (vN, v0) per prompt
+    pairs = list(zip(demo.test_set, demo.answers[version], demo.answers[other]))
+    scores = [(concise_polite(q, new), concise_polite(q, old)) for q, new, old in pairs]  # (vN, other) per prompt
     wins = losses = 0
-    for _, _, seed, _ in [lab for lab in LABELERS if lab[1] == HELD_OUT]:
-        rng = random.Random(1000 * seed + version)
+    for _, _, seed in [lab for lab in LABELERS if lab[1] == HELD_OUT]:
+        rng = random.Random(1000 * seed + version if other == 0 else 1_000_003 * seed + 1000 * version + other)
         for pair in scores:
             if pair[0] == pair[1]:
                 continue  # a tie under the rule: the labeler passes (SimulatedLabeler.rank does too)
             order = noisy_ranking(list(pair), NOISE_P, rng)
             wins, losses = wins + (order[0] == [0]), losses + (order[0] == [1])
     new_scores, old_scores = (torch.tensor(column) for column in zip(*scores))
-    return {"version": version, "held_out_wins": wins, "held_out_losses": losses,
+    return {"version": version, "other": other, "held_out_wins": wins, "held_out_losses": losses,
             "held_out_win_rate": wins / (wins + losses) if wins + losses else None,
             "p_value": binomial_sf_one_sided(wins, wins + losses),
             "rule_win_rate": win_rate(new_scores, old_scores),  # ties count half
@@ -483,39 +526,83 @@ class FinishedCycle:
     data: dict[str, Any]
     during: dict[str, Any]
     seconds: float
-    answers: Future | None  # of answer_test_set, when the version is new
+    answers: dict[int, Future]  # test answers of versions not answered before (the serving one, PPO's start)
 
 
 def record_row(demo: Demo, done: FinishedCycle) -> None:
-    if done.answers is not None:
-        demo.answers[done.version] = done.answers.result()
-    row = summarise(done.n, done.cycle, done.version, compare_with_v0(demo, done.version), done.data, done.during,
-                    done.seconds)
+    for version, future in done.answers.items():
+        demo.answers[version] = future.result()
+    effect = ppo_effect(demo, done.cycle, done.version)
+    row = summarise(done.n, done.cycle, done.version, compare_with_v0(demo, done.version), effect, done.data,
+                    done.during, done.seconds)
     demo.rows.append(row)
     print_row(row, header=done.n == 1)
+
+
+def ppo_start(cycle: admin_pb2.Cycle) -> int | None:
+    """The version PPO started from in this cycle (the lineage's start), when it ran."""
+    lineage = json.loads(cycle.metrics_json or "{}").get("sft", {}).get("lineage", {})
+    return lineage.get("start_version")
+
+
+def ppo_effect(demo: Demo, cycle: admin_pb2.Cycle, version: int) -> dict[str, Any]:
+    """What this cycle's PPO step did, when it was promoted: the new version against the policy
+    PPO started from (the SFT model, or the serving one) and against the version it replaced."""
+    if FINISHED[cycle.state] != "promoted":
+        return {}
+    start, replaced = ppo_start(cycle), cycle.base_version
+    out = {"start": start, "replaced": replaced}
+    if start is not None and start in demo.answers:
+        out["vs_start"] = compare_versions(demo, version, start)
+    if replaced in demo.answers:
+        out["vs_replaced"] = compare_versions(demo, version, replaced)
+    return out
+
+
+def answer_offline(demo: Demo, plan: Plan, version: int) -> list[str]:
+    """Greedy answers to the test prompts of a version the server never served (an SFT model),
+    with transformers in this process: its fp32 greedy decoding is vLLM's (MACHINE-FACTS)."""
+    from common.checkpoints import checkpoint_path
+    from common.models import load_causal_lm, load_tokenizer
+    from trainer.data import user_turn
+    from trainer.evaluate import sample_responses
+
+    folder = checkpoint_path(demo.out / "data" / "checkpoints", version)
+    model, tokenizer = load_causal_lm(folder, dtype="float32", device="cpu"), load_tokenizer(folder)
+    return sample_responses(model, tokenizer, [user_turn(q) for q in demo.test_set],
+                            max_new_tokens=plan.max_new_tokens, temperature=0.0, batch_size=16)
 
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def summarise(n: int, cycle: admin_pb2.Cycle, version: int, vs_v0: dict[str, Any], data: dict, during: dict,
-              seconds: float) -> dict[str, Any]:
+def summarise(n: int, cycle: admin_pb2.Cycle, version: int, vs_v0: dict[str, Any], effect: dict[str, Any],
+              data: dict, during: dict, seconds: float) -> dict[str, Any]:
     m = json.loads(cycle.metrics_json or "{}")
     rm, ev = m.get("rm", {}).get("rm", {}), m.get("evaluate", {})
     by_group = rm.get("val", {}).get("by_group", {})
+    # the held-out labelers' rankings of samples from the policy serving when the cycle began
+    now = rm.get("val", {}).get("by_group_version", {}).get(HELD_OUT, {}).get(str(cycle.base_version), {})
+    vs_start, vs_replaced = effect.get("vs_start", {}), effect.get("vs_replaced", {})
     return {
         "cycle": n, "id": cycle.cycle_id, "state": FINISHED[cycle.state], "serving": version,
         "candidate": cycle.candidate_version if cycle.HasField("candidate_version") else None,
         "prompts": data["prompts"], "rankings": data["rankings"], "demos": data["demos"],
         "sft": m.get("sft", {}).get("ran"),
         "rm_acc_A": by_group.get("A", {}).get("accuracy"), "rm_acc_B": by_group.get(HELD_OUT, {}).get("accuracy"),
+        "rm_acc_B_now": now.get("accuracy"), "rm_pairs": rm.get("num_train_pairs"),
+        "judge_acc": m.get("rm", {}).get("judge", {}).get("val", {}).get("accuracy"),
         "judge_acc_B": m.get("rm", {}).get("judge", {}).get("val", {}).get("by_group", {}).get(HELD_OUT, {})
         .get("accuracy"),
         "gate_win": ev.get("judge_win_rate"), "rm_score": ev.get("rm_score_candidate"), "kl": ev.get("kl_to_sft"),
         "ptx": ev.get("ptx_nll_candidate"), "ptx_reg": ev.get("ptx_regression"),
         "win_B": vs_v0["held_out_win_rate"], "p_B": vs_v0["p_value"], "win_rule": vs_v0["rule_win_rate"],
         "words": vs_v0["mean_words"], "stall": m.get("swap", {}).get("stall_seconds"),
+        "ppo_start": effect.get("start"), "rule_vs_start": vs_start.get("rule_win_rate"),
+        "B_vs_start": vs_start.get("held_out_win_rate"), "p_vs_start": vs_start.get("p_value"),
+        "rule_vs_prev": vs_replaced.get("rule_win_rate"), "B_vs_prev": vs_replaced.get("held_out_win_rate"),
+        "p_vs_prev": vs_replaced.get("p_value"), "ppo_effect": effect,
         "failed": during["failed"] + data["failed"], "during_swap": during, "vs_v0": vs_v0,
         "error": cycle.error, "stage_seconds": {k: v.get("seconds") for k, v in m.items()}, "seconds": seconds,
     }
@@ -525,13 +612,22 @@ def summarise(n: int, cycle: admin_pb2.Cycle, version: int, vs_v0: dict[str, Any
 COLUMNS = [
     ("cycle", 5, "cycle number"), ("state", 8, "promoted / rejected / skipped / failed"),
     ("serving", 7, "policy version serving after the cycle"),
+    ("rm_pairs", 8, "pairwise comparisons PPO's RM trained on (all train-split rankings of the training labelers)"),
     ("rm_acc_A", 8, "PPO's RM: pairwise accuracy on group A's val-split rankings (unseen)"),
     ("rm_acc_B", 8, "PPO's RM: pairwise accuracy on held-out group B's rankings (never trained on)"),
+    ("rm_acc_B_now", 12, "... on group B's rankings of the samples of the policy serving when the cycle began"),
+    ("judge_acc", 9, "the gate's judge: pairwise accuracy on rankings it never trained on"),
     ("win_B", 6, "serving vs v0 on the test prompts, judged by the held-out labelers (ties dropped)"),
     ("p_B", 7, "one-sided binomial test of win_B > 0.5"),
     ("win_rule", 8, "serving vs v0 judged by the noise-free hidden rule (ties count half)"),
+    ("ppo_start", 9, "the version this cycle's PPO started from (its SFT model, or the serving policy)"),
+    ("rule_vs_start", 13, "a promoted candidate vs its PPO start, by the noise-free rule: what PPO alone did"),
+    ("B_vs_start", 10, "... by the held-out labelers (win rate, ties dropped)"),
+    ("p_vs_start", 10, "one-sided binomial test of B_vs_start > 0.5"),
+    ("rule_vs_prev", 12, "a promoted candidate vs the version it replaced, by the noise-free rule"),
+    ("B_vs_prev", 9, "... by the held-out labelers"),
     ("rm_score", 8, "mean RM score of the candidate's samples on evaluation prompts"),
-    ("kl", 6, "KL(candidate || SFT), nats per response"),
+    ("kl", 6, "KL(candidate || SFT), nats per token, on the candidate's own samples (PPO's estimator)"),
     ("ptx", 6, "candidate's NLL on held-out pretraining text (nats/token)"),
     ("ptx_reg", 7, "ptx NLL minus the serving policy's (the alignment tax)"),
     ("words", 5, "mean words per test answer"), ("stall", 6, "swap stall (s): new requests held"),
@@ -614,6 +710,8 @@ def plot(demo: Demo, path: Path) -> None:
     axes[2].plot(cycles, [r["ptx"] for r in rows], "s-", label="ptx NLL (nats/token)")
     axes[2].set(title="drift and the alignment tax", xlabel="cycle")
     axes[2].legend()
+    for ax in axes:  # whole cycles only
+        ax.set_xticks(range(0 if ax is axes[0] else 1, max(cycles, default=1) + 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -170,6 +170,35 @@ def test_run_labels_through_the_service(tiny_model_dir: Path, tmp_path: Path) ->
         assert stored == [{"labeler_id": "sim-heldout", "labeler_group": "heldout", "k": 4}] * report.submitted
 
 
+def test_a_demonstration_is_the_best_draft_by_the_labelers_own_rule(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Demonstrations follow the labeler's preference, whatever it is: the best of the task's K
+    drafts by its rule, stored as the labeler's demonstration for the task's prompt."""
+    import grpc
+
+    from rlhf.v1 import feedback_pb2_grpc
+    from server.engines.hf import HFEngine
+    from test_feedback_harness import FeedbackServerThread, bearer, issue_key, seed_prompt
+
+    def longest(prompt: str, completion: str) -> float:  # any rule: here, the longest draft wins
+        return float(len(completion))
+
+    with FeedbackServerThread(tmp_path / "store.sqlite", lambda: HFEngine(tiny_model_dir, 0), max_new_tokens=6) as server:
+        key = issue_key(server.store, "sim-a", "labeler", "A")
+        for i in range(3):
+            seed_prompt(server.store, 0, text=f"Tell me about rivers, part {i}.")
+        labeler = SimulatedLabeler(rule=longest, p=0.0, seed=0, labeler_group="A", metadata=bearer(key))
+        with grpc.insecure_channel(server.target) as channel:
+            report = labeler.run(feedback_pb2_grpc.FeedbackStub(channel), n_tasks=3, k=4, demonstrations=2)
+        assert report.demonstrations == 2
+        demos = server.store.read_sync(lambda db: list(db.query(
+            "SELECT d.prompt_id, d.response, d.labeler_id FROM demonstrations d ORDER BY d.created_at")))
+        assert len(demos) == 2 and all(d["labeler_id"] == "sim-a" for d in demos)
+        for demo in demos:
+            drafts = server.store.read_sync(lambda db: [r["text"] for r in db.query(
+                "SELECT text FROM completions WHERE prompt_id = ? AND purpose = 'label'", [demo["prompt_id"]])])
+            assert len(demo["response"]) == max(len(t) for t in drafts)
+
+
 # ------------------------------------------------------------------ signal on the base model
 
 

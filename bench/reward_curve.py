@@ -1,0 +1,291 @@
+"""The reward model's learning curve on the embedded model's OWN samples, ranked by simulated
+labelers: the chooser of the RM recipe (issue 12).
+
+Data. SmolLM2-135M answers every shipped prompt with K = 9 samples (temperature 1, up to
+128 tokens; ``bench.policy_samples``, made once and kept on disk). 64 prompts are the
+test set; the rest are ranked, one ranking per prompt, by four training labelers who
+follow the hidden rule (``clients.simulated_labeler.concise_polite``) but are inattentive
+with probability 2p (p = 0.16: each pair reversed with probability p, as the demo's
+labelers). Each recipe trains on the first N pairwise comparisons (whole rankings) for N
+in ``SIZES`` and is scored on the test prompts against
+
+- the noise-free rule (``rule``): the truth no labeler reports; 1.0 is perfect;
+- two held-out noisy labelers (``held-out``), who never trained anything: a model that
+  learned the rule exactly agrees with them 1 - p = 0.84 of the time (the ceiling).
+
+Recipes (``RMConfig``), all on the same frozen SFT trunk whose output is computed once
+per completion (``trainer.trunk_cache``):
+
+- ``pooled head``: the default: the whole trunk frozen, ``trainer.rm_heads.PooledHead``;
+- ``last-token head``: the whole trunk frozen, the paper's linear head on the last token;
+- ``top-2 layers``: the top two decoder layers and the paper's head train (the previous
+  default), 2 epochs at 3e-4.
+
+Two more measurements with the default recipe: the labeling sample length (samples cut
+to 64 and 96 tokens are exactly samples drawn with that cap), and K = 4 against K = 9 at
+the same number of sampled completions (the sampling cost).
+
+    python -m bench.reward_curve [--sizes 250 500 1000 2000 4000 8000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.policy_samples import SampleSet, load_or_sample
+
+SIZES = (250, 500, 1000, 2000, 4000, 8000)
+K = 9
+NOISE_P = 0.16
+TEST_PROMPTS = 64
+TRAIN_SEEDS = (1, 2, 5, 6)  # four training labelers, round robin over the prompts
+HELD_OUT_SEEDS = (3, 4)  # two held-out labelers rank every test prompt
+CAPS = (64, 96)  # labeling sample lengths measured beside the full 128
+RECIPES: dict[str, dict[str, Any]] = {
+    "pooled head": {},
+    "last-token head": {"head": "last_token"},
+    "top-2 layers": {"train_mode": "top_layers", "top_layers": 2, "head": "last_token", "learning_rate": 3e-4,
+                     "weight_decay": 0.0, "epochs": 2, "batch_size": 4},
+}
+PNG = Path(__file__).resolve().parent.parent / "docs" / "reward-curve.png"
+
+
+@dataclass
+class Split:
+    """Comparisons for one sample length: the ranked training pool and the two test views."""
+
+    train: list  # one Comparison per training prompt, in labeling order
+    test_rule: list  # the test prompts ranked by the noise-free rule (group "rule")
+    test_held_out: list  # ranked by each held-out labeler (group "held-out")
+    tokens_per_sample: float
+
+
+def comparisons_for(samples: SampleSet, seed: int = 0) -> Split:
+    """Rank the samples: training pool by the training labelers, test prompts by the rule and
+    the held-out labelers."""
+    from clients.simulated_labeler import concise_polite, groups_by_score, noisy_ranking
+    from trainer.data import Comparison, user_turn
+
+    order = list(range(len(samples.rows)))
+    random.Random(seed).shuffle(order)
+    test, pool = order[:TEST_PROMPTS], order[TEST_PROMPTS:]
+    labelers = [random.Random(s) for s in TRAIN_SEEDS]
+    held_out = [random.Random(s) for s in HELD_OUT_SEEDS]
+
+    def comparison(i: int, groups: list[list[int]], group: str) -> Comparison:
+        row = samples.rows[i]
+        ranks = tuple(next(r for r, g in enumerate(groups) if j in g) for j in range(len(row.texts)))
+        return Comparison(user_turn(row.prompt), tuple(row.texts), ranks, labeler_group=group,
+                          stopped=tuple(row.stopped), prompt_id=str(i))
+
+    def scores(i: int) -> list[float]:
+        return [concise_polite(samples.rows[i].prompt, t) for t in samples.rows[i].texts]
+
+    train = [comparison(i, noisy_ranking(scores(i), NOISE_P, labelers[n % len(labelers)]), "A")
+             for n, i in enumerate(pool)]
+    test_rule = [comparison(i, groups_by_score(scores(i)), "rule") for i in test]
+    test_held_out = [comparison(i, noisy_ranking(scores(i), NOISE_P, rng), "held-out") for rng in held_out for i in test]
+    return Split([c for c in train if len(set(c.ranks)) > 1], test_rule, test_held_out,
+                 samples.tokens / (len(samples.rows) * samples.k))
+
+
+def first_pairs(comparisons: Sequence, n: int) -> list:
+    """Whole rankings from the start until they hold at least ``n`` ordered pairs."""
+    out, pairs = [], 0
+    for c in comparisons:
+        if pairs >= n:
+            break
+        out.append(c)
+        pairs += sum(1 for a in c.ranks for b in c.ranks if a < b)
+    return out
+
+
+def first_k(comparisons: Sequence, k: int) -> list:
+    """Each ranking cut to its first ``k`` completions (a labeling task with K = k)."""
+    from trainer.data import Comparison
+
+    out = []
+    for c in comparisons:
+        ranks = c.ranks[:k]
+        if len(set(ranks)) > 1:
+            out.append(Comparison(c.messages, c.completions[:k], ranks, labeler_group=c.labeler_group,
+                                  stopped=c.stopped[:k], prompt_id=c.prompt_id))
+    return out
+
+
+def train_and_score(model_dir: Path, train: list, split: Split, overrides: dict[str, Any], cache: Any,
+                    work: Path) -> dict[str, Any]:
+    """One recipe on one training set: accuracy on the test views, pairs, seconds."""
+    from trainer.config import RMConfig
+    from trainer.reward_model import train_reward_model
+
+    config = RMConfig(**{"show_progress": False, "max_response_length": 256, **overrides})
+    started = time.perf_counter()
+    result = train_reward_model(model_dir, train, split.test_rule + split.test_held_out, config, work / "rm",
+                                trunk_cache=cache)
+    groups = result.val["by_group"]
+    return {"rule": groups["rule"]["accuracy"], "held_out": groups["held-out"]["accuracy"],
+            "rankings": len(train), "pairs": sum(sum(1 for a in c.ranks for b in c.ranks if a < b) for c in train),
+            "train_seconds": sum(e["seconds"] for e in result.epochs), "seconds": time.perf_counter() - started,
+            "trunk_computed": result.trunk_computed}
+
+
+def cached_trunk(name: str, fingerprint: str) -> Any:
+    """A ``TrunkCache`` for one recipe, filled from ``$RLHF_DATA_DIR/bench/`` when an earlier run
+    kept it (the frozen trunk's states are the slow part: minutes per recipe on a CPU)."""
+    import torch
+
+    from common import paths
+    from trainer.trunk_cache import TrunkCache
+
+    cache = TrunkCache(max_mb=8192)
+    cache.file = paths.data_dir() / "bench" / f"trunk-{fingerprint[:12]}-{name.replace(' ', '-')}.pt"
+    if cache.file.exists():
+        saved = torch.load(cache.file, weights_only=False)
+        cache.key = saved["key"]
+        for row, states in saved["rows"].items():
+            cache._put(row, states)
+    return cache
+
+
+def keep_trunk(cache: Any) -> None:
+    import torch
+
+    tmp = cache.file.with_suffix(".tmp")
+    torch.save({"key": cache.key, "rows": dict(cache._rows)}, tmp)
+    tmp.replace(cache.file)
+
+
+def run(sizes: Sequence[int] = SIZES, quick: bool = False) -> dict[str, Any]:
+    import torch
+
+    from clients.prompts import load_prompts
+    from common.models import ensure_embedded_model, load_tokenizer
+    torch.manual_seed(0)
+    model_dir = ensure_embedded_model()
+    tokenizer = load_tokenizer(model_dir)
+    texts = [p.text for p in load_prompts()]
+    full = load_or_sample(model_dir, texts, k=K, max_tokens=128)
+    results: dict[str, Any] = {"sampling": {"prompts": len(full.rows), "k": full.k, "max_tokens": full.max_tokens,
+                                            "tokens": full.tokens, "seconds": full.seconds},
+                               "curve": {}, "caps": {}, "k4_vs_k9": {}}
+    recipes = {"pooled head": RECIPES["pooled head"]} if quick else RECIPES
+    caches = {name: cached_trunk(name, full.model_fingerprint) for name in recipes}  # one frozen trunk each
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        split = comparisons_for(full)
+        results["train_pool_pairs"] = sum(sum(1 for a in c.ranks for b in c.ranks if a < b) for c in split.train)
+        for name, overrides in recipes.items():
+            for n in sizes:
+                point = train_and_score(model_dir, first_pairs(split.train, n), split, overrides, caches[name], work)
+                results["curve"].setdefault(name, {})[n] = point
+                print(f"{name:16s} {n:5d} pairs: rule {point['rule']:.3f} held-out {point['held_out']:.3f} "
+                      f"({point['seconds']:.0f} s)", flush=True)
+            keep_trunk(caches[name])
+        default = caches["pooled head"]
+        # The sample length: the same samples cut shorter, the default recipe.
+        for cap in () if quick else CAPS:
+            cut = comparisons_for(full.truncated(cap, tokenizer))
+            for n in (2000, 4000):
+                point = train_and_score(model_dir, first_pairs(cut.train, n), cut, {}, default, work)
+                point["tokens_per_sample"] = cut.tokens_per_sample
+                results["caps"].setdefault(cap, {})[n] = point
+                print(f"cap {cap}: {n} pairs: rule {point['rule']:.3f} held-out {point['held_out']:.3f}", flush=True)
+            keep_trunk(default)
+        # K = 4 against K = 9 for the same sampled completions (what sampling costs).
+        for samples in () if quick else (504, 1008):
+            for k in (4, 9):
+                train = first_k(split.train, k)[:samples // k]
+                point = train_and_score(model_dir, train, split, {}, default, work)
+                point["samples"] = len(train) * k
+                results["k4_vs_k9"].setdefault(samples, {})[k] = point
+                print(f"{samples} samples as K = {k}: rule {point['rule']:.3f} held-out {point['held_out']:.3f}",
+                      flush=True)
+    results["cap128"] = {n: results["curve"]["pooled head"].get(n) for n in (2000, 4000)}
+    results["tokens_per_sample_128"] = comparisons_for(full).tokens_per_sample
+    results["markdown"] = markdown(results)
+    plot(results, PNG)
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["sampling"]
+    lines = [
+        f"The embedded model's own samples: {s['prompts']} prompts x K = {s['k']}, temperature 1, up to "
+        f"{s['max_tokens']} tokens ({s['tokens']} tokens, sampled once by offline vLLM in {s['seconds']:.0f} s and "
+        f"kept under `data/bench/`); 64 test prompts, the rest ranked by four training labelers (noise p = "
+        f"{NOISE_P}: {r['train_pool_pairs']} pairs in all). Accuracy on the test prompts' pairs: `rule` against the "
+        "noise-free hidden rule (1.0 = perfect), `held-out` against two held-out noisy labelers (ceiling 1 - p = "
+        "0.84). One training run per point; between seeds a point moved by about 0.02.", "",
+        "| recipe | " + " | ".join(f"{n} pairs" for n in next(iter(r["curve"].values()))) + " |",
+        "|---" * (1 + len(next(iter(r["curve"].values())))) + "|"]
+    for name, points in r["curve"].items():
+        lines.append(f"| {name} (rule / held-out) | "
+                     + " | ".join(f"{p['rule']:.3f} / {p['held_out']:.3f}" for p in points.values()) + " |")
+    for name, points in r["curve"].items():
+        lines.append(f"| {name}: training seconds | " + " | ".join(f"{p['train_seconds']:.0f}" for p in points.values())
+                     + " |")
+    if r["caps"]:
+        lines += ["", "Labeling sample length (the default recipe; the same samples cut shorter):", "",
+                  "| cap (tokens) | tokens per sample | 2000 pairs (rule / held-out) | 4000 pairs |", "|---|---|---|---|"]
+        for cap, points in {**r["caps"], 128: r["cap128"]}.items():
+            tokens = points[2000].get("tokens_per_sample", r["tokens_per_sample_128"])
+            lines.append(f"| {cap} | {tokens:.0f} | " + " | ".join(
+                f"{points[n]['rule']:.3f} / {points[n]['held_out']:.3f}" for n in (2000, 4000)) + " |")
+    if r["k4_vs_k9"]:
+        lines += ["", "K = 4 against K = 9 for the same number of sampled completions:", "",
+                  "| completions sampled | K = 4: rankings, pairs, rule / held-out | K = 9: rankings, pairs, rule / held-out |",
+                  "|---|---|---|"]
+        for samples, ks in r["k4_vs_k9"].items():
+            lines.append(f"| {samples} | " + " | ".join(
+                f"{p['rankings']}, {p['pairs']}, {p['rule']:.3f} / {p['held_out']:.3f}" for p in ks.values()) + " |")
+    lines += ["", f"![learning curve]({PNG.name})"]
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, points in r["curve"].items():
+        sizes = [p["pairs"] for p in points.values()]
+        axes[0].plot(sizes, [p["rule"] for p in points.values()], "o-", label=name)
+        axes[1].plot(sizes, [p["held_out"] for p in points.values()], "o-", label=name)
+    axes[0].set(title="agreement with the noise-free rule", xlabel="training pairs", ylabel="pairwise accuracy",
+                xscale="log", ylim=(0.45, 1.0))
+    axes[1].axhline(1 - NOISE_P, ls="--", c="grey", label=f"ceiling 1 - p = {1 - NOISE_P:.2f}")
+    axes[1].set(title="agreement with held-out noisy labelers", xlabel="training pairs", xscale="log",
+                ylim=(0.45, 0.9))
+    for ax in axes:
+        ax.axhline(0.5, ls=":", c="grey")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    parser.add_argument("--quick", action="store_true", help="the default recipe's curve only")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    results = run(args.sizes, quick=args.quick)
+    print(results["markdown"])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
