@@ -43,7 +43,7 @@ import random
 import re
 import time
 import uuid
-from typing import Callable, Sequence
+from typing import Callable, Container, Sequence
 
 import grpc
 
@@ -217,13 +217,14 @@ class SimulatedLabeler:
         ids = [c.completion_id for c in task.completions]
         return [[ids[i] for i in group] for group in groups]
 
-    def run(self, client, n_tasks: int, *, k: int = 0, timeout: float = 60.0, demonstrations: int = 0
-            ) -> LabelingReport:
+    def run(self, client, n_tasks: int, *, k: int = 0, timeout: float = 60.0, demonstrations: int = 0,
+            demonstrate_on: Container[str] | None = None) -> LabelingReport:
         """Lease, rank and submit up to `n_tasks` tasks through a `FeedbackStub`; stops early
         when the queue is empty (NOT_FOUND). Transient failures are retried with the same
         request_id, which the server answers idempotently. For the first `demonstrations`
-        tasks the labeler also submits a demonstration: the best of the task's drafts by its
-        rule (``best_completion``), so demonstrations follow the labeler's preference whatever it is."""
+        tasks (of prompts in `demonstrate_on`, when given) the labeler also submits a
+        demonstration: the best of the task's drafts by its rule (``best_completion``), so
+        demonstrations follow the labeler's preference whatever it is."""
         report = LabelingReport()
         for _ in range(n_tasks):
             try:
@@ -252,7 +253,7 @@ class SimulatedLabeler:
                 continue
             report.submitted += 1
             report.comparisons += response.comparisons
-            if report.demonstrations < demonstrations:
+            if report.demonstrations < demonstrations and (demonstrate_on is None or task.prompt_id in demonstrate_on):
                 self._call(client.SubmitDemonstration, feedback_pb2.SubmitDemonstrationRequest(
                     request_id=_new_id(), prompt_id=task.prompt_id, response=self.best_completion(task)), timeout)
                 report.demonstrations += 1

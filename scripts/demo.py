@@ -2,6 +2,7 @@
 a significance test.
 
     python scripts/demo.py [--cycles 3] [--model embedded|tiny] [--engine auto|vllm|hf] [--out DIR]
+                           [--quick] [--no-demonstrations] [--set cycle.ppo.iterations=2 ...]
 
 Two real processes, as in production: `rlhf serve` (vLLM where it installs) and
 `rlhf trainer` (scripts/demo_trainer.toml). This script plays everyone else, over gRPC only:
@@ -10,8 +11,10 @@ Two real processes, as in production: `rlhf serve` (vLLM where it installs) and
   labelers    simulated labelers with a hidden rule (`concise_polite`: ~20 words, polite,
               on topic, no digits) and the paper's disagreement (each pair flipped with
               p = 0.16); two in group "A" (their rankings train) and two in the held-out
-              group "B" (never trained on, as the paper's held-out labelers); K = 4
-  demonstrator  writes rule-following answers for some train prompts in cycle 1 (SFT)
+              group "B" (never trained on, as the paper's held-out labelers); K = 9
+  demonstrator  in cycle 1, a training labeler's own best of 9 drafts (samples of the serving
+              policy, picked by the labeler's noisy preference) for some train prompts (SFT);
+              nothing is written to the rule (``--no-demonstrations``: none at all)
   operator    Admin.TriggerCycle once per cycle, then waits for it; light user traffic
               runs from the gate until the cycle ends, to count failed requests in the swap
 
@@ -368,13 +371,15 @@ def send_traffic(demo: Demo, plan: Plan, n_cycle: int) -> dict[str, Any]:
 
     with ThreadPoolExecutor(16) as pool:
         done = list(pool.map(ask, jobs))
-    return {"prompts": len(done), "failed": done.count(None)}
+    train_ids = {reply[0] for (user, _), reply in zip(jobs, done) if reply is not None and user in demo.users["train"]}
+    return {"prompts": len(done), "failed": done.count(None), "train_prompt_ids": train_ids}
 
 
-def label(demo: Demo, plan: Plan, n_cycle: int) -> dict[str, Any]:
+def label(demo: Demo, plan: Plan, n_cycle: int, train_prompt_ids: set[str]) -> dict[str, Any]:
     """The labelers work the Feedback queue side by side (each task: K = 9 fresh samples of the
-    serving policy). In the first cycle, training labelers also write demonstrations: the
-    best of each task's drafts by their own preference (``SimulatedLabeler.best_completion``)."""
+    serving policy). In the first cycle, training labelers also write demonstrations for
+    train-split prompts (SFT's data): the best of each task's drafts by their own preference
+    (``SimulatedLabeler.best_completion``)."""
     demonstrators = [lab for lab in LABELERS if lab[1] != HELD_OUT]
     per_demonstrator = -(-plan.demonstrations // len(demonstrators)) if n_cycle == 1 else 0
 
@@ -387,7 +392,8 @@ def label(demo: Demo, plan: Plan, n_cycle: int) -> dict[str, Any]:
             # a new random stream per cycle: the lapses of attention differ from cycle to cycle
             return SimulatedLabeler(p=NOISE_P, seed=1000 * seed + n_cycle, labeler_group=group,
                                     metadata=metadata).run(stub, plan.tasks(n_cycle, group), k=plan.label_k,
-                                                           timeout=300, demonstrations=demos)
+                                                           timeout=300, demonstrations=demos,
+                                                           demonstrate_on=train_prompt_ids)
 
     with ThreadPoolExecutor(len(LABELERS)) as pool:
         reports = list(pool.map(work, LABELERS))
@@ -399,7 +405,8 @@ def feed(demo: Demo, plan: Plan, n: int) -> dict[str, Any]:
     """One cycle's worth of people: users' prompts, then labelers' rankings (and, before the
     first cycle, demonstrations)."""
     traffic = send_traffic(demo, plan, n)
-    return {"prompts": traffic["prompts"], "failed": traffic["failed"], **label(demo, plan, n)}
+    return {"prompts": traffic["prompts"], "failed": traffic["failed"],
+            **label(demo, plan, n, traffic["train_prompt_ids"])}
 
 
 def follow_cycle(admin: RlhfClient, cycle_id: int, server: Process, demo: Demo) -> tuple[admin_pb2.Cycle, dict]:
@@ -706,7 +713,7 @@ def plot(demo: Demo, path: Path) -> None:
     axes[1].axhline(CEILING_PEERS, ls=":", c="grey", label=f"labeler agreement {CEILING_PEERS:.2f}")
     axes[1].set(title="reward-model accuracy", xlabel="cycle", ylim=(0.3, 1.0))
     axes[1].legend()
-    axes[2].plot(cycles, [r["kl"] for r in rows], "o-", label="KL to SFT (nats)")
+    axes[2].plot(cycles, [r["kl"] for r in rows], "o-", label="KL to SFT (nats/token)")
     axes[2].plot(cycles, [r["ptx"] for r in rows], "s-", label="ptx NLL (nats/token)")
     axes[2].set(title="drift and the alignment tax", xlabel="cycle")
     axes[2].legend()

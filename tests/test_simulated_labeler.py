@@ -184,15 +184,16 @@ def test_a_demonstration_is_the_best_draft_by_the_labelers_own_rule(tiny_model_d
 
     with FeedbackServerThread(tmp_path / "store.sqlite", lambda: HFEngine(tiny_model_dir, 0), max_new_tokens=6) as server:
         key = issue_key(server.store, "sim-a", "labeler", "A")
-        for i in range(3):
-            seed_prompt(server.store, 0, text=f"Tell me about rivers, part {i}.")
+        prompt_ids = [seed_prompt(server.store, 0, text=f"Tell me about rivers, part {i}.")[0] for i in range(4)]
         labeler = SimulatedLabeler(rule=longest, p=0.0, seed=0, labeler_group="A", metadata=bearer(key))
-        with grpc.insecure_channel(server.target) as channel:
-            report = labeler.run(feedback_pb2_grpc.FeedbackStub(channel), n_tasks=3, k=4, demonstrations=2)
-        assert report.demonstrations == 2
+        with grpc.insecure_channel(server.target) as channel:  # demonstrations only for the chosen prompts
+            report = labeler.run(feedback_pb2_grpc.FeedbackStub(channel), n_tasks=4, k=4, demonstrations=3,
+                                 demonstrate_on=set(prompt_ids[1:3]))
+        assert report.submitted == 4 and report.demonstrations == 2
         demos = server.store.read_sync(lambda db: list(db.query(
             "SELECT d.prompt_id, d.response, d.labeler_id FROM demonstrations d ORDER BY d.created_at")))
         assert len(demos) == 2 and all(d["labeler_id"] == "sim-a" for d in demos)
+        assert {d["prompt_id"] for d in demos} == set(prompt_ids[1:3])
         for demo in demos:
             drafts = server.store.read_sync(lambda db: [r["text"] for r in db.query(
                 "SELECT text FROM completions WHERE prompt_id = ? AND purpose = 'label'", [demo["prompt_id"]])])
