@@ -25,7 +25,7 @@ Two more measurements with the default recipe: the labeling sample length (sampl
 to 64 and 96 tokens are exactly samples drawn with that cap), and K = 4 against K = 9 at
 the same number of sampled completions (the sampling cost).
 
-    python -m bench.reward_curve [--sizes 250 500 1000 2000 4000 8000] [--quick]
+    python -m bench.reward_curve [--sizes 250 500 1000 2000 4000 8000] [--quick] [--recipes NAME ...]
 """
 
 from __future__ import annotations
@@ -163,7 +163,9 @@ def keep_trunk(cache: Any) -> None:
     tmp.replace(cache.file)
 
 
-def run(sizes: Sequence[int] = SIZES, quick: bool = False) -> dict[str, Any]:
+def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str] | None = None) -> dict[str, Any]:
+    """The curve of each recipe in ``recipes`` (default: all; ``quick``: the default recipe
+    only, without the sample-length and K tables)."""
     import torch
 
     from clients.prompts import load_prompts
@@ -176,7 +178,8 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {"sampling": {"prompts": len(full.rows), "k": full.k, "max_tokens": full.max_tokens,
                                             "tokens": full.tokens, "seconds": full.seconds},
                                "curve": {}, "caps": {}, "k4_vs_k9": {}}
-    recipes = {"pooled head": RECIPES["pooled head"]} if quick else RECIPES
+    names = recipes or (["pooled head"] if quick else list(RECIPES))
+    recipes = {name: RECIPES[name] for name in names}
     caches = {name: cached_trunk(name, full.model_fingerprint) for name in recipes}  # one frozen trunk each
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -189,7 +192,7 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False) -> dict[str, Any]:
                 print(f"{name:16s} {n:5d} pairs: rule {point['rule']:.3f} held-out {point['held_out']:.3f} "
                       f"({point['seconds']:.0f} s)", flush=True)
             keep_trunk(caches[name])
-        default = caches["pooled head"]
+        default = caches.get("pooled head") or cached_trunk("pooled head", full.model_fingerprint)
         # The sample length: the same samples cut shorter, the default recipe.
         for cap in () if quick else CAPS:
             cut = comparisons_for(full.truncated(cap, tokenizer))
@@ -208,7 +211,7 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False) -> dict[str, Any]:
                 results["k4_vs_k9"].setdefault(samples, {})[k] = point
                 print(f"{samples} samples as K = {k}: rule {point['rule']:.3f} held-out {point['held_out']:.3f}",
                       flush=True)
-    results["cap128"] = {n: results["curve"]["pooled head"].get(n) for n in (2000, 4000)}
+    results["cap128"] = {n: results["curve"].get("pooled head", {}).get(n) for n in (2000, 4000)}
     results["tokens_per_sample_128"] = comparisons_for(full).tokens_per_sample
     results["markdown"] = markdown(results)
     plot(results, PNG)
@@ -277,10 +280,11 @@ def plot(r: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
-    parser.add_argument("--quick", action="store_true", help="the default recipe's curve only")
+    parser.add_argument("--quick", action="store_true", help="the curves only, of the default recipe unless --recipes")
+    parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    results = run(args.sizes, quick=args.quick)
+    results = run(args.sizes, quick=args.quick, recipes=args.recipes)
     print(results["markdown"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
