@@ -84,18 +84,20 @@ class Plan:
 
     Rankings: the reward model of the first cycle must see at least 2,000 pairwise
     comparisons (below that, reward models stay near chance: Gao et al. 2022; here
-    ``python -m bench.reward_curve``), so the first cycle's data is larger: 80 tasks of
-    K = 9 by the training labelers, about 60 of them on train-split prompts (36 pairs
+    ``python -m bench.reward_curve``), so the first cycle's data is larger: 96 tasks of
+    K = 9 by the training labelers, about 55 of them on train-split prompts (36 pairs
     each); later cycles add 48. The queue spreads tasks over the cycle's train and val
-    prompts, so their ratio sets the RM's (train) and the judge's (val) share.
+    prompts, so their ratio sets the RM's (train) and the judge's (val) share. The judge
+    trains only on val prompts the gate does not evaluate on (all but the first 8): with 16
+    val prompts in cycle 1 it had 13 rankings and stayed at chance (docs/DEMO.md), hence 24.
     """
 
     cycles: int
-    first_train_prompts: int = 40  # new train-split prompts in the first cycle (PPO's data, most rankings)
-    first_val_prompts: int = 16  # ... val-split: the judge's rankings, and the gate's evaluation prompts
-    train_prompts: int = 24  # ... in each later cycle
-    val_prompts: int = 8
-    first_tasks_a: int = 20  # labeling tasks per training labeler (4 of them) in the first cycle
+    first_train_prompts: int = 32  # new train-split prompts in the first cycle (PPO's data, most rankings)
+    first_val_prompts: int = 24  # ... val-split: the judge's rankings, and the gate's evaluation prompts
+    train_prompts: int = 20  # ... in each later cycle
+    val_prompts: int = 12
+    first_tasks_a: int = 24  # labeling tasks per training labeler (4 of them) in the first cycle
     tasks_a: int = 12  # ... in each later cycle
     tasks_b: int = 4  # per held-out labeler (2), every cycle: they only measure
     label_k: int = 9  # completions per labeling task: C(9, 2) = 36 pairs for 9 samples
