@@ -226,7 +226,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"kept under `data/bench/`); 64 test prompts, the rest ranked by four training labelers (noise p = "
         f"{NOISE_P}: {r['train_pool_pairs']} pairs in all). Accuracy on the test prompts' pairs: `rule` against the "
         "noise-free hidden rule (1.0 = perfect), `held-out` against two held-out noisy labelers (ceiling 1 - p = "
-        "0.84). One training run per point; between seeds a point moved by about 0.02.", "",
+        "0.84). One training run per point.", "",
         "| recipe | " + " | ".join(f"{n} pairs" for n in next(iter(r["curve"].values()))) + " |",
         "|---" * (1 + len(next(iter(r["curve"].values())))) + "|"]
     for name, points in r["curve"].items():

