@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,12 +169,20 @@ def test_metrics_on_their_own_port(unloaded: tuple[ServerThread, str]) -> None:
         with pytest.raises(grpc.RpcError):
             client.generate("", max_new_tokens=3)
     port = server.config.metrics_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for line in ['rlhf_grpc_requests_total{code="OK",method="rlhf.v1.Inference/Generate"} 1.0',
-                 'rlhf_grpc_requests_total{code="OK",method="rlhf.v1.Inference/GenerateStream"} 1.0',
-                 'rlhf_grpc_requests_total{code="INVALID_ARGUMENT",method="rlhf.v1.Inference/Generate"} 1.0',
-                 "rlhf_generated_tokens_total 9.0", "rlhf_time_to_first_token_seconds_count 2.0",
-                 "rlhf_inflight_generations 0.0", "rlhf_serving_policy_version 0.0"]:
+    expected = ['rlhf_grpc_requests_total{code="OK",method="rlhf.v1.Inference/Generate"} 1.0',
+                'rlhf_grpc_requests_total{code="OK",method="rlhf.v1.Inference/GenerateStream"} 1.0',
+                'rlhf_grpc_requests_total{code="INVALID_ARGUMENT",method="rlhf.v1.Inference/Generate"} 1.0',
+                "rlhf_generated_tokens_total 9.0", "rlhf_time_to_first_token_seconds_count 2.0",
+                "rlhf_inflight_generations 0.0", "rlhf_serving_policy_version 0.0"]
+    # context.abort sends the status before the interceptor's bookkeeping runs, so the client
+    # can see INVALID_ARGUMENT a moment before the counter moves: scrape until it settles.
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if all(line in text for line in expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for line in expected:
         assert line in text, line
     for name in ["rlhf_grpc_request_seconds_bucket", "rlhf_generation_tokens_per_second_bucket",
                  "rlhf_swap_stall_seconds_bucket", "rlhf_policy_swaps"]:
