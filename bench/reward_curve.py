@@ -124,7 +124,7 @@ def train_and_score(model_dir: Path, train: list, split: Split, overrides: dict[
                     work: Path) -> dict[str, Any]:
     """One recipe on one training set: accuracy on the test views, pairs, seconds."""
     from trainer.config import RMConfig
-    from trainer.reward_model import train_reward_model
+    from trainer.rm_training import train_reward_model
 
     config = RMConfig(**{"show_progress": False, "max_response_length": 256, **overrides})
     started = time.perf_counter()

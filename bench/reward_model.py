@@ -34,14 +34,9 @@ from common import paths
 from common.models import build_tiny_model, ensure_embedded_model
 from trainer.config import RMConfig
 from trainer.data import Comparison, pack_sequences, user_turn
-from trainer.reward_model import (
-    RewardModel,
-    configure_trainable,
-    encode_comparisons,
-    kway_loss,
-    train_reward_model,
-)
-from trainer.sft import build_optimizer
+from trainer.reward_model import RewardModel
+from trainer.rm_training import configure_trainable, encode_comparisons, kway_loss, train_reward_model
+from trainer.torch_parts import build_optimizer
 
 K = 9
 NAIVE_CHUNK = 12  # sequences per naive micro-batch (6 pairs)

@@ -12,15 +12,15 @@ from safetensors.torch import load_file
 from trainer.config import RMConfig
 from trainer.data import Comparison, Demonstration, user_turn
 from trainer.losses import ranking_loss
-from trainer.sft import decoder_layers
-from trainer.reward_model import (
-    RewardModel,
+from trainer.reward_model import RewardModel
+from trainer.rm_training import (
     comparison_batch,
     encode_comparisons,
     kway_loss,
     micro_batches,
     train_reward_model,
 )
+from trainer.torch_parts import decoder_layers
 
 WORDS = "apple river stone cloud green table music paper light window garden orange silver forest".split()
 MARKER = "yes"
@@ -137,7 +137,7 @@ def test_micro_batches_keep_prompts_whole():
 
 
 def encode_comparisons_stub(ks):
-    from trainer.reward_model import EncodedComparison
+    from trainer.rm_training import EncodedComparison
 
     return [EncodedComparison([1], [[2, 3]] * k, list(range(k))) for k in ks]
 

@@ -11,14 +11,8 @@ import torch
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import SFTConfig, config_from_overrides
 from trainer.data import Demonstration, user_turn
-from trainer.sft import (
-    build_optimizer,
-    cosine_lr_lambda,
-    encode_demonstrations,
-    train_sft,
-    training_dropout,
-    validation_loss,
-)
+from trainer.sft import encode_demonstrations, train_sft, validation_loss
+from trainer.torch_parts import build_optimizer, cosine_lr_lambda, training_dropout
 
 PHRASE = "The cat sat on the mat."
 TOPICS = "rivers stars bread music chess winter bees glass trains clocks maps kites".split()

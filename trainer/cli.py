@@ -165,7 +165,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_rm(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.reward_model import train_reward_model
+    from trainer.rm_training import train_reward_model
 
     config = config_from_overrides(RMConfig, args.set)
     comparisons = _read(args.rankings, comparison_from_row)

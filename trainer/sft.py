@@ -7,121 +7,29 @@ of greedy samples on validation prompts -> save the epoch if it is the best so f
 The paper keeps the epoch with the best RM score, not the best validation loss: validation
 loss overfits after one epoch while RM score and human preference keep improving.
 
-Residual dropout: HF Llama has no residual-dropout field, so ``training_dropout`` adds
-forward hooks on every decoder layer's attention and MLP blocks that drop their OUTPUT
-before it is added to the residual stream (where GPT-2's ``resid_pdrop`` acts). Hooks and
-the optional attention dropout exist only while training: the saved model has neither.
+Residual dropout, the optimiser and its schedule are ``trainer.torch_parts``' (shared with
+the reward model): the dropout hooks exist only while training, the saved model has none.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import SFTConfig
 from trainer.data import Demonstration, Messages, PromptExample, encode_response, pack_sequences, render_prompt
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
-from trainer.evaluate import as_messages, eval_mode, model_device, sample_responses
+from trainer.evaluate import as_messages, sample_responses
 from trainer.losses import sft_loss
-
-# ---------------------------------------------------------------------------- model anatomy
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The stack of decoder blocks of a causal LM or of its base model (Llama: ``model.layers``)."""
-    for owner in (model, getattr(model, "model", None), getattr(model, "transformer", None)):
-        for name in ("layers", "h"):
-            layers = getattr(owner, name, None) if owner is not None else None
-            if isinstance(layers, torch.nn.ModuleList):
-                return layers
-    raise ValueError(f"Unknown architecture: no decoder layer list in {type(model).__name__}")
-
-
-def _drop_block_output(p: float) -> Callable:
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-        if not module.training or p == 0:
-            return output
-        if isinstance(output, tuple):  # attention returns (hidden, weights)
-            return (F.dropout(output[0], p, training=True), *output[1:])
-        return F.dropout(output, p, training=True)
-
-    return hook
-
-
-@contextlib.contextmanager
-def training_dropout(model: torch.nn.Module, residual: float, attention: float = 0.0) -> Iterator[None]:
-    """Residual dropout (hooks on each block's attention and MLP outputs) and attention dropout,
-    active inside the block only (and only in train mode); everything is undone on exit."""
-    handles = []
-    for layer in decoder_layers(model) if residual > 0 else ():
-        for block_name in ("self_attn", "mlp"):
-            block = getattr(layer, block_name, None)
-            if block is None:
-                raise ValueError(f"Unknown architecture: decoder layer has no {block_name}")
-            handles.append(block.register_forward_hook(_drop_block_output(residual)))
-    saved = [(m, m.attention_dropout) for m in model.modules() if hasattr(m, "attention_dropout")]
-    for module, _ in saved:
-        module.attention_dropout = attention
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, value in saved:
-            module.attention_dropout = value
-
-
-# ---------------------------------------------------------------------------- optimisation
-
-
-def cosine_lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup 0 -> 1, then cosine decay 1 -> ``min_lr_ratio`` at ``total_steps``."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        # lr = min + (1 - min) * 0.5 * (1 + cos(pi * progress))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def build_optimizer(
-    params: Sequence[tuple[str, torch.nn.Parameter]],
-    learning_rate: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    total_steps: int,
-    warmup_ratio: float,
-    min_lr_ratio: float,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (decay on matrices only, not on norms and biases) with warmup + cosine decay."""
-    trainable = [(n, p) for n, p in params if p.requires_grad]
-    if not trainable:
-        raise ValueError("no trainable parameters")
-    groups = [
-        {"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # fused: one kernel for all tensors (several times faster than the per-tensor loop on CPU).
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in trainable)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas,
-                                  fused=fused or None)
-    warmup = int(warmup_ratio * total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr_lambda(warmup, total_steps, min_lr_ratio))
-    return optimizer, schedule
-
+from trainer.torch_parts import build_optimizer, eval_mode, model_device, training_dropout
 
 # ---------------------------------------------------------------------------- data
 
