@@ -29,19 +29,12 @@ from common.store import (
     update_cycle,
 )
 from loop_helpers import fill_store, publish_v0, tiny_cycle_config, tiny_trainer_config, users_in
-from trainer.cycle import (
-    CycleContext,
-    StoreSwapper,
-    apply_retention,
-    clean_up_after_crashes,
-    retained_versions,
-    run_cycle,
-    sft_version_of,
-)
+from trainer.cycle import CycleContext, CycleFolders, run_cycle
 from trainer.data import Comparison, PromptExample, user_turn
 from trainer.gate import GateConfig, decide
 from trainer.hygiene import PromptRecord
 from trainer.loop_config import TrainerConfig, build_config, load_trainer_config
+from trainer.publishing import StoreSwapper, apply_retention, clean_up_after_crashes, retained_versions, sft_version_of
 from trainer.snapshot_data import StoreRows, messages_for, split_cycle_data
 from trainer.trunk_cache import TrunkCache
 
@@ -106,7 +99,7 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     assert (policies[0].status, policies[1].status, policies[2].status) == ("retired", "candidate", "serving")
     assert sft_version_of(policies[2]) == 1 and policies[1].metrics["kind"] == "sft"
     assert (cycle.base_version, cycle.candidate_version) == (0, 2)
-    assert not (config.work_dir / f"cycle-{cycle.id}").exists()  # scratch removed
+    assert not CycleFolders.of(config.work_dir, cycle.id).root.exists()  # scratch removed
 
 
 def test_held_out_labelers_train_nothing_at_the_cycle_level(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -214,7 +207,7 @@ def test_clean_up_after_crashes_removes_partial_and_unrecorded_checkpoints(loop)
     (root / "v2.tmp").mkdir()  # a write killed mid-way
     (config.work_dir / "cycle-7").mkdir(parents=True)  # the dead cycle's scratch
 
-    cleaned = clean_up_after_crashes(CycleContext(store, config, StoreSwapper(store)), keep_work=Path("/none"))
+    cleaned = clean_up_after_crashes(store, root, CycleFolders.all_in(config.work_dir))
 
     assert cleaned == {"partial": ["v2.tmp"], "orphans": [1], "scratch": ["cycle-7"]}
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["v0"]

@@ -28,7 +28,7 @@ from common.store import (
 from loop_helpers import publish_v0, tiny_trainer_config
 from rlhf.v1 import admin_pb2, admin_pb2_grpc
 from trainer import service
-from trainer.cycle import AdminSwapper, CycleContext, StoreSwapper, swap_to
+from trainer.publishing import AdminSwapper, StoreSwapper, swap_to
 from trainer.loop_config import config_to_dict
 from trainer.service import TrainerService, build_scheduler
 
@@ -177,9 +177,8 @@ def test_a_refused_swap_rejects_the_candidate_and_raises(trainer: TrainerService
     admin.fail = True
     store = trainer.store
     store.write_sync(add_policy(1, "/nowhere/v1", parent_version=0))
-    context = CycleContext(store, trainer.config, AdminSwapper(target, None, timeout_s=10))
     with pytest.raises(grpc.RpcError):
-        swap_to(context, cycle_id=1, version=1)
+        swap_to(store, AdminSwapper(target, None, timeout_s=10), cycle_id=1, version=1)
     assert store.read_sync(get_policy(1)).status == "rejected"
     assert store.read_sync(serving_policy()).version == 0
 
@@ -193,7 +192,7 @@ def test_a_lost_reply_of_a_swap_that_happened_counts_as_done(trainer: TrainerSer
             store.write_sync(set_policy_status(version, "serving"))  # the server swapped...
             raise TimeoutError("...but the reply never came")
 
-    outcome = swap_to(CycleContext(store, trainer.config, LostReply()), cycle_id=1, version=1)
+    outcome = swap_to(store, LostReply(), cycle_id=1, version=1)
     assert outcome["version"] == 1 and store.read_sync(serving_policy()).version == 1
 
 

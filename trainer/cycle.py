@@ -27,7 +27,7 @@
 Every stage writes its name to the cycle row when it starts and its metrics when it ends
 (``StageLog``), so `rlhf cycles` and a crash both show where a cycle was. A heartbeat
 thread stamps the row while the cycle runs. Crash safety: the cycle starts by cleaning up
-after any trainer that died (``clean_up_after_crashes``, under the store's one-running-cycle
+after any trainer that died (``trainer.publishing.clean_up_after_crashes``, under the store's one-running-cycle
 lock): partial ``*.tmp`` checkpoints, checkpoints published but never recorded, stale
 scratch folders. A visible ``vN/`` is always complete (``write_checkpoint``), and the
 server keeps serving its version until a swap succeeds.
@@ -42,37 +42,34 @@ import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from common.checkpoints import (
-    checkpoint_path,
-    clean_partial,
-    list_checkpoints,
-    prune_checkpoints,
-    read_manifest,
-    write_checkpoint,
-)
 from common.store import (
     ConflictError,
     Cycle,
     Policy,
     Store,
-    add_policy,
     get_cycle,
-    get_policy,
     list_cycles,
     list_policies,
-    previous_serving_policy,
-    serving_policy,
-    set_policy_status,
     update_cycle,
 )
 from trainer.gate import decide
 from trainer.hygiene import HygieneReport, run_hygiene
 from trainer.loop_config import CycleConfig, DataConfig, TrainerConfig
+from trainer.publishing import (
+    Hook,
+    PolicySwapper,
+    apply_retention,
+    clean_up_after_crashes,
+    no_hook,
+    publish_policy,
+    sft_version_of,
+    swap_to,
+)
 from trainer.snapshot_data import CycleData, StoreRows, prompt_records, read_rows, split_cycle_data
 
 if TYPE_CHECKING:
@@ -81,52 +78,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Hook = Callable[[str], None]
 TRAINED_STATES = ("promoted", "rejected")  # cycles whose PPO consumed the prompts before their watermark
 TRAINING_STAGES = ("sft", "rm", "ppo", "evaluate")  # torch-heavy: their CPU threads are re-decided first
 
 
 class CycleSkipped(Exception):
     """Too little data for a cycle: it ends as "skipped", nothing trained."""
-
-
-def _no_hook(point: str) -> None:
-    return None
-
-
-# ---------------------------------------------------------------------------- swapping
-
-
-class PolicySwapper(Protocol):
-    """Makes a published version serve; raises when it cannot."""
-
-    def swap(self, version: int, request_id: str) -> dict[str, Any]: ...
-
-
-class AdminSwapper:
-    """``Admin.SwapPolicy`` on the running server (which verifies, hot-swaps and records)."""
-
-    def __init__(self, target: str, api_key: str | None, timeout_s: float) -> None:
-        self.target, self.api_key, self.timeout_s = target, api_key, timeout_s
-
-    def swap(self, version: int, request_id: str) -> dict[str, Any]:
-        from clients.client import RlhfClient
-
-        with RlhfClient(self.target, self.api_key) as client:
-            reply = client.swap_policy(version, request_id=request_id, timeout=self.timeout_s)
-        return {"via": "admin", "previous_version": reply.previous_version, "version": reply.version,
-                "stall_seconds": reply.stall_seconds, "total_seconds": reply.total_seconds}
-
-
-class StoreSwapper:
-    """No server: mark the version serving in the store (a server started later serves it)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def swap(self, version: int, request_id: str) -> dict[str, Any]:
-        self.store.write_sync(set_policy_status(version, "serving"))
-        return {"via": "store", "version": version}
 
 
 @dataclass
@@ -136,7 +93,7 @@ class CycleContext:
     store: Store
     config: TrainerConfig
     swapper: PolicySwapper
-    hook: Hook = field(default=_no_hook)  # called at named points (fault-injection tests)
+    hook: Hook = field(default=no_hook)  # called at named points (fault-injection tests)
     # The RMs' frozen-trunk outputs, kept by the trainer process across cycles (None: per training)
     trunk_cache: TrunkCache | None = None
 
@@ -206,13 +163,55 @@ def heartbeat(store: Store, cycle_id: int, every_s: float) -> Iterator[None]:
 # ---------------------------------------------------------------------------- running a cycle
 
 
+@dataclass(frozen=True)
+class CycleFolders:
+    """Where one cycle's stages write, and so where the next stage reads: one name for each
+    folder instead of a path string repeated at every stage that touches it."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, work_dir: Path, cycle_id: int) -> CycleFolders:
+        return cls(Path(work_dir) / f"cycle-{cycle_id}")
+
+    @staticmethod
+    def all_in(work_dir: Path) -> list[Path]:
+        """Every cycle's scratch root under ``work_dir`` (what a crash may leave behind)."""
+        return [d for d in Path(work_dir).glob("cycle-*") if d.is_dir()]
+
+    @property
+    def snapshot(self) -> Path:
+        """The store copy the cycle reads (a file)."""
+        return self.root / "snapshot.sqlite"
+
+    @property
+    def sft(self) -> Path:
+        """The SFT checkpoint, when demonstrations changed."""
+        return self.root / "sft"
+
+    @property
+    def rm(self) -> Path:
+        """PPO's reward model."""
+        return self.root / "rm"
+
+    @property
+    def judge(self) -> Path:
+        """The gate's judge reward model (never trained on the gate's prompts)."""
+        return self.root / "judge"
+
+    @property
+    def ppo(self) -> Path:
+        """The PPO candidate checkpoint."""
+        return self.root / "ppo"
+
+
 def run_cycle(cycle: Cycle, ctx: CycleContext) -> Cycle:
     """Run a claimed (running) cycle to its final state and record it; returns the final row.
 
     Exceptions of a stage end the cycle as "failed" with the error recorded; an interrupt
     (KeyboardInterrupt, SystemExit) is recorded the same way and re-raised.
     """
-    work = ctx.config.work_dir / f"cycle-{cycle.id}"
+    work = CycleFolders.of(ctx.config.work_dir, cycle.id)
     stages = StageLog(ctx.store, cycle.id, ctx.hook)
     try:
         with heartbeat(ctx.store, cycle.id, ctx.config.heartbeat_s):
@@ -228,7 +227,7 @@ def run_cycle(cycle: Cycle, ctx: CycleContext) -> Cycle:
         raise
     finally:
         if not ctx.config.keep_work_dirs:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work.root, ignore_errors=True)
     log.info("cycle %d: %s%s", cycle.id, state, f" ({note})" if note else "")
     try:
         return ctx.store.write_sync(update_cycle(cycle.id, state=state, error=note or None))
@@ -243,12 +242,13 @@ def _describe(exc: BaseException, stage: str | None) -> str:
     return f"{type(exc).__name__} in stage {stage}{at}: {exc}"
 
 
-def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: Path) -> tuple[str, str]:
+def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: CycleFolders) -> tuple[str, str]:
     """The cycle, stage by stage; returns (final state, note)."""
     cfg = ctx.cycle_config
     with stage("snapshot") as m:
-        m["cleaned_up"] = clean_up_after_crashes(ctx, keep_work=work)
-        snap = take_snapshot(ctx.store, work, cfg.data.window_s)
+        stale_scratch = [d for d in CycleFolders.all_in(ctx.config.work_dir) if d != work.root]
+        m["cleaned_up"] = clean_up_after_crashes(ctx.store, ctx.config.checkpoints_root, stale_scratch)
+        snap = take_snapshot(ctx.store, work.snapshot, cfg.data.window_s)
         ctx.store.write_sync(update_cycle(cycle_id, base_version=snap.serving.version))
         m.update(snap.summary())
     with stage("hygiene") as m:
@@ -256,7 +256,7 @@ def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: Path) 
         m.update(hygiene_summary(report), data=data.counts())
         check_enough_data(data, cfg.data)
     with stage("sft") as m:
-        lineage, sft_metrics = sft_if_demonstrations_changed(ctx, cycle_id, snap, data, work / "sft")
+        lineage, sft_metrics = sft_if_demonstrations_changed(ctx, cycle_id, snap, data, work.sft)
         m.update(sft_metrics, lineage=lineage.summary())
     with stage("rm") as m:
         reward_models = train_reward_models(lineage.reference_dir, data, cfg, work, ctx.trunk_cache)
@@ -273,12 +273,13 @@ def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: Path) 
     if not decision.promote:
         return "rejected", decision.reason
     with stage("publish") as m:
-        candidate = publish_policy(ctx, cycle_id, work / "ppo", parent=lineage.start_version, metrics={
-            "kind": "ppo", "sft_version": lineage.reference_version, "judge_win_rate": evaluation["judge_win_rate"],
-            "kl_to_sft": evaluation["kl_to_sft"], "ptx_regression": evaluation["ptx_regression"]})
+        recorded = {"kind": "ppo", "sft_version": lineage.reference_version,
+                    **{k: evaluation[k] for k in ("judge_win_rate", "kl_to_sft", "ptx_regression")}}
+        candidate = publish_policy(ctx.store, ctx.config.checkpoints_root, cycle_id, work.ppo,
+                                   parent=lineage.start_version, metrics=recorded, hook=ctx.hook)
         m.update(version=candidate.version, path=candidate.path)
     with stage("swap") as m:
-        m.update(swap_to(ctx, cycle_id, candidate.version))
+        m.update(swap_to(ctx.store, ctx.swapper, cycle_id, candidate.version))
     with stage("record") as m:
         m.update(apply_retention(ctx.store, ctx.config.checkpoints_root, ctx.config.keep_last))
     return "promoted", ""
@@ -311,10 +312,11 @@ class Snapshot:
                 "rankings": len(self.rows.rankings), "demonstrations": len(self.rows.demonstrations)}
 
 
-def take_snapshot(store: Store, work: Path, window_s: float | None) -> Snapshot:
-    """Copy the store, read the rows a cycle trains on, find the serving policy and `since`."""
-    work.mkdir(parents=True, exist_ok=True)
-    path = store.snapshot(work / "snapshot.sqlite")
+def take_snapshot(store: Store, copy_to: Path, window_s: float | None) -> Snapshot:
+    """Copy the store to ``copy_to``, read the rows a cycle trains on, find the serving policy
+    and `since`."""
+    copy_to.parent.mkdir(parents=True, exist_ok=True)
+    path = store.snapshot(copy_to)
     taken_at = time.time()
     with Store.open_readonly(path) as snap:
         rows = snap.read_sync(read_rows)
@@ -380,11 +382,6 @@ class Lineage:
         return cls(start.version, Path(start.path), reference.version, Path(reference.path))
 
 
-def sft_version_of(policy: Policy) -> int:
-    """The SFT reference of a policy's lineage (a base model is its own)."""
-    return int(policy.metrics.get("sft_version", policy.version))
-
-
 def sft_if_demonstrations_changed(
     ctx: CycleContext, cycle_id: int, snap: Snapshot, data: CycleData, out_dir: Path
 ) -> tuple[Lineage, dict[str, Any]]:
@@ -403,7 +400,7 @@ def sft_if_demonstrations_changed(
     from trainer.sft import train_sft
 
     result = train_sft(snap.policy(0).path, train, val, ctx.cycle_config.sft, out_dir)
-    sft = publish_policy(ctx, cycle_id, out_dir, parent=0, metrics={
+    sft = publish_policy(ctx.store, ctx.config.checkpoints_root, cycle_id, out_dir, parent=0, hook=ctx.hook, metrics={
         "kind": "sft", "demonstrations_sha256": data.demonstrations_sha256, "best_epoch": result.best_epoch})
     return Lineage.of(sft, sft), {"ran": True, "version": sft.version, "result": result.to_dict()}
 
@@ -411,21 +408,21 @@ def sft_if_demonstrations_changed(
 # ---------------------------------------------------------------------------- training stages
 
 
-def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, work: Path,
+def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, work: CycleFolders,
                         trunk_cache: TrunkCache | None = None) -> dict[str, Any]:
     """PPO's RM on the train-split rankings (measured on val), and the gate's JUDGE on the
     val-split rankings of prompts the gate does NOT evaluate on (``judge_split``), measured
     on rankings it never saw: the newest train-split ones, those of the evaluation prompts
     and the held-out labelers'. Both are measured per labeler group (and per sampling
     policy version); both read the frozen trunk's outputs from ``trunk_cache`` (same SFT model)."""
-    from trainer.reward_model import train_reward_model
+    from trainer.rm_training import train_reward_model
 
     demos = data.demonstrations["train"] or None
     comparisons, held_out = data.comparisons, data.held_out_comparisons
-    rm = train_reward_model(reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm, work / "rm",
+    rm = train_reward_model(reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm, work.rm,
                             demonstrations=demos, trunk_cache=trunk_cache)
     judge_train, judge_unseen = judge_split(data, cfg.data.judge_eval_comparisons)
-    judge = train_reward_model(reference_dir, judge_train, judge_unseen, cfg.rm, work / "judge",
+    judge = train_reward_model(reference_dir, judge_train, judge_unseen, cfg.rm, work.judge,
                                demonstrations=demos, trunk_cache=trunk_cache)
     return {"rm": rm.to_dict(), "judge": judge.to_dict()}
 
@@ -449,13 +446,13 @@ def pretraining_texts(cfg: CycleConfig) -> tuple[list[str], list[str]]:
     return split_corpus(load_corpus(), cfg.ppo.ptx_held_out_fraction, seed=0)
 
 
-def run_ppo(lineage: Lineage, data: CycleData, cfg: CycleConfig, work: Path) -> dict[str, Any]:
+def run_ppo(lineage: Lineage, data: CycleData, cfg: CycleConfig, work: CycleFolders) -> dict[str, Any]:
     """PPO-ptx from the lineage's start policy against the cycle's RM."""
     from trainer.ppo import train_ppo
 
     ptx_train, _ = pretraining_texts(cfg)
-    result = train_ppo(lineage.start_dir, lineage.reference_dir, work / "rm", data.ppo_prompts, cfg.ppo,
-                       work / "ppo", corpus_texts=ptx_train, progress=False)
+    result = train_ppo(lineage.start_dir, lineage.reference_dir, work.rm, data.ppo_prompts, cfg.ppo,
+                       work.ppo, corpus_texts=ptx_train, progress=False)
     summary = result.to_dict()
     summary.pop("config", None)  # the cycle's config is the source of truth
     summary["num_prompts"] = len(data.ppo_prompts)
@@ -464,99 +461,16 @@ def run_ppo(lineage: Lineage, data: CycleData, cfg: CycleConfig, work: Path) -> 
 
 
 def evaluate_against_serving(serving: Policy, lineage: Lineage, data: CycleData, cfg: CycleConfig,
-                             work: Path) -> dict[str, Any]:
+                             work: CycleFolders) -> dict[str, Any]:
     """Candidate vs serving on the held-out prompts, judged by the judge RM."""
     from trainer.evaluate import evaluate_candidate
 
     _, ptx_held_out = pretraining_texts(cfg)
     e = cfg.eval
     return evaluate_candidate(
-        work / "ppo", Path(serving.path), lineage.reference_dir, work / "judge", work / "rm", data.eval_prompts,
+        work.ppo, Path(serving.path), lineage.reference_dir, work.judge, work.rm, data.eval_prompts,
         ptx_held_out, max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
         ptx_max_length=e.ptx_max_length, seed=e.seed, kl_estimator=cfg.ppo.kl_estimator,
         kl_temperature=cfg.ppo.temperature, kl_samples_per_prompt=e.kl_samples_per_prompt)
 
 
-# ---------------------------------------------------------------------------- publish, swap, retention
-
-
-def next_version(store: Store, root: Path) -> int:
-    """One above every version recorded in the store or present on disk."""
-    recorded = [p.version for p in store.read_sync(list_policies())]
-    return max(recorded + list_checkpoints(root) + [-1]) + 1
-
-
-def publish_policy(ctx: CycleContext, cycle_id: int, model_dir: Path, parent: int, metrics: dict[str, Any]) -> Policy:
-    """Publish ``model_dir`` atomically as the next version and record it as a candidate
-    (``metrics["kind"]``: "sft" or "ppo")."""
-    root = ctx.config.checkpoints_root
-    version = next_version(ctx.store, root)
-    base_model = read_manifest(checkpoint_path(root, parent)).base_model
-
-    point = f"publish:{metrics['kind']}"  # fault-injection points: publish:ppo:renamed, ...
-
-    def save(tmp: Path) -> None:
-        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-        ctx.hook(f"{point}:files_written")
-
-    path = write_checkpoint(root, version, save, parent_version=parent, cycle_id=cycle_id, base_model=base_model,
-                            metrics=metrics)
-    ctx.hook(f"{point}:renamed")
-    policy = ctx.store.write_sync(add_policy(version, str(path.resolve()), parent_version=parent, cycle_id=cycle_id,
-                                             metrics=metrics))
-    ctx.store.write_sync(update_cycle(cycle_id, candidate_version=version))
-    return policy
-
-
-def swap_to(ctx: CycleContext, cycle_id: int, version: int) -> dict[str, Any]:
-    """Ask for ``version`` to serve. A failed call whose swap nevertheless happened (the reply
-    was lost) counts as done; otherwise the candidate is marked rejected and the error raised."""
-    try:
-        return ctx.swapper.swap(version, request_id=f"cycle-{cycle_id}-swap-v{version}")
-    except Exception:
-        serving = ctx.store.read_sync(serving_policy())
-        if serving is not None and serving.version == version:
-            log.warning("swap to v%d raised, but v%d serves: keeping it", version, version, exc_info=True)
-            return {"version": version, "note": "the swap call failed, yet the store shows the version serving"}
-        if (policy := ctx.store.read_sync(get_policy(version))) is not None and policy.status == "candidate":
-            ctx.store.write_sync(set_policy_status(version, "rejected"))
-        raise
-
-
-def retained_versions(policies: list[Policy], previous: Policy | None, on_disk: list[int], keep_last: int) -> set[int]:
-    """v0, the serving and previous serving versions with their SFT references, and the newest
-    ``keep_last`` versions on disk."""
-    keep = {0} | set(sorted(on_disk)[-keep_last:])
-    for policy in [p for p in policies if p.status == "serving"] + ([previous] if previous else []):
-        keep |= {policy.version, sft_version_of(policy)}
-    return keep
-
-
-def apply_retention(store: Store, root: Path, keep_last: int) -> dict[str, Any]:
-    """Delete the checkpoints ``retained_versions`` does not keep."""
-    keep = retained_versions(store.read_sync(list_policies()), store.read_sync(previous_serving_policy()),
-                             list_checkpoints(root), keep_last)
-    return {"kept": sorted(keep & set(list_checkpoints(root))), "pruned": prune_checkpoints(root, keep)}
-
-
-def clean_up_after_crashes(ctx: CycleContext, keep_work: Path) -> dict[str, Any]:
-    """Remove what a killed trainer left: ``*.tmp``/``*.trash`` checkpoint folders, checkpoints
-    published by a cycle but never recorded in the store, and old scratch folders.
-
-    Runs inside a claimed cycle: the store's one-running-cycle lock guarantees no other
-    trainer is publishing meanwhile.
-    """
-    root = ctx.config.checkpoints_root
-    partial = clean_partial(root)
-    recorded = {p.version for p in ctx.store.read_sync(list_policies())}
-    orphans = [v for v in list_checkpoints(root) if v not in recorded
-               and read_manifest(checkpoint_path(root, v)).cycle_id is not None]
-    if orphans:
-        prune_checkpoints(root, (set(list_checkpoints(root)) - set(orphans)) | {0})
-    stale = [d for d in ctx.config.work_dir.glob("cycle-*") if d.is_dir() and d != keep_work]
-    for folder in stale:
-        shutil.rmtree(folder, ignore_errors=True)
-    if partial or orphans or stale:
-        log.warning("cleaned up after a crash: partial %s, unrecorded checkpoints %s, scratch %s",
-                    [p.name for p in partial], orphans, [d.name for d in stale])
-    return {"partial": [p.name for p in partial], "orphans": orphans, "scratch": [d.name for d in stale]}

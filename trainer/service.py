@@ -49,8 +49,9 @@ from common.store import (
     list_cycles,
     update_cycle,
 )
-from trainer.cycle import AdminSwapper, CycleContext, Hook, PolicySwapper, StoreSwapper, run_cycle
+from trainer.cycle import CycleContext, run_cycle
 from trainer.loop_config import TrainerConfig, config_to_dict, load_trainer_config
+from trainer.publishing import AdminSwapper, Hook, PolicySwapper, StoreSwapper
 
 log = logging.getLogger(__name__)
 
