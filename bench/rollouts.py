@@ -66,7 +66,7 @@ def prompt_batches(batch_size: int, count: int, offset: int = 0) -> list[list[An
     """`count` batches of `batch_size` shipped prompts, consecutive, no prompt reused
     (wrapping around the set only when it runs out)."""
     from clients.prompts import load_prompts
-    from trainer.data import PromptExample, user_turn
+    from trainer.examples import PromptExample, user_turn
 
     pool = [PromptExample(p.id, user_turn(p.text)) for p in load_prompts()]
     flat = [pool[(offset + i) % len(pool)] for i in range(batch_size * count)]

@@ -9,8 +9,10 @@
     await running.wait_closed()  # SIGTERM/SIGINT: drain for grace_seconds, then stop
 
 Services are listed in `SERVICES`; adding one (the Feedback servicer) is one
-`ServiceRegistration` there. Health (`grpc.health.v1.Health`) has a status per service and
-for the whole server (""), and reflection lists every registered service.
+`ServiceRegistration` there: its name, its servicer class (whose `__init__` takes the
+`ServerDeps` that `server_deps` builds) and the generated `add_XServicer_to_server`.
+Health (`grpc.health.v1.Health`) has a status per service and for the whole server (""),
+and reflection lists every registered service.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from server.logging_sink import CompletionLog
 from server.metrics import MetricsInterceptor, ServerMetrics
 from server.policies import PolicySwitcher, SwapRefused, startup_policy
 from server.servicers import ServerDeps, ServiceRegistration
-from server.servicers.feedback import FeedbackServicer
 from server.servicers.admin import AdminServicer
+from server.servicers.feedback import FeedbackServicer
 from server.servicers.inference import InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -62,32 +64,20 @@ def _service_name(module: Any, name: str) -> str:
     return module.DESCRIPTOR.services_by_name[name].full_name
 
 
-INFERENCE = ServiceRegistration(
-    name=_service_name(inference_pb2, "Inference"),
-    add_to_server=lambda deps, server: inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(deps.engine, deps.sampler, deps.completion_log, deps.store, deps.auth,
-                          deps.config.limits, deps.engine_ready), server),
-)
-ADMIN = ServiceRegistration(
-    name=_service_name(admin_pb2, "Admin"),
-    add_to_server=lambda deps, server: admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminServicer(deps.engine, deps.store, deps.switcher, deps.auth), server),
-)
-FEEDBACK = ServiceRegistration(
-    name=_service_name(feedback_pb2, "Feedback"),
-    add_to_server=lambda deps, server: feedback_pb2_grpc.add_FeedbackServicer_to_server(
-        FeedbackServicer(deps.store, deps.engine, deps.auth, k_default=deps.config.label_k,
-                         lease_seconds=deps.config.label_lease_seconds,
-                         max_new_tokens=deps.config.label_max_new_tokens, engine_ready=deps.engine_ready), server),
-)
-SERVICES: list[ServiceRegistration] = [INFERENCE, ADMIN, FEEDBACK]
+INFERENCE = ServiceRegistration(_service_name(inference_pb2, "Inference"), InferenceServicer,
+                                inference_pb2_grpc.add_InferenceServicer_to_server)
+ADMIN = ServiceRegistration(_service_name(admin_pb2, "Admin"), AdminServicer,
+                            admin_pb2_grpc.add_AdminServicer_to_server)
+FEEDBACK = ServiceRegistration(_service_name(feedback_pb2, "Feedback"), FeedbackServicer,
+                               feedback_pb2_grpc.add_FeedbackServicer_to_server)
+SERVICES: list[ServiceRegistration[Any]] = [INFERENCE, ADMIN, FEEDBACK]
 
 
 class RunningServer:
     """A bound server and what it owns; made by `build_server`."""
 
     def __init__(self, server: grpc.aio.Server, deps: ServerDeps, health: health_aio.HealthServicer,
-                 services: Sequence[ServiceRegistration], port: int) -> None:
+                 services: Sequence[ServiceRegistration[Any]], port: int) -> None:
         self.server = server
         self.deps = deps
         self.health = health
@@ -186,7 +176,7 @@ async def build_server(
     engine: Engine,
     store: Store,
     *,
-    services: Sequence[ServiceRegistration] = SERVICES,
+    services: Sequence[ServiceRegistration[Any]] = SERVICES,
     handle_signals: bool = False,
 ) -> RunningServer:
     """Assemble the server: servicers on `engine` and `store`, health, reflection, metrics,
@@ -196,16 +186,9 @@ async def build_server(
     OpenModeError when the store has no API keys and the bind address is not loopback.
     """
     await _check_open_mode(config, store)
-    metrics = ServerMetrics()
-    auth = Authenticator(store, cache_seconds=config.key_cache_seconds)
-    completion_log = CompletionLog(store)
-    limiter = ConcurrencyLimiter(config.max_concurrent_per_key)
-    sampler = Sampler(engine, completion_log, metrics, config.limits, limiter)
-    deps = ServerDeps(config=config, engine=engine, store=store, auth=auth, sampler=sampler, limiter=limiter,
-                      completion_log=completion_log, switcher=PolicySwitcher(engine, store, metrics),
-                      metrics=metrics, engine_ready=asyncio.Event())
+    deps = server_deps(config, engine, store)
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(metrics)],
+        interceptors=[MetricsInterceptor(deps.metrics)],
         options=[("grpc.max_receive_message_length", config.max_receive_message_bytes),
                  ("grpc.so_reuseport", 0)],
     )
@@ -219,6 +202,22 @@ async def build_server(
     if handle_signals:
         running.install_signal_handlers()
     return running
+
+
+def server_deps(config: ServerConfig, engine: Engine, store: Store) -> ServerDeps:
+    """What the servicers share, built once per server from its config, engine and store.
+
+    `engine_ready` starts clear: `RunningServer.load_engine` sets it. A test or bench that
+    serves a servicer on its own builds its deps here too, and sets it once its engine runs."""
+    metrics = ServerMetrics()
+    completion_log = CompletionLog(store)
+    limiter = ConcurrencyLimiter(config.max_concurrent_per_key)
+    return ServerDeps(
+        config=config, engine=engine, store=store,
+        auth=Authenticator(store, cache_seconds=config.key_cache_seconds),
+        sampler=Sampler(engine, completion_log, metrics, config.limits, limiter), limiter=limiter,
+        completion_log=completion_log, switcher=PolicySwitcher(engine, store, metrics),
+        metrics=metrics, engine_ready=asyncio.Event())
 
 
 async def _check_open_mode(config: ServerConfig, store: Store) -> None:

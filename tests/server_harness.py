@@ -198,7 +198,7 @@ def greedy_reference(model_dir: Path, prompts: Sequence[str], max_new_tokens: in
     import torch
 
     from common.models import load_causal_lm, load_tokenizer
-    from server.engines.hf import render_chat_ids
+    from common.chat import render_chat_ids
 
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)

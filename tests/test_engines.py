@@ -498,3 +498,65 @@ def test_create_engine_picks_the_kind_and_explains_a_missing_vllm(
     assert default_engine_kind() == "hf"
     with pytest.raises(EngineError, match=r"pip install -e '\.\[cpu\]'"):
         create_engine("vllm", tiny_model_dir, 3)
+
+
+# Records, at the moment `import vllm` first runs, the vLLM environment it would see.
+_VLLM_ENV_AT_IMPORT = """
+import importlib.abc, os, sys
+from common.vllm_env import VLLM_ENV_DEFAULTS
+seen = {}
+
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "vllm" and not seen:
+            seen.update({k: os.environ.get(k) for k in VLLM_ENV_DEFAULTS})
+        return None
+
+sys.meta_path.insert(0, Watch())
+import server.engines.vllm as module
+assert "vllm" not in sys.modules, "importing server.engines.vllm imported vllm"
+module.VLLMEngine(sys.argv[1], 0)
+assert seen == VLLM_ENV_DEFAULTS, seen
+"""
+
+
+def test_the_vllm_engine_sets_vllms_environment_before_vllm_is_imported(tiny_model_dir: Path) -> None:
+    import os
+
+    import server.engines as engines
+    from common.vllm_env import VLLM_ENV_DEFAULTS
+
+    if not engines.vllm_available():
+        pytest.skip("vllm is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in VLLM_ENV_DEFAULTS}
+    subprocess.run([sys.executable, "-c", _VLLM_ENV_AT_IMPORT, str(tiny_model_dir)], check=True, env=env,
+                   cwd=Path(__file__).resolve().parents[1], timeout=300)
+
+
+def test_a_greedy_vllm_delta_fans_out_to_every_sample() -> None:
+    from types import SimpleNamespace
+
+    from server.engines.vllm import fan_out_delta
+
+    tokens = [0, 0, 0]
+    delta = SimpleNamespace(index=0, text="hi", token_ids=[7, 8], finish_reason=None)
+    greedy_updates = fan_out_delta(delta, SamplingOptions(n=3, temperature=0.0), 5, tokens)  # type: ignore[arg-type]
+    # temperature 0: vLLM ran one sample, standing for all three
+    assert [(u.index, u.text_delta, u.completion_tokens, u.policy_version, u.finished)
+            for u in greedy_updates] == [(0, "hi", 2, 5, False), (1, "hi", 2, 5, False), (2, "hi", 2, 5, False)]
+    last = SimpleNamespace(index=1, text="!", token_ids=[9], finish_reason="length")
+    (update,) = fan_out_delta(last, SamplingOptions(n=3, temperature=1.0), 5, tokens)  # type: ignore[arg-type]
+    # sampled: the delta is sample 1's alone; its count goes 2 -> 3
+    assert (update.index, update.completion_tokens, update.finished, update.finish_reason) == (1, 3, True, "length")
+    assert tokens == [2, 3, 2]
+
+
+def test_the_header_reader_agrees_with_safetensors(tiny_model_dir: Path) -> None:
+    from safetensors import safe_open
+
+    from server.engines.compat import read_safetensors_header, safetensors_files
+
+    for path in safetensors_files(tiny_model_dir):
+        with safe_open(path, "pt") as f:
+            expected = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+        assert read_safetensors_header(path) == expected

@@ -7,16 +7,16 @@ import torch
 
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import EvalConfig
-from trainer.data import Comparison, user_turn
 from trainer.evaluate import (
     accuracy_by_group,
     binomial_sf_one_sided,
-    sampled_kl,
     pairwise_accuracy,
     ptx_eval_loss,
     sample_responses,
+    sampled_kl,
     win_rate,
 )
+from trainer.examples import Comparison, user_turn
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +110,7 @@ def test_pairwise_accuracy_scores_each_completion_once():
 
 
 def test_eval_config_rejects_bad_values():
-    for field, value in [("max_new_tokens", 0), ("temperature", -1.0), ("significance_level", 1.0),
+    for field, value in [("max_new_tokens", 0), ("temperature", -1.0),
                          ("max_prompts", 0), ("ptx_max_length", 1)]:
         with pytest.raises(ValueError, match=field):
             EvalConfig(**{field: value})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import grpc
 from sqlite_utils import Database
@@ -15,22 +15,27 @@ from sqlite_utils import Database
 from common.identity import generate_api_key, hash_api_key, split_for_user
 from common.store import NewCompletion, Store, add_api_key, add_completions, add_prompt
 from rlhf.v1 import feedback_pb2_grpc
-from server.auth import Authenticator
+from server.app import FEEDBACK, server_deps
+from server.config import ServerConfig
 from server.engines.base import Engine
-from server.servicers.feedback import FeedbackServicer, add_to_server
 
 
 class FeedbackServerThread:
     """`with FeedbackServerThread(store_path, engine_factory) as server:` serves until exit.
 
+    The servicer is added as the real server adds it (`server.app.FEEDBACK`), on deps
+    built from a ServerConfig whose labeling fields are `k_default` (label_k),
+    `max_new_tokens` (label_max_new_tokens) and `lease_seconds` (label_lease_seconds).
     `server.store` is the server's own Store (thread-safe: tests seed rows through it);
     `server.target` is "127.0.0.1:<port>".
     """
 
-    def __init__(self, store_path: Path, engine_factory: Callable[[], Engine], **servicer_options: Any) -> None:
+    def __init__(self, store_path: Path, engine_factory: Callable[[], Engine], *, k_default: int = 4,
+                 max_new_tokens: int = 128, lease_seconds: float = 600.0) -> None:
         self.store_path = store_path
         self.engine_factory = engine_factory
-        self.servicer_options = servicer_options
+        self.config = ServerConfig(store_path=store_path, label_k=k_default, label_max_new_tokens=max_new_tokens,
+                                   label_lease_seconds=lease_seconds)
         self.store: Store | None = None
         self.engine: Engine | None = None
         self.port = 0
@@ -70,9 +75,10 @@ class FeedbackServerThread:
         self.store = Store(self.store_path)
         self.engine = self.engine_factory()
         await self.engine.start()
+        deps = server_deps(self.config, self.engine, self.store)
+        deps.engine_ready.set()
         server = grpc.aio.server()
-        servicer = FeedbackServicer(self.store, self.engine, Authenticator(self.store), **self.servicer_options)
-        add_to_server(servicer, server)
+        FEEDBACK.add_to_server(deps, server)
         self.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self._ready.set()

@@ -25,11 +25,13 @@ from common.store import (
     InvalidArgumentError,
     NewCompletion,
     NotFoundError,
+    NotYourTaskError,
     SchemaError,
     SchemaTooNewError,
     Store,
     StoreClosedError,
     StoreError,
+    TaskClosedError,
     WriterStats,
     add_api_key,
     add_completions,
@@ -713,7 +715,7 @@ def test_rankings_are_validated_against_the_prompts_completions(store: Store) ->
     for bad in ([[a, b, c, d]], [[a], [a, b]], [[a], [], [b]]):  # one group, repeat, empty
         with pytest.raises(InvalidArgumentError):
             store.write_sync(add_ranking(prompt_id, "lab", bad))
-    with pytest.raises(InvalidArgumentError, match="not completions of prompt"):
+    with pytest.raises(InvalidArgumentError, match=f"completion {x!r} belongs to prompt {other_id!r}"):
         store.write_sync(add_ranking(prompt_id, "lab", [[a], [x]]))
     with pytest.raises(NotFoundError):
         store.write_sync(add_ranking("nope", "lab", [[a], [b]]))
@@ -730,17 +732,17 @@ def test_leases_expire_and_are_answered_at_most_once(store: Store) -> None:
     assert store.write_sync(expire_tasks(now=t0 + 30)) == 0
     assert store.write_sync(expire_tasks(now=t0 + 61)) == 1
     assert store.read_sync(get_task(task.id)).status == "expired"
-    with pytest.raises(ConflictError, match="expired"):
+    with pytest.raises(TaskClosedError, match="expired"):
         store.write_sync(
             add_ranking(prompt_id, "lab", [ids[:2], ids[2:]], task_id=task.id, now=t0 + 62)
         )
 
     fresh = store.write_sync(lease_task(prompt_id, "lab", ids, lease_s=60, now=t0 + 100))
-    with pytest.raises(ConflictError, match="another prompt or labeler"):
+    with pytest.raises(NotYourTaskError, match="leased to another labeler"):
         store.write_sync(
             add_ranking(prompt_id, "intruder", [ids[:2], ids[2:]], task_id=fresh.id, now=t0 + 101)
         )
-    with pytest.raises(InvalidArgumentError, match="exactly"):
+    with pytest.raises(InvalidArgumentError, match=f"completion {ids[3]!r} of task {fresh.id!r} is missing"):
         store.write_sync(
             add_ranking(prompt_id, "lab", [ids[:1], ids[1:3]], task_id=fresh.id, now=t0 + 101)
         )

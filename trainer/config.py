@@ -252,7 +252,7 @@ class RMConfig(_OptimConfig):
 @dataclass
 class EvalConfig:
     """Evaluation of a candidate policy: samples, RM win rate, KL to the SFT reference,
-    the held-out pretraining NLL (the alignment tax) and the significance test."""
+    the held-out pretraining NLL (the alignment tax) and the win rate's one-sided p-value."""
 
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per evaluation prompt."})
     temperature: float = field(
@@ -261,8 +261,6 @@ class EvalConfig:
     max_prompts: int | None = field(default=64, metadata={"help": "Evaluation prompts used; None = all."})
     ptx_max_length: int = field(
         default=256, metadata={"help": "Tokens per held-out pretraining text for the alignment-tax NLL."})
-    significance_level: float = field(
-        default=0.05, metadata={"help": "One-sided binomial test level for 'candidate beats incumbent'."})
     kl_samples_per_prompt: int = field(
         default=2,
         metadata={"help": "Samples per evaluation prompt (at PPO's temperature, with PPO's kl_estimator) for the "
@@ -276,8 +274,6 @@ class EvalConfig:
         _check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1 or None",
                self.max_prompts)
         _check(self.ptx_max_length >= 2, "ptx_max_length", "must be >= 2", self.ptx_max_length)
-        _check(0 < self.significance_level < 1, "significance_level", "must be in (0, 1)",
-               self.significance_level)
         _check(self.kl_samples_per_prompt >= 1, "kl_samples_per_prompt", "must be >= 1", self.kl_samples_per_prompt)
 
     def to_dict(self) -> dict[str, Any]:

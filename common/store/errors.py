@@ -1,5 +1,6 @@
 """Errors the store raises. Servicers map them to gRPC codes (NotFoundError → NOT_FOUND,
-ConflictError → ALREADY_EXISTS / FAILED_PRECONDITION, InvalidArgumentError →
+ConflictError → ALREADY_EXISTS, its labeling-task kinds TaskClosedError →
+FAILED_PRECONDITION and NotYourTaskError → PERMISSION_DENIED, InvalidArgumentError →
 INVALID_ARGUMENT); the store itself knows nothing of gRPC."""
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ class NotFoundError(StoreError, LookupError):
 class ConflictError(StoreError):
     """The operation contradicts the stored state (an expired or already answered lease,
     an idempotency key reused with a different payload, a forbidden state transition)."""
+
+
+class TaskClosedError(ConflictError):
+    """A labeling task that cannot be answered now: its lease expired, it was already
+    answered, or its completions are still being sampled."""
+
+
+class NotYourTaskError(ConflictError):
+    """A labeling task leased to another labeler."""
 
 
 class InvalidArgumentError(StoreError, ValueError):

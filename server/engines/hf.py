@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
 
+from common.chat import render_chat_ids
 from server.engines.base import (
     Engine,
     EngineError,
@@ -253,6 +254,24 @@ def _update(row: _Row, delta: str) -> GenerationUpdate:
     )
 
 
+def _emitter(loop: asyncio.AbstractEventLoop) -> Emit:
+    """The decode thread's callback: hand each delta to the event loop."""
+
+    def emit(row: _Row, delta: str) -> None:
+        # Snapshot now: the thread moves the row on before the loop runs the callback.
+        loop.call_soon_threadsafe(row.request.push, _update(row, delta))
+
+    return emit
+
+
+def _abort_unfinished(rows: list[_Row]) -> None:
+    """A crashed batch ends its unfinished rows with "abort" so no stream hangs."""
+    for row in rows:
+        if row.finish_reason is None:
+            row.finish_reason = "abort"
+            row.request.push(_update(row, ""))
+
+
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Every token id that ends a sample: the generation config's eos ids and the tokenizer's."""
     configured = getattr(model.generation_config, "eos_token_id", None)
@@ -426,13 +445,13 @@ class HFEngine(Engine):
             policy = self._require_policy()
             # The swap gate switches policies only with no request in flight.
             assert all(r.request.version == policy.version for r in rows), "rows from two versions"
-            decoder = _BatchDecoder(policy.model, self._require_tokenizer(), self._emitter(loop))
+            decoder = _BatchDecoder(policy.model, self._require_tokenizer(), _emitter(loop))
             self._record_batch(len(rows))
             try:
                 await asyncio.to_thread(decoder.run, rows)
             except Exception:
                 log.exception("batch of %d rows failed", len(rows))
-                self._fail_rows(rows)
+                _abort_unfinished(rows)
             finally:
                 self._running_rows = 0
 
@@ -447,22 +466,6 @@ class HFEngine(Engine):
         self._batched_rows += size
         self._max_rows_seen = max(self._max_rows_seen, size)
         self._running_rows = size
-
-    def _emitter(self, loop: asyncio.AbstractEventLoop) -> Emit:
-        """The decode thread's callback: hand each delta to the event loop."""
-
-        def emit(row: _Row, delta: str) -> None:
-            # Snapshot now: the thread moves the row on before the loop runs the callback.
-            loop.call_soon_threadsafe(row.request.push, _update(row, delta))
-
-        return emit
-
-    def _fail_rows(self, rows: list[_Row]) -> None:
-        """A crashed batch ends its unfinished rows with "abort" so no stream hangs."""
-        for row in rows:
-            if row.finish_reason is None:
-                row.finish_reason = "abort"
-                row.request.push(_update(row, ""))
 
     # ------------------------------------------------------------ swapping
 
@@ -503,8 +506,3 @@ class HFEngine(Engine):
             raise EngineError("engine not started")
         return self._tokenizer
 
-
-def render_chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
-    """The chat template applied to `messages`, generation prompt appended, as token ids."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]

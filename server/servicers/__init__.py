@@ -1,9 +1,10 @@
 """gRPC servicers: they translate between protos and the domain, nothing more.
 
-Each servicer receives what it needs in `__init__` (engine, store, sampler, ...), built
-once by `server.app.build_server` from a `ServerDeps`. A service joins the server
-through a `ServiceRegistration` in `server.app.SERVICES`: its full name (for health and
-reflection) and how to add its servicer to a `grpc.aio.Server`.
+Every servicer takes ONE argument in `__init__`, the server's `ServerDeps` (engine, store,
+sampler, config, ...), built once per server by `server.app.server_deps`, and keeps the
+parts it uses. A service joins the server through a `ServiceRegistration` in
+`server.app.SERVICES`: its full name (for health and reflection), its servicer class and
+the generated `add_XServicer_to_server` that adds it to a `grpc.aio.Server`.
 
 Domain errors become gRPC statuses in ONE place, `rpc_errors`:
 
@@ -13,7 +14,9 @@ Domain errors become gRPC statuses in ONE place, `rpc_errors`:
 | `limits.InvalidRequest`, `store.InvalidArgumentError` | INVALID_ARGUMENT |
 | `limits.TooManyRequests` | RESOURCE_EXHAUSTED |
 | `policies.PolicyNotFound`, `store.NotFoundError` | NOT_FOUND |
-| `store.ConflictError` | ALREADY_EXISTS |
+| `store.TaskClosedError` (a labeling task expired, answered or not ready) | FAILED_PRECONDITION |
+| `store.NotYourTaskError` (leased to another labeler) | PERMISSION_DENIED |
+| `store.ConflictError` (any other) | ALREADY_EXISTS |
 | `policies.SwapRefused` | FAILED_PRECONDITION |
 | `NotReady` | UNAVAILABLE |
 | `engines.EngineError`, anything else | INTERNAL (logged with its traceback) |
@@ -27,12 +30,12 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from common.store import ConflictError, InvalidArgumentError, NotFoundError, Store
+from common.store import ConflictError, InvalidArgumentError, NotFoundError, NotYourTaskError, Store, TaskClosedError
 from server.auth import Authenticator, AuthError
 from server.engines.base import Engine, EngineError
 from server.limits import InvalidRequest, TooManyRequests
@@ -56,7 +59,7 @@ class NotReady(Exception):
 
 @dataclass(frozen=True)
 class ServerDeps:
-    """Everything a servicer may be given, built once per server."""
+    """Everything a servicer may be given, built once per server (`server.app.server_deps`)."""
 
     config: ServerConfig
     engine: Engine
@@ -70,14 +73,22 @@ class ServerDeps:
     engine_ready: asyncio.Event  # set once the engine has loaded; cleared at shutdown
 
 
+ServicerT = TypeVar("ServicerT")
+
+
 @dataclass(frozen=True)
-class ServiceRegistration:
+class ServiceRegistration(Generic[ServicerT]):
     """One gRPC service of the server."""
 
     name: str  # full service name, e.g. "rlhf.v1.Inference" (health status, reflection)
-    add_to_server: Callable[[ServerDeps, grpc.aio.Server], None]
+    servicer: Callable[[ServerDeps], ServicerT]  # the servicer class
+    add_servicer: Callable[[ServicerT, grpc.aio.Server], None]  # the generated add_XServicer_to_server
     # False for a placeholder that answers UNIMPLEMENTED: its health stays NOT_SERVING.
     implemented: bool = True
+
+    def add_to_server(self, deps: ServerDeps, server: grpc.aio.Server) -> None:
+        """Build this service's servicer on `deps` and add it to `server`."""
+        self.add_servicer(self.servicer(deps), server)
 
 
 def require_ready(ready: asyncio.Event) -> None:
@@ -91,6 +102,8 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PolicyNotFound, grpc.StatusCode.NOT_FOUND),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (TaskClosedError, grpc.StatusCode.FAILED_PRECONDITION),  # subclasses of ConflictError: before it
+    (NotYourTaskError, grpc.StatusCode.PERMISSION_DENIED),
     (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
     (SwapRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (NotReady, grpc.StatusCode.UNAVAILABLE),

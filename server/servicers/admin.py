@@ -16,7 +16,6 @@ import grpc
 from google.protobuf.message import Message
 
 from common.store import (
-    Store,
     audit,
     create_cycle,
     get_cycle,
@@ -29,10 +28,9 @@ from common.store import (
 )
 from common.store.errors import ConflictError, NotFoundError
 from rlhf.v1 import admin_pb2, admin_pb2_grpc
-from server.auth import Authenticator, Caller, require_role
-from server.engines.base import Engine
-from server.policies import PolicySwitcher, SwapOutcome
-from server.servicers import convert, payload_sha256, status_for
+from server.auth import Caller, require_role
+from server.policies import SwapOutcome
+from server.servicers import ServerDeps, convert, payload_sha256, status_for
 
 M = TypeVar("M", bound=Message)
 DEFAULT_CYCLES_LIMIT = 50
@@ -47,11 +45,11 @@ def swap_response(outcome: SwapOutcome) -> admin_pb2.SwapPolicyResponse:
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Operator calls: list and swap policies, trigger and inspect cycles, stats."""
 
-    def __init__(self, engine: Engine, store: Store, switcher: PolicySwitcher, auth: Authenticator) -> None:
-        self._engine = engine
-        self._store = store
-        self._switcher = switcher
-        self._auth = auth
+    def __init__(self, deps: ServerDeps) -> None:
+        self._engine = deps.engine
+        self._store = deps.store
+        self._switcher = deps.switcher
+        self._auth = deps.auth
 
     async def ListPolicies(self, request: admin_pb2.ListPoliciesRequest,
                            context: grpc.aio.ServicerContext) -> admin_pb2.ListPoliciesResponse:

@@ -40,12 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import grpc
@@ -62,25 +59,31 @@ from common.exchange import (
 )
 from common.store import (
     Completion,
+    InvalidArgumentError,
     NewCompletion,
     Prompt,
-    Store,
     add_completions,
     add_demonstration,
     add_prompt,
+    add_ranking,
     add_rating,
     expire_tasks,
     get_completion,
     get_prompt,
+    get_task,
+    lease_task,
+    pick_prompts,
+    prompt_is_free,
     record_idempotent,
+    release_task,
+    reusable_completions,
+    set_task_completions,
 )
-from common.store.errors import InvalidArgumentError
-from common.store.records import from_row
 from rlhf.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
-from server.auth import Authenticator, Caller
-from server.engines.base import Engine, SamplingOptions
+from server.auth import Caller
+from server.engines.base import SamplingOptions
 from server.generation import sampling_record
-from server.servicers import KeyedLocks, convert, payload_sha256, require_ready, rpc_errors
+from server.servicers import KeyedLocks, ServerDeps, convert, payload_sha256, require_ready, rpc_errors
 
 SERVICE = "rlhf.v1.Feedback"
 MAX_REQUEST_ID_CHARS = 128
@@ -113,82 +116,6 @@ async def feedback_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[No
             yield
         except Refusal as refusal:
             await context.abort(refusal.code, refusal.message)
-
-
-def _iso(unix_seconds: float) -> str:
-    return datetime.fromtimestamp(unix_seconds, timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------- queue queries (store ops)
-
-
-def pick_prompts(labeler_id: str, now: float, limit: int) -> Callable[[Database], list[Prompt]]:
-    """Up to `limit` prompts this labeler may be given now, freshest first (see the module
-    docstring). A READ: it scans the prompts, so it must not hold the single writer."""
-
-    def op(db: Database) -> list[Prompt]:
-        rows = db.query(
-            """
-            SELECT p.* FROM prompts p
-            LEFT JOIN (SELECT prompt_id, COUNT(*) AS n FROM rankings GROUP BY prompt_id) r
-                   ON r.prompt_id = p.id
-            WHERE p.split IN ('train', 'val')
-              AND (p.has_pii = 0 OR p.redacted_text IS NOT NULL)
-              AND p.id NOT IN (SELECT prompt_id FROM rankings WHERE labeler_id = ?)
-              AND p.id NOT IN (SELECT prompt_id FROM comparison_tasks
-                               WHERE status = 'leased' AND expires_at > ?)
-            ORDER BY COALESCE(r.n, 0), p.created_at DESC, p.id
-            LIMIT ?
-            """, [labeler_id, now, limit])  # fmt: skip
-        return [from_row(Prompt, row) for row in rows]
-
-    return op
-
-
-def still_free(db: Database, prompt_id: str, labeler_id: str, now: float) -> bool:
-    """Inside the claim's write: nobody leased the prompt and this labeler did not rank
-    it since it was picked (two indexed lookups)."""
-    leased = db.conn.execute(
-        "SELECT 1 FROM comparison_tasks WHERE status = 'leased' AND expires_at > ? AND prompt_id = ?",
-        [now, prompt_id]).fetchone()  # fmt: skip
-    ranked = db.conn.execute(
-        "SELECT 1 FROM rankings WHERE prompt_id = ? AND labeler_id = ?", [prompt_id, labeler_id]).fetchone()  # fmt: skip
-    return leased is None and ranked is None
-
-
-def reusable_completions(prompt_id: str, k: int, version: int) -> Callable[[Database], list[str] | None]:
-    """The completion ids of the newest expired task of this prompt with K = k whose
-    completions all come from policy `version`, or None."""
-
-    def op(db: Database) -> list[str] | None:
-        for row in db.query(
-            "SELECT completion_ids_json FROM comparison_tasks "
-            "WHERE prompt_id = ? AND status = 'expired' AND k = ? ORDER BY created_at DESC LIMIT 5",
-            [prompt_id, k],
-        ):
-            ids = json.loads(row["completion_ids_json"])
-            if len(ids) != k:
-                continue
-            marks = ",".join("?" * k)
-            versions = {r["policy_version"] for r in db.query(
-                f"SELECT policy_version FROM completions WHERE id IN ({marks})", ids)}  # fmt: skip
-            if versions == {version}:
-                return ids
-        return None
-
-    return op
-
-
-def _insert_task(db: Database, task_id: str, prompt_id: str, labeler_id: str, k: int,
-                 completion_ids: list[str], now: float, lease_seconds: float) -> None:  # fmt: skip
-    """A lease row. While its completions are being sampled it holds `[]`: the prompt is
-    claimed (no one else gets it) but the task cannot be answered yet."""
-    db.conn.execute(
-        "INSERT INTO comparison_tasks (id, prompt_id, labeler_id, k, completion_ids_json, status, "
-        "created_at, expires_at) VALUES (?, ?, ?, ?, ?, 'leased', ?, ?)",
-        [task_id, prompt_id, labeler_id, k, json.dumps(completion_ids, separators=(",", ":")),
-         now, now + lease_seconds],
-    )  # fmt: skip
 
 
 def shown_text(prompt: Prompt) -> str:
@@ -232,28 +159,16 @@ class _Claim:
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     """Labeling queue and feedback intake (see the module docstring)."""
 
-    def __init__(
-        self,
-        store: Store,
-        engine: Engine,
-        auth: Authenticator,
-        *,
-        k_default: int = 4,
-        lease_seconds: float = 600.0,
-        max_new_tokens: int = 128,
-        engine_ready: asyncio.Event | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        check_k(k_default, min_k=LABEL_MIN_K, max_k=LABEL_MAX_K)
-        if lease_seconds <= 0 or max_new_tokens < 1:
-            raise ValueError(f"lease_seconds must be > 0 and max_new_tokens >= 1, got {lease_seconds}, {max_new_tokens}")
-        self._store = store
-        self._engine = engine
-        self._auth = auth
-        self._k_default = k_default
-        self._lease_seconds = lease_seconds
-        self._max_new_tokens = max_new_tokens
-        self._ready = engine_ready
+    def __init__(self, deps: ServerDeps, *, clock: Callable[[], float] = time.time) -> None:
+        """K, the lease and the sample length come from `deps.config` (its label_* fields,
+        validated there); `clock` gives the lease times (a test may pass its own)."""
+        self._store = deps.store
+        self._engine = deps.engine
+        self._auth = deps.auth
+        self._k_default = deps.config.label_k
+        self._lease_seconds = deps.config.label_lease_seconds
+        self._max_new_tokens = deps.config.label_max_new_tokens
+        self._ready = deps.engine_ready
         self._clock = clock
         self._request_ids = KeyedLocks()
 
@@ -276,14 +191,13 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                     replay = await self._store.read(_live_replay(*key, payload, self._clock()))
                     if replay is not None:
                         return feedback_pb2.ComparisonTask.FromString(replay)
-                if self._ready is not None:
-                    require_ready(self._ready)
+                require_ready(self._ready)
                 claim = await self._claim(caller, k)
                 try:
                     samples = [] if claim.reused else await self._sample(claim, k)
                     return await self._store.write(self._lease_op(claim, samples, key, payload))
                 except BaseException:  # failed or cancelled: the task never reached the caller
-                    await asyncio.shield(self._store.write(_release_claim(claim.task_id, self._clock())))
+                    await asyncio.shield(self._store.write(release_task(claim.task_id, self._clock())))
                     raise
 
     async def _claim(self, caller: Caller, k: int, candidates: int = 8, attempts: int = 5) -> _Claim:
@@ -305,14 +219,15 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         def op(db: Database) -> _Claim | None:
             now = self._clock()
             expire_tasks(now)(db)
-            prompt = next((p for p in prompts if still_free(db, p.id, caller.user_id, now)), None)
+            prompt = next((p for p in prompts if prompt_is_free(p.id, caller.user_id, now)(db)), None)
             if prompt is None:
                 return None
             reused_ids = reusable_completions(prompt.id, k, self._engine.version)(db)
-            task_id = uuid.uuid4().hex
-            _insert_task(db, task_id, prompt.id, caller.user_id, k, reused_ids or [], now, self._lease_seconds)
+            # Without reused completions the task holds none while they are sampled: the
+            # prompt is claimed, but the task cannot be answered yet.
+            task = lease_task(prompt.id, caller.user_id, reused_ids or [], self._lease_seconds, k=k, now=now)(db)
             reused = [get_completion(cid)(db) for cid in reused_ids] if reused_ids else None
-            return _Claim(task_id, prompt, reused)  # type: ignore[arg-type]
+            return _Claim(task.id, prompt, reused)  # type: ignore[arg-type]
 
         return op
 
@@ -351,10 +266,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             now = self._clock()
             stored = claim.reused or add_completions(claim.prompt.id, samples, now=now)(db)
             expires_at = now + self._lease_seconds
-            db.conn.execute(
-                "UPDATE comparison_tasks SET completion_ids_json = ?, expires_at = ? WHERE id = ?",
-                [json.dumps([c.id for c in stored], separators=(",", ":")), expires_at, claim.task_id],
-            )
+            set_task_completions(claim.task_id, [c.id for c in stored], expires_at)(db)
             task = task_message(claim.task_id, claim.prompt, stored, expires_at)
             caller_id, method, request_id = key
             if request_id:
@@ -377,18 +289,14 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             groups = [list(g.completion_ids) for g in request.ranking]
 
             def work(db: Database) -> bytes:
-                now = self._clock()
-                ids = _check_shape(groups)
-                if request.task_id:
-                    prompt_id = _claim_task_answer(db, caller.user_id, request.task_id, request.prompt_id, ids, now)
-                elif request.prompt_id:
-                    prompt_id = request.prompt_id
-                    _check_prompt_completions(db, prompt_id, ids)
-                else:
+                _check_shape(groups)
+                if not (request.task_id or request.prompt_id):
                     raise _invalid("give the task_id of a leased task (or a prompt_id)")
-                _check_k_and_ties(groups)
-                ranking_id = _insert_ranking(db, prompt_id, caller, groups, request.task_id or None, now)
-                return feedback_pb2.SubmitRankingResponse(ranking_id=ranking_id, comparisons=count_pairs(groups)).SerializeToString()
+                # The ids are checked against the task or the prompt before K and ties.
+                ranking = add_ranking(request.prompt_id, caller.user_id, groups,
+                                      labeler_group=caller.identity.labeler_group, task_id=request.task_id or None,
+                                      check_groups=_check_k_and_ties, now=self._clock())(db)  # fmt: skip
+                return feedback_pb2.SubmitRankingResponse(ranking_id=ranking.id, comparisons=count_pairs(groups)).SerializeToString()
 
             return await self._idempotent(caller, "SubmitRanking", request, work, feedback_pb2.SubmitRankingResponse)
 
@@ -495,66 +403,6 @@ def _recorded_answer(db: Database, caller_id: str, method: str, request_id: str,
     return bytes(row[1])
 
 
-def _claim_task_answer(db: Database, labeler_id: str, task_id: str, prompt_id: str, ids: list[str], now: float) -> str:
-    """Mark `task_id` submitted, or raise why this labeler may not answer it with `ids`
-    (exactly its completions); return the task's prompt id.
-
-    One statement when the task is this labeler's live lease: the UPDATE claims it and
-    returns what the ids are checked against (a refusal below rolls the op back). Any
-    other task gets `_task_refusal`, the full checks in their usual order."""
-    row = db.conn.execute(
-        "UPDATE comparison_tasks SET status = 'submitted' "
-        "WHERE id = ? AND labeler_id = ? AND status = 'leased' AND expires_at > ? "
-        "RETURNING prompt_id, completion_ids_json",
-        [task_id, labeler_id, now]).fetchone()  # fmt: skip
-    if row is None:
-        raise _task_refusal(db, labeler_id, task_id, prompt_id)
-    task_prompt, completion_ids_json = row
-    if prompt_id and prompt_id != task_prompt:
-        raise _invalid(f"prompt_id {prompt_id!r} is not the prompt of task {task_id!r} ({task_prompt!r})")
-    own = json.loads(completion_ids_json)
-    if not own:
-        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id!r} is still being prepared")
-    foreign = [cid for cid in ids if cid not in set(own)]
-    if foreign:
-        raise _invalid(f"completion {foreign[0]!r} is not one of task {task_id!r}'s completions")
-    missing = [cid for cid in own if cid not in set(ids)]
-    if missing:
-        raise _invalid(f"completion {missing[0]!r} of task {task_id!r} is missing from the ranking: rank all {len(own)}")
-    return task_prompt
-
-
-def _task_refusal(db: Database, labeler_id: str, task_id: str, prompt_id: str) -> Refusal:
-    """Why a task that is not this labeler's live lease cannot be answered."""
-    row = db.conn.execute(
-        "SELECT prompt_id, labeler_id, status, expires_at FROM comparison_tasks WHERE id = ?", [task_id]).fetchone()  # fmt: skip
-    if row is None:
-        return Refusal(grpc.StatusCode.NOT_FOUND, f"task {task_id!r} not found")
-    task_prompt, owner, status, expires_at = row
-    if owner != labeler_id:
-        return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"task {task_id!r} is leased to another labeler")
-    if prompt_id and prompt_id != task_prompt:
-        return _invalid(f"prompt_id {prompt_id!r} is not the prompt of task {task_id!r} ({task_prompt!r})")
-    if status == "submitted":
-        return Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id!r} was already answered")
-    return Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                   f"task {task_id!r} expired at {_iso(expires_at)}: ask NextComparison for a new task")  # fmt: skip
-
-
-def _insert_ranking(db: Database, prompt_id: str, caller: Caller, groups: list[list[str]],
-                    task_id: str | None, now: float) -> str:  # fmt: skip
-    """The rankings row, as `common.store.add_ranking` writes it, minus the checks
-    SubmitRanking has already made; returns its id."""
-    ranking_id = uuid.uuid4().hex
-    db.conn.execute(
-        "INSERT INTO rankings (id, prompt_id, labeler_id, labeler_group, task_id, ranking_json, k, source, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, 'label', ?)",
-        [ranking_id, prompt_id, caller.user_id, caller.identity.labeler_group, task_id,
-         json.dumps(groups, separators=(",", ":")), sum(len(g) for g in groups), now],
-    )  # fmt: skip
-    return ranking_id
-
-
 def _check_request_id(request_id: str, *, required: bool) -> None:
     if required and not request_id:
         raise _invalid("request_id is required: a client-chosen id (e.g. a uuid4) that makes retries safe")
@@ -580,19 +428,6 @@ def _check_k_and_ties(groups: list[list[str]]) -> None:
         raise _invalid(str(err)) from None
 
 
-def _check_prompt_completions(db: Database, prompt_id: str, ids: list[str]) -> None:
-    """Raise unless the prompt exists and every id is one of its logged completions."""
-    if db.conn.execute("SELECT 1 FROM prompts WHERE id = ?", [prompt_id]).fetchone() is None:
-        raise Refusal(grpc.StatusCode.NOT_FOUND, f"prompt {prompt_id!r} not found")
-    marks = ",".join("?" * len(ids))
-    owner = dict(db.conn.execute(f"SELECT id, prompt_id FROM completions WHERE id IN ({marks})", ids).fetchall())
-    for cid in ids:
-        if cid not in owner:
-            raise _invalid(f"completion {cid!r} not found")
-        if owner[cid] != prompt_id:
-            raise _invalid(f"completion {cid!r} belongs to prompt {owner[cid]!r}, not {prompt_id!r}")
-
-
 def _live_replay(caller_id: str, method: str, request_id: str, payload: str, now: float) -> Callable[[Database], bytes | None]:
     """The recorded task of a NextComparison retry while its lease lasts, or None (new
     request, or the lease is over). The same id with another k is ALREADY_EXISTS."""
@@ -601,23 +436,8 @@ def _live_replay(caller_id: str, method: str, request_id: str, payload: str, now
         answer = _recorded_answer(db, caller_id, method, request_id, payload)
         if answer is None:
             return None
-        task_id = feedback_pb2.ComparisonTask.FromString(answer).task_id
-        live = db.conn.execute(
-            "SELECT 1 FROM comparison_tasks WHERE id = ? AND status = 'leased' AND expires_at > ?", [task_id, now]
-        ).fetchone()  # fmt: skip
-        return answer if live else None
+        task = get_task(feedback_pb2.ComparisonTask.FromString(answer).task_id)(db)
+        return answer if task is not None and task.is_live(now) else None
 
     return op
 
-
-def _release_claim(task_id: str, now: float) -> Callable[[Database], None]:
-    """Sampling failed: end the claim at once, so the prompt is free again."""
-
-    def op(db: Database) -> None:
-        db.conn.execute("UPDATE comparison_tasks SET status = 'expired', expires_at = ? WHERE id = ?", [now, task_id])
-
-    return op
-
-
-def add_to_server(servicer: FeedbackServicer, server: grpc.aio.Server) -> None:
-    feedback_pb2_grpc.add_FeedbackServicer_to_server(servicer, server)

@@ -22,16 +22,13 @@ from pathlib import Path
 import grpc
 
 from common.checkpoints import CheckpointError, read_manifest
-from common.store import Completion, Store, new_id, serving_policy
+from common.store import Completion, new_id, serving_policy
 from rlhf.v1 import inference_pb2, inference_pb2_grpc
-from server.auth import Authenticator, Caller
-from server.config import RequestLimits
-from server.engines.base import Engine
-from server.generation import SampleDone, Sampler, SampleEvent
+from server.auth import Caller
+from server.generation import SampleDone, SampleEvent
 from server.limits import GenerationInput, parse_generate_request
-from server.logging_sink import CompletionLog, IdempotencyKey, PromptRecord, ResponseBuilder
-from server.servicers import KeyedLocks, convert, payload_sha256, require_ready, rpc_errors
-
+from server.logging_sink import IdempotencyKey, PromptRecord, ResponseBuilder
+from server.servicers import KeyedLocks, ServerDeps, convert, payload_sha256, require_ready, rpc_errors
 
 GENERATE_METHOD = "rlhf.v1.Inference/Generate"
 
@@ -57,16 +54,14 @@ def stream_event(prompt_id: str, event: SampleEvent) -> inference_pb2.GenerateSt
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """Serves the current policy to users; every prompt and sample is logged."""
 
-    def __init__(self, engine: Engine, sampler: Sampler, completion_log: CompletionLog,
-                 store: Store, auth: Authenticator, limits: RequestLimits,
-                 engine_ready: asyncio.Event) -> None:
-        self._engine = engine
-        self._sampler = sampler
-        self._log = completion_log
-        self._store = store
-        self._auth = auth
-        self._limits = limits
-        self._ready = engine_ready
+    def __init__(self, deps: ServerDeps) -> None:
+        self._engine = deps.engine
+        self._sampler = deps.sampler
+        self._log = deps.completion_log
+        self._store = deps.store
+        self._auth = deps.auth
+        self._limits = deps.config.limits
+        self._ready = deps.engine_ready
         self._request_ids = KeyedLocks()
         self._model_names: dict[str, str] = {}
 
