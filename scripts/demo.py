@@ -573,7 +573,7 @@ def answer_offline(demo: Demo, plan: Plan, version: int) -> list[str]:
     with transformers in this process: its fp32 greedy decoding is vLLM's (MACHINE-FACTS)."""
     from common.checkpoints import checkpoint_path
     from common.models import load_causal_lm, load_tokenizer
-    from trainer.data import user_turn
+    from trainer.examples import user_turn
     from trainer.evaluate import sample_responses
 
     folder = checkpoint_path(demo.out / "data" / "checkpoints", version)

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from loop_helpers import fill_store, publish_v0, tiny_cycle_config, tiny_trainer_config, users_in
 
-from common.checkpoints import list_checkpoints, read_manifest, verify_checkpoint, write_checkpoint
+from common.checkpoints import list_checkpoints, verify_checkpoint, write_checkpoint
 from common.store import (
     Policy,
     Prompt,
@@ -28,9 +29,8 @@ from common.store import (
     set_policy_status,
     update_cycle,
 )
-from loop_helpers import fill_store, publish_v0, tiny_cycle_config, tiny_trainer_config, users_in
 from trainer.cycle import CycleContext, CycleFolders, run_cycle
-from trainer.data import Comparison, PromptExample, user_turn
+from trainer.examples import Comparison, PromptExample, user_turn
 from trainer.gate import GateConfig, decide
 from trainer.hygiene import PromptRecord
 from trainer.loop_config import TrainerConfig, build_config, load_trainer_config

@@ -25,11 +25,11 @@ import torch
 from torch.testing import assert_close
 
 from common.models import load_causal_lm, load_tokenizer
-from trainer.corpus import PtxBatcher, load_corpus, split_corpus
-from trainer.data import PromptExample, user_turn
-from trainer.evaluate import ptx_eval_loss
-from trainer.losses import kl_penalized_rewards, ptx_loss
 from trainer.config import PPOConfig
+from trainer.corpus import PtxBatcher, load_corpus, split_corpus
+from trainer.evaluate import ptx_eval_loss
+from trainer.examples import PromptExample, user_turn
+from trainer.losses import kl_penalized_rewards, ptx_loss
 from trainer.ppo import (
     Experience,
     build_optimizers,

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.config import RMConfig
-from trainer.data import Comparison, Demonstration, user_turn
+from trainer.examples import Comparison, Demonstration, user_turn
 from trainer.losses import ranking_loss
 from trainer.reward_model import RewardModel
+from trainer.rm_heads import last_token_index
 from trainer.rm_training import (
     comparison_batch,
     encode_comparisons,
@@ -275,29 +276,31 @@ def test_a_cut_response_is_scored_without_eos(tiny_rm):
 
 
 def test_per_token_values_at_last_token_equal_the_score(any_head_rm):
-    from trainer.data import encode_response, pack_sequences, render_prompt
+    from common.chat import render_chat_ids
+    from trainer.data import encode_response, pack_sequences
 
     rm, tok = any_head_rm, any_head_rm.tokenizer
-    batch = pack_sequences([render_prompt(tok, user_turn("hi")), render_prompt(tok, user_turn("hello there"))],
+    batch = pack_sequences([render_chat_ids(tok, user_turn("hi")), render_chat_ids(tok, user_turn("hello there"))],
                            [encode_response(tok, "one two three"), encode_response(tok, "x")], tok.pad_token_id)
     rm.eval()
     with torch.no_grad():
         scores = rm(batch.input_ids, batch.attention_mask, batch.response_mask)  # (B,)
         values = rm.per_token_values(batch.input_ids, batch.attention_mask, batch.response_mask)  # (B, T)
     assert values.shape == batch.input_ids.shape
-    torch.testing.assert_close(values[torch.arange(2), batch.last_token_index], scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values[torch.arange(2), last_token_index(batch.attention_mask)], scores, rtol=1e-5, atol=1e-5)
 
 
 def test_pooled_values_are_the_scores_of_the_response_cut_at_each_token(tiny_model_dir):
     """V(s_t) of the pooled head = the score the RM gives the response ending at t: the pools
     are causal (cumulative max, mean, sum over the response so far)."""
-    from trainer.data import pack_sequences, render_prompt
+    from common.chat import render_chat_ids
+    from trainer.data import pack_sequences
 
     torch.manual_seed(1)
     rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled",
                                         pool_depth=0.5).eval()
     tok = rm.tokenizer
-    prompt, response = render_prompt(tok, user_turn("hello there")), tok("one two three four", add_special_tokens=False)["input_ids"]
+    prompt, response = render_chat_ids(tok, user_turn("hello there")), tok("one two three four", add_special_tokens=False)["input_ids"]
     full = pack_sequences([prompt], [response], tok.pad_token_id)
     with torch.no_grad():
         values = rm.per_token_values(full.input_ids, full.attention_mask, full.response_mask)[0]  # (T,)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.chat import render_chat_ids
 from common.models import load_causal_lm, load_tokenizer
-from trainer.data import PromptExample, render_prompt, user_turn
+from trainer.examples import PromptExample, user_turn
 from trainer.rollout import HFRolloutGenerator, RolloutGenerator, Rollouts, cut_at_eos, left_pad
 
 EOS = 2
@@ -90,7 +91,7 @@ def test_tiny_rollouts_are_seeded_and_leave_the_global_rng_alone(tiny):
     assert torch.equal(torch.random.get_rng_state(), state)
     assert a.response_ids == b.response_ids != c.response_ids
     assert all(1 <= len(r) <= 5 for r in a.response_ids)
-    assert a.prompt_ids == [render_prompt(tiny[1], p.messages) for p in PROMPTS]
+    assert a.prompt_ids == [render_chat_ids(tiny[1], p.messages) for p in PROMPTS]
     assert len(a) == 2 and a.prompts == PROMPTS
 
 
@@ -104,6 +105,6 @@ def test_tiny_greedy_batched_equals_one_at_a_time(tiny):
 
 def test_tiny_prompts_are_cut_from_the_left(tiny):
     generator = HFRolloutGenerator(*tiny, batch_size=1)
-    full = render_prompt(tiny[1], PROMPTS[1].messages)
+    full = render_chat_ids(tiny[1], PROMPTS[1].messages)
     rollouts: Rollouts = generator.generate(PROMPTS, max_new_tokens=2, temperature=0.0, max_prompt_tokens=8)
     assert rollouts.prompt_ids[1] == full[-8:]

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from common import paths
+from common.chat import render_chat_ids
 from common.models import build_tiny_model, load_causal_lm, load_tokenizer
-from trainer.data import PromptExample, render_prompt, user_turn
+from trainer.examples import PromptExample, user_turn
 from trainer.rollout import HFRolloutGenerator, RolloutGenerator
 from trainer.rollout_vllm import policy_state_dict
 
@@ -86,7 +87,7 @@ def test_sampled_rollouts_follow_the_conventions(engine, tiny_model_dir: Path) -
     rollouts = engine.generate(prompts, MAX_NEW, temperature=0.7, seed=5)
 
     assert rollouts.eos_token_id == eos and rollouts.prompts == prompts and len(rollouts) == len(prompts)
-    assert rollouts.prompt_ids == [render_prompt(tokenizer, p.messages) for p in prompts]
+    assert rollouts.prompt_ids == [render_chat_ids(tokenizer, p.messages) for p in prompts]
     for response, stopped in zip(rollouts.response_ids, rollouts.stopped):
         assert 1 <= len(response) <= MAX_NEW
         assert eos not in response[:-1]  # EOS only as the last token, and only when it stopped
@@ -100,7 +101,7 @@ def test_sampled_rollouts_follow_the_conventions(engine, tiny_model_dir: Path) -
 
 @pytest.mark.vllm
 def test_long_prompts_are_cut_from_the_left_or_refused(engine, tiny_model_dir: Path) -> None:
-    full = render_prompt(load_tokenizer(tiny_model_dir), PROMPTS[1].messages)
+    full = render_chat_ids(load_tokenizer(tiny_model_dir), PROMPTS[1].messages)
     rollouts = engine.generate(PROMPTS[1:2], max_new_tokens=2, temperature=0.0, max_prompt_tokens=8)
     assert rollouts.prompt_ids == [full[-8:]]
     with pytest.raises(ValueError, match="max_model_len"):

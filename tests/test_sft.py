@@ -10,7 +10,7 @@ import torch
 
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import SFTConfig, config_from_overrides
-from trainer.data import Demonstration, user_turn
+from trainer.examples import Demonstration, user_turn
 from trainer.sft import encode_demonstrations, train_sft, validation_loss
 from trainer.torch_parts import build_optimizer, cosine_lr_lambda, training_dropout
 
@@ -170,7 +170,7 @@ def test_cli_ppo_passes_files_and_overrides_to_train_ppo(tmp_path, monkeypatch):
     """The ppo subcommand's plumbing, with train_ppo stubbed (PPO itself is tested in its own module)."""
     import trainer.ppo
     from trainer.cli import main
-    from trainer.data import PromptExample
+    from trainer.examples import PromptExample
 
     seen = {}
 

@@ -1,5 +1,6 @@
-"""Modules that must import without torch: the trainer's configuration (read by the CLI, the
-server's Admin checks and the demo before any stage trains) and the gate's decision.
+"""Modules that must import without torch: the trainer's configuration, the gate's decision,
+the training examples, and the trainer process itself (its service, cycle bookkeeping and
+CLI), which imports torch only once a stage trains (the lazy imports in ``trainer.cycle``).
 
 Each runs in a fresh interpreter, since this test process has long imported torch."""
 
@@ -10,7 +11,8 @@ import sys
 
 import pytest
 
-TORCH_FREE = ["trainer.config", "trainer.loop_config", "trainer.gate"]
+TORCH_FREE = ["trainer.config", "trainer.loop_config", "trainer.gate", "trainer.examples", "trainer.snapshot_data",
+              "trainer.publishing", "trainer.cycle", "trainer.service", "trainer.cli"]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from loop_helpers import publish_v0, tiny_trainer_config
 
 from common.store import (
     Store,
@@ -25,11 +26,10 @@ from common.store import (
     serving_policy,
     set_policy_status,
 )
-from loop_helpers import publish_v0, tiny_trainer_config
 from rlhf.v1 import admin_pb2, admin_pb2_grpc
 from trainer import service
-from trainer.publishing import AdminSwapper, StoreSwapper, swap_to
 from trainer.loop_config import config_to_dict
+from trainer.publishing import AdminSwapper, StoreSwapper, swap_to
 from trainer.service import TrainerService, build_scheduler
 
 

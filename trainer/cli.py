@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import RMConfig, SFTConfig, config_from_overrides
-from trainer.data import Comparison, Demonstration, Messages, PromptExample, user_turn
+from trainer.examples import Comparison, Demonstration, Messages, PromptExample, user_turn
 
 # ---------------------------------------------------------------------------- JSONL readers
 

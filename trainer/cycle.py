@@ -73,7 +73,7 @@ from trainer.publishing import (
 from trainer.snapshot_data import CycleData, StoreRows, prompt_records, read_rows, split_cycle_data
 
 if TYPE_CHECKING:
-    from trainer.data import Comparison
+    from trainer.examples import Comparison
     from trainer.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from trainer.data import Comparison, Messages, PromptExample, pack_sequences, render_prompt
+from common.chat import render_chat_ids
+from trainer.data import pack_sequences
+from trainer.examples import Comparison, Messages, PromptExample
 from trainer.losses import kl_summary, ptx_loss, ranked_pair_mask, response_logprobs
 from trainer.torch_parts import eval_mode, model_device
 
@@ -251,7 +253,7 @@ def sample_responses(
     with eval_mode(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for part in _chunks(len(prompts), batch_size):
-            rows = [render_prompt(tokenizer, as_messages(p)) for p in prompts[part]]
+            rows = [render_chat_ids(tokenizer, as_messages(p)) for p in prompts[part]]
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

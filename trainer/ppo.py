@@ -61,7 +61,7 @@ import random
 import resource
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,9 @@ from tqdm.auto import tqdm
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import PPOConfig
 from trainer.corpus import PtxBatch, PtxBatcher, load_corpus, split_corpus
-from trainer.data import PromptExample, SequenceBatch, pack_sequences
+from trainer.data import SequenceBatch, pack_sequences
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.examples import PromptExample
 from trainer.lora import add_lora
 from trainer.losses import (
     AdaptiveKLController,

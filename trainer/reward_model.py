@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.chat import render_chat_ids
 from common.models import load_causal_lm, load_tokenizer
-from trainer.data import Messages, encode_response, pack_row, pack_sequences, render_prompt
+from trainer.data import encode_response, pack_row, pack_sequences
 from trainer.device import resolve_device, resolve_dtype
+from trainer.examples import Messages
 from trainer.rm_heads import HeadEnsemble, build_head, gather_last, member_count
 from trainer.torch_parts import decoder_layers, eval_mode, right_pad
 from trainer.trunk_cache import FrozenTrunk, only_top_layers, pad_states
@@ -268,7 +270,7 @@ class RewardModel(torch.nn.Module):
         max_response_length = max_response_length if max_response_length is not None else self.max_response_length
         stopped = [True] * len(responses) if stopped is None else list(stopped)
         device = next(self.parameters()).device
-        prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
+        prompt_ids = [render_chat_ids(tokenizer, p) for p in prompts]
         response_ids = [encode_response(tokenizer, r, max_response_length, eos=s) for r, s in zip(responses, stopped)]
         if self.frozen_trunk is not None:
             rows = [pack_row(p, r, max_length) for p, r in zip(prompt_ids, response_ids)]

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from common.chat import render_chat_ids
 from trainer.config import RMConfig
-from trainer.data import Comparison, Demonstration, Messages, encode_response, pack_sequences, render_prompt
+from trainer.data import encode_response, pack_sequences
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
 from trainer.evaluate import pairwise_accuracy
+from trainer.examples import Comparison, Demonstration, Messages
 from trainer.lora import add_lora
 from trainer.losses import batched_ranking_loss
 from trainer.reward_model import RewardModel
@@ -340,7 +342,7 @@ def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_re
                        ) -> list[EncodedComparison]:
     """Token ids per comparison; the prompt is rendered once for its K completions. A
     completion the policy did not finish gets no EOS (``Comparison.stopped``)."""
-    return [EncodedComparison(render_prompt(tokenizer, c.messages),
+    return [EncodedComparison(render_chat_ids(tokenizer, c.messages),
                               [encode_response(tokenizer, text, max_response_length, eos=stopped)
                                for text, stopped in zip(c.completions, c.stopped or [True] * len(c.completions))],
                               list(c.ranks))

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from trainer.data import PromptExample, render_prompt
+from common.chat import render_chat_ids
+from trainer.examples import PromptExample
 
 
 @dataclass
@@ -112,7 +113,7 @@ class HFRolloutGenerator(RolloutGenerator):
         seed: int | None = None,
         max_prompt_tokens: int | None = None,
     ) -> Rollouts:
-        prompt_ids = [render_prompt(self.tokenizer, p.messages) for p in prompts]
+        prompt_ids = [render_chat_ids(self.tokenizer, p.messages) for p in prompts]
         if max_prompt_tokens is not None:
             prompt_ids = [ids[-max_prompt_tokens:] for ids in prompt_ids]
         responses: list[list[int]] = []

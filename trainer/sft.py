@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from common.chat import render_chat_ids
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import SFTConfig
-from trainer.data import Demonstration, Messages, PromptExample, encode_response, pack_sequences, render_prompt
+from trainer.data import encode_response, pack_sequences
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
 from trainer.evaluate import as_messages, sample_responses
+from trainer.examples import Demonstration, Messages, PromptExample
 from trainer.losses import sft_loss
 from trainer.torch_parts import build_optimizer, eval_mode, model_device, training_dropout
 
@@ -44,7 +46,7 @@ def encode_demonstrations(
     tokenizer: Any, demonstrations: Sequence[Demonstration], max_response_length: int
 ) -> list[EncodedDemo]:
     """Chat-templated prompt ids and response ids (+ EOS) per demonstration."""
-    return [EncodedDemo(render_prompt(tokenizer, d.messages), encode_response(tokenizer, d.response,
+    return [EncodedDemo(render_chat_ids(tokenizer, d.messages), encode_response(tokenizer, d.response,
                                                                                max_response_length))
             for d in demonstrations]
 

@@ -29,8 +29,8 @@ from typing import Sequence
 from sqlite_utils import Database
 
 from common.store.records import Completion, Demonstration, Prompt, Ranking, from_row
-from trainer.data import Comparison, Messages, PromptExample, ranks_from_groups, user_turn
-from trainer.data import Demonstration as DemoExample
+from trainer.examples import Comparison, Messages, PromptExample, ranks_from_groups, user_turn
+from trainer.examples import Demonstration as DemoExample
 from trainer.hygiene import PromptRecord
 
 SPLITS = ("train", "val", "test")
