@@ -55,10 +55,10 @@ from typing import Any, Iterable, Literal, Mapping, Sequence, TextIO, get_args
 
 from sqlite_utils import Database
 
+from common.identity import split_for_user
 from common.store import Store
 from common.store.errors import InvalidArgumentError
-from common.identity import split_for_user
-from common.store.ops import dedup_key
+from common.store.ops.prompts import dedup_key
 
 Kind = Literal["rankings", "pairs", "demonstrations"]
 KINDS: tuple[str, ...] = get_args(Kind)

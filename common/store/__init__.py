@@ -6,7 +6,7 @@ Two layers:
     `fn(db: sqlite_utils.Database) -> T`:
         await store.write(fn) / store.write_sync(fn)   committed before they return
         await store.read(fn)  / store.read_sync(fn)    one consistent read transaction
-  * Domain operations (ops.py): factories that return such functions (`Op[T]`), so the
+  * Domain operations (ops/, a module per part of the schema): factories that return such functions (`Op[T]`), so the
     same call serves asyncio and blocking callers, and ops compose into one transaction:
         prompt = await store.write(add_prompt(user_id, text))
         policy = store.read_sync(serving_policy())
@@ -27,50 +27,40 @@ from common.store.errors import (
     StoreError,
     TaskClosedError,
 )
-from common.store.ops import (
-    Op,
-    add_api_key,
-    add_completions,
-    add_demonstration,
-    add_policy,
-    add_prompt,
-    add_ranking,
-    add_rating,
-    add_user,
-    audit,
+from common.store.ops.base import Op, new_id
+from common.store.ops.cycles import (
     claim_queued_cycle,
     create_cycle,
-    dedup_key,
-    expire_tasks,
     fail_stale_cycles,
-    find_key_by_hash,
-    get_completion,
-    get_completions,
     get_cycle,
-    get_policy,
-    get_prompt,
-    get_task,
-    lease_task,
-    list_audit,
     list_cycles,
-    list_keys,
-    list_policies,
-    lookup_idempotent,
-    new_id,
-    pick_prompts,
-    previous_serving_policy,
-    prompt_is_free,
-    record_idempotent,
-    release_task,
-    reusable_completions,
-    revoke_key,
-    run_idempotent,
-    serving_policy,
-    set_policy_status,
-    set_task_completions,
-    stats,
     update_cycle,
 )
+from common.store.ops.idempotency import audit, list_audit, lookup_idempotent, record_idempotent, run_idempotent
+from common.store.ops.labeling import (
+    add_demonstration,
+    add_ranking,
+    add_rating,
+    expire_tasks,
+    get_task,
+    lease_task,
+    pick_prompts,
+    prompt_is_free,
+    release_task,
+    reusable_completions,
+    set_task_completions,
+)
+from common.store.ops.policies import (
+    add_policy,
+    get_policy,
+    list_policies,
+    previous_serving_policy,
+    serving_policy,
+    set_policy_status,
+)
+from common.store.ops.prompts import add_completions, add_prompt, dedup_key, get_completion, get_completions, get_prompt
+from common.store.ops.stats import stats
+from common.store.ops.users import add_api_key, add_user, find_key_by_hash, list_keys, revoke_key
 from common.store.records import (
     ApiKey,
     AuditEntry,
