@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.paths import fsync_path
+
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 # Weight files a checkpoint may hold; an unlisted one means someone wrote into the
@@ -133,16 +135,7 @@ def fsync_tree(folder: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     for d in reversed(dirs):
-        fsync_dir(d)
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a directory, making the names created or renamed in it durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(d)
 
 
 def make_readable(folder: Path) -> None:
@@ -162,7 +155,7 @@ def remove_tree_atomic(folder: Path) -> None:
     if trash.exists():
         shutil.rmtree(trash)
     os.rename(folder, trash)
-    fsync_dir(folder.parent)
+    fsync_path(folder.parent)
     shutil.rmtree(trash)
 
 
@@ -278,7 +271,7 @@ def write_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        fsync_dir(root)
+        fsync_path(root)
     return final
 
 

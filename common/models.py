@@ -43,7 +43,6 @@ from common.checkpoints import (  # noqa: E402
     CheckpointError,
     FileRecord,
     check_files,
-    fsync_dir,
     fsync_tree,
     hash_tree,
     make_readable,
@@ -107,10 +106,12 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.float32
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """'auto' | None -> ``default_dtype(device)``; 'float32' | 'bfloat16' | 'float16' | a
+    torch.dtype as given; anything else is a ValueError."""
     import torch
 
-    if dtype is None:
+    if dtype is None or dtype == "auto":
         return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -140,7 +141,7 @@ def load_causal_lm(
     folder = _local_model_dir(path)
     device = torch.device(device) if device is not None else default_device()
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=_resolve_dtype(dtype, device), local_files_only=True)
+        folder, dtype=resolve_dtype(dtype, device), local_files_only=True)
     return model.to(device).eval()
 
 
@@ -212,7 +213,7 @@ def _build_folder(final: Path, provenance: dict[str, Any], fill: Callable[[Path]
         if final.exists():
             remove_tree_atomic(final)
         os.rename(tmp, final)
-        fsync_dir(final.parent)
+        paths.fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

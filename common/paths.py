@@ -10,6 +10,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory: a directory's fsync makes the names created or renamed
+    in it durable (the last step of every write-aside-then-rename here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def data_dir() -> Path:
     """The root of all generated files (models, store, checkpoints, runs)."""
     return Path(os.environ.get("RLHF_DATA_DIR", REPO_ROOT / "data")).resolve()

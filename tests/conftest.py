@@ -47,3 +47,15 @@ def tmp_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data.mkdir()
     monkeypatch.setenv("RLHF_DATA_DIR", str(data))
     return data
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: on 2 shared cores, one is ~10x faster than
+    two under contention (the training-stage tests use it)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

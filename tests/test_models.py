@@ -131,8 +131,8 @@ def test_load_rejects_hub_ids_and_unknown_options(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Unknown padding_side"):
         models.load_tokenizer(tmp_path, padding_side="middle")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Unknown dtype"):
-        models._resolve_dtype("float3", torch.device("cpu"))
-    assert models._resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+        models.resolve_dtype("float3", torch.device("cpu"))
+    assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_default_device_and_dtype() -> None:

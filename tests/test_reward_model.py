@@ -27,13 +27,7 @@ WORDS = "apple river stone cloud green table music paper light window garden ora
 MARKER = "yes"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one intra-op thread is ~10x faster than two under contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def marker_comparisons(n: int, seed: int, k: int = 4, group: str = "") -> list[Comparison]:

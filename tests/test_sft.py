@@ -18,12 +18,7 @@ PHRASE = "The cat sat on the mat."
 TOPICS = "rivers stars bread music chess winter bees glass trains clocks maps kites".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def phrase_demos(topics: list[str]) -> list[Demonstration]:

@@ -1,4 +1,4 @@
-"""Where and how a training stage runs: device and dtype choice, seeding, CPU threads.
+"""Where and how a training stage runs: device choice (dtypes: `common.models.resolve_dtype`), seeding, CPU threads.
 
 The defaults come from ``common.models`` (CUDA when available, bf16 where supported,
 fp32 on CPU: CPU bf16 matmuls are slow on these machines). Everything here is called
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from common.models import default_device, default_dtype
+from common.models import default_device
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,6 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available")
     return device
-
-
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' | None -> ``default_dtype(device)``; 'float32' | 'bfloat16' | 'float16' | torch.dtype as given."""
-    if name is None or name == "auto":
-        return default_dtype(device)
-    if isinstance(name, torch.dtype):
-        return name
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"Unknown dtype: {name!r}")
-    return dtype
 
 
 def seed_everything(seed: int) -> None:

@@ -68,11 +68,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from common.models import load_causal_lm, load_tokenizer
+from common.models import load_causal_lm, load_tokenizer, resolve_dtype
 from trainer.config import PPOConfig
 from trainer.corpus import PtxBatch, PtxBatcher, load_corpus, split_corpus
 from trainer.data import SequenceBatch, pack_sequences
-from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, seed_everything
 from trainer.examples import PromptExample
 from trainer.lora import add_lora
 from trainer.losses import (

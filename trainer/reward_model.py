@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.chat import render_chat_ids
-from common.models import load_causal_lm, load_tokenizer
+from common.models import load_causal_lm, load_tokenizer, resolve_dtype
 from trainer.data import encode_response, pack_row, pack_sequences
-from trainer.device import resolve_device, resolve_dtype
+from trainer.device import resolve_device
 from trainer.examples import Messages
 from trainer.rm_heads import HeadEnsemble, build_head, gather_last, member_count
 from trainer.torch_parts import decoder_layers, eval_mode, right_pad

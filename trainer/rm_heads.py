@@ -29,6 +29,7 @@ import math
 import torch
 
 from trainer.config import HeadKind
+
 _NO_TOKEN = -1e4  # a pooled max over no response token yet
 
 

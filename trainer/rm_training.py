@@ -27,9 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from common.chat import render_chat_ids
+from common.models import resolve_dtype
 from trainer.config import RMConfig
 from trainer.data import encode_response, pack_sequences
-from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, seed_everything
 from trainer.evaluate import pairwise_accuracy
 from trainer.examples import Comparison, Demonstration, Messages
 from trainer.lora import add_lora

@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from common.chat import render_chat_ids
-from common.models import load_causal_lm, load_tokenizer
+from common.models import load_causal_lm, load_tokenizer, resolve_dtype
 from trainer.config import SFTConfig
 from trainer.data import encode_response, pack_sequences
-from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, resolve_dtype, seed_everything
+from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, seed_everything
 from trainer.evaluate import as_messages, sample_responses
 from trainer.examples import Demonstration, Messages, PromptExample
 from trainer.losses import sft_loss

@@ -50,6 +50,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlite_utils import Database
 
+from common.paths import fsync_path
 from common.store.errors import SchemaError, StoreClosedError, StoreError
 from common.store.records import WriterStats
 from common.store.schema import LATEST_VERSION, check_not_newer, migrate, schema_version
@@ -359,9 +360,9 @@ class Store:
             conn.execute("VACUUM INTO ?", [str(tmp)])
         finally:
             conn.close()
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, dest)
-        _fsync_file(dest.parent)
+        fsync_path(dest.parent)
         return dest
 
     def writer_stats(self) -> WriterStats:
@@ -420,10 +421,3 @@ def _copy_outcomes(requests: list[_WriteRequest]) -> None:
             waiter.set_exception(error)
 
 
-def _fsync_file(path: Path) -> None:
-    """fsync a file or directory, so a rename that follows is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

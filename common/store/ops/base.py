@@ -43,6 +43,22 @@ def insert_row(db: Database, table: str, row: Mapping[str, Any]) -> None:
     db.conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
 
 
+def insert_record(db: Database, table: str, cls: type[T], row: Mapping[str, Any]) -> T:
+    """INSERT one row and return it as its record (``cls``)."""
+    insert_row(db, table, row)
+    return from_row(cls, row)
+
+
+def get_one(cls: type[T], table: str, key_column: str, key: Any) -> Op[T | None]:
+    """The op reading the row of ``table`` whose ``key_column`` is ``key``, as ``cls``, or None."""
+
+    def op(db: Database) -> T | None:
+        row = fetch_one(db, f"SELECT * FROM {table} WHERE {key_column} = ?", [key])
+        return None if row is None else from_row(cls, row)
+
+    return op
+
+
 def fetch_one(db: Database, sql: str, params: Sequence[Any]) -> dict[str, Any] | None:
     return next(iter(db.query(sql, params)), None)
 

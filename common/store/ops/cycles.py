@@ -13,7 +13,7 @@ from sqlite_utils import Database
 from common.store.errors import (
     ConflictError,
 )
-from common.store.ops.base import Op, clock, fetch_one, get_or_raise, to_json
+from common.store.ops.base import Op, clock, get_one, get_or_raise, to_json
 from common.store.records import (
     CYCLE_TERMINAL_STATES,
     Cycle,
@@ -134,12 +134,7 @@ def fail_stale_cycles(stale_after_s: float, now: float | None = None) -> Op[list
 
 def get_cycle(cycle_id: int) -> Op[Cycle | None]:
     """One cycle, or None."""
-
-    def op(db: Database) -> Cycle | None:
-        row = fetch_one(db, "SELECT * FROM cycles WHERE id = ?", [cycle_id])
-        return None if row is None else from_row(Cycle, row)
-
-    return op
+    return get_one(Cycle, "cycles", "id", cycle_id)
 
 
 def list_cycles(limit: int = 50, state: CycleState | None = None) -> Op[list[Cycle]]:

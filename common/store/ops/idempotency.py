@@ -12,7 +12,7 @@ from sqlite_utils import Database
 from common.store.errors import (
     ConflictError,
 )
-from common.store.ops.base import Op, clock, fetch_one, insert_row, to_json
+from common.store.ops.base import Op, clock, fetch_one, insert_record, to_json
 from common.store.records import (
     AuditEntry,
     IdempotentOutcome,
@@ -56,8 +56,7 @@ def record_idempotent(
             "payload_sha256": payload_sha256, "response": bytes(response),
             "created_at": clock(now),
         }  # fmt: skip
-        insert_row(db, "idempotency", row)
-        return from_row(IdempotentRecord, row)
+        return insert_record(db, "idempotency", IdempotentRecord, row)
 
     return op
 

@@ -17,7 +17,7 @@ from common.store.errors import (
     StoreError,
     TaskClosedError,
 )
-from common.store.ops.base import Op, clock, fetch_one, insert_row, new_id, to_json
+from common.store.ops.base import Op, clock, get_one, insert_record, new_id, to_json
 from common.store.ops.prompts import check_completions_of_prompt
 from common.store.records import (
     ComparisonTask,
@@ -132,8 +132,7 @@ def lease_task(
             "k": len(ids) or k, "completion_ids_json": to_json(ids), "status": "leased",
             "created_at": at, "expires_at": at + lease_s,
         }  # fmt: skip
-        insert_row(db, "comparison_tasks", row)
-        return from_row(ComparisonTask, row)
+        return insert_record(db, "comparison_tasks", ComparisonTask, row)
 
     return op
 
@@ -163,12 +162,7 @@ def release_task(task_id: str, now: float | None = None) -> Op[None]:
 
 def get_task(task_id: str) -> Op[ComparisonTask | None]:
     """The task as stored (see `ComparisonTask.is_live`), or None."""
-
-    def op(db: Database) -> ComparisonTask | None:
-        row = fetch_one(db, "SELECT * FROM comparison_tasks WHERE id = ?", [task_id])
-        return None if row is None else from_row(ComparisonTask, row)
-
-    return op
+    return get_one(ComparisonTask, "comparison_tasks", "id", task_id)
 
 
 def expire_tasks(now: float | None = None) -> Op[int]:
@@ -286,8 +280,7 @@ def add_ranking(
             "labeler_group": labeler_group, "task_id": task_id, "ranking_json": to_json(groups),
             "k": len(ids), "source": source, "created_at": at,
         }  # fmt: skip
-        insert_row(db, "rankings", row)
-        return from_row(Ranking, row)
+        return insert_record(db, "rankings", Ranking, row)
 
     return op
 
@@ -309,8 +302,7 @@ def add_demonstration(
             "labeler_group": labeler_group, "response": response, "source": source,
             "created_at": clock(now),
         }  # fmt: skip
-        insert_row(db, "demonstrations", row)
-        return from_row(Demonstration, row)
+        return insert_record(db, "demonstrations", Demonstration, row)
 
     return op
 
@@ -334,7 +326,6 @@ def add_rating(
             "flags_json": to_json({k: bool(v) for k, v in (flags or {}).items()}),
             "comment": comment, "created_at": clock(now),
         }  # fmt: skip
-        insert_row(db, "ratings", row)
-        return from_row(Rating, row)
+        return insert_record(db, "ratings", Rating, row)
 
     return op

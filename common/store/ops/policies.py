@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from common.store.ops.base import Op, clock, fetch_one, get_or_raise, insert_row, to_json
+from common.store.ops.base import Op, clock, fetch_one, get_one, get_or_raise, insert_row, to_json
 from common.store.records import (
     Policy,
     PolicyStatus,
@@ -100,12 +100,7 @@ def previous_serving_policy() -> Op[Policy | None]:
 
 def get_policy(version: int) -> Op[Policy | None]:
     """One policy, or None."""
-
-    def op(db: Database) -> Policy | None:
-        row = fetch_one(db, "SELECT * FROM policies WHERE version = ?", [version])
-        return None if row is None else from_row(Policy, row)
-
-    return op
+    return get_one(Policy, "policies", "version", version)
 
 
 def list_policies(limit: int = 0) -> Op[list[Policy]]:

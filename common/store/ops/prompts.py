@@ -11,7 +11,7 @@ from common.store.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from common.store.ops.base import Op, clock, fetch_one, insert_row, new_id, to_json
+from common.store.ops.base import Op, clock, get_one, insert_record, insert_row, new_id, to_json
 from common.store.records import (
     Completion,
     NewCompletion,
@@ -50,20 +50,14 @@ def add_prompt(
             "has_pii": int(has_pii), "redacted_text": redacted_text,
             "request_id": request_id, "created_at": clock(now),
         }  # fmt: skip
-        insert_row(db, "prompts", row)
-        return from_row(Prompt, row)
+        return insert_record(db, "prompts", Prompt, row)
 
     return op
 
 
 def get_prompt(prompt_id: str) -> Op[Prompt | None]:
     """The prompt, or None."""
-
-    def op(db: Database) -> Prompt | None:
-        row = fetch_one(db, "SELECT * FROM prompts WHERE id = ?", [prompt_id])
-        return None if row is None else from_row(Prompt, row)
-
-    return op
+    return get_one(Prompt, "prompts", "id", prompt_id)
 
 
 def add_completions(
@@ -105,12 +99,7 @@ def get_completions(prompt_id: str) -> Op[list[Completion]]:
 
 def get_completion(completion_id: str) -> Op[Completion | None]:
     """One completion, or None."""
-
-    def op(db: Database) -> Completion | None:
-        row = fetch_one(db, "SELECT * FROM completions WHERE id = ?", [completion_id])
-        return None if row is None else from_row(Completion, row)
-
-    return op
+    return get_one(Completion, "completions", "id", completion_id)
 
 
 def check_completions_of_prompt(db: Database, prompt_id: str, completion_ids: Sequence[str]) -> None:

@@ -8,7 +8,7 @@ from common.identity import ROLES, Role
 from common.store.errors import (
     InvalidArgumentError,
 )
-from common.store.ops.base import Op, clock, fetch_one, insert_row, new_id
+from common.store.ops.base import Op, clock, get_one, insert_record, new_id
 from common.store.records import (
     ApiKey,
     User,
@@ -23,8 +23,7 @@ def add_user(
 
     def op(db: Database) -> User:
         row = {"id": user_id or new_id(), "created_at": clock(now), "labeler_group": labeler_group}
-        insert_row(db, "users", row)
-        return from_row(User, row)
+        return insert_record(db, "users", User, row)
 
     return op
 
@@ -51,20 +50,14 @@ def add_api_key(
             "key_id": new_id(), "key_hash": key_hash, "user_id": user_id, "role": role,
             "labeler_group": labeler_group, "created_at": at, "revoked_at": None, "note": note,
         }  # fmt: skip
-        insert_row(db, "api_keys", row)
-        return from_row(ApiKey, row)
+        return insert_record(db, "api_keys", ApiKey, row)
 
     return op
 
 
 def find_key_by_hash(key_hash: str) -> Op[ApiKey | None]:
     """The key with this hash, revoked or not (check `.active`), or None."""
-
-    def op(db: Database) -> ApiKey | None:
-        row = fetch_one(db, "SELECT * FROM api_keys WHERE key_hash = ?", [key_hash])
-        return None if row is None else from_row(ApiKey, row)
-
-    return op
+    return get_one(ApiKey, "api_keys", "key_hash", key_hash)
 
 
 def revoke_key(key_id: str, now: float | None = None) -> Op[bool]:
