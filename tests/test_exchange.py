@@ -13,15 +13,7 @@ from pathlib import Path
 import pytest
 from sqlite_utils import Database
 
-from common.exchange import (
-    ImportRejected,
-    check_ranking_groups,
-    count_pairs,
-    export_jsonl,
-    export_records,
-    import_jsonl,
-    ranking_to_pairs,
-)
+from common.exchange import ImportRejected, export_jsonl, export_records, import_jsonl
 from common.paths import REPO_ROOT
 from common.store import (
     InvalidArgumentError,
@@ -33,6 +25,7 @@ from common.store import (
     add_ranking,
     lease_task,
 )
+from common.store.rankings import check_ranking_groups, count_pairs, ranking_to_pairs
 
 # ------------------------------------------------------------------ pure helpers
 

@@ -49,14 +49,6 @@ import grpc
 from google.protobuf.message import Message
 from sqlite_utils import Database
 
-from common.exchange import (
-    LABEL_MAX_K,
-    LABEL_MIN_K,
-    check_k,
-    check_not_all_tied,
-    check_ranking_shape,
-    count_pairs,
-)
 from common.store import (
     Completion,
     InvalidArgumentError,
@@ -78,6 +70,14 @@ from common.store import (
     release_task,
     reusable_completions,
     set_task_completions,
+)
+from common.store.rankings import (
+    LABEL_MAX_K,
+    LABEL_MIN_K,
+    check_k,
+    check_not_all_tied,
+    check_ranking_shape,
+    count_pairs,
 )
 from rlhf.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
 from server.auth import Caller

@@ -19,6 +19,7 @@ from common.store.errors import (
 )
 from common.store.ops.base import Op, clock, get_one, insert_record, new_id, to_json
 from common.store.ops.prompts import check_completions_of_prompt
+from common.store.rankings import check_not_all_tied, check_ranking_shape
 from common.store.records import (
     ComparisonTask,
     Demonstration,
@@ -231,21 +232,6 @@ def _task_refusal(db: Database, task_id: str, labeler_id: str, prompt_id: str) -
 # ---------------------------------------------------------------- feedback
 
 
-def _check_ranking_shape(groups: list[list[str]]) -> list[str]:
-    """Raise unless every group holds ids and no id is named twice; return the ids."""
-    ids = [c for group in groups for c in group]
-    if not groups or any(not group for group in groups):
-        raise InvalidArgumentError("a ranking group is empty")
-    if len(set(ids)) != len(ids):
-        raise InvalidArgumentError(f"a completion appears twice in the ranking: {ids}")
-    return ids
-
-
-def _check_not_all_tied(groups: list[list[str]]) -> None:
-    if len(groups) < 2:
-        raise InvalidArgumentError("a ranking needs at least two groups (all tied says nothing)")
-
-
 def add_ranking(
     prompt_id: str,
     labeler_id: str,
@@ -254,7 +240,7 @@ def add_ranking(
     labeler_group: str | None = None,
     task_id: str | None = None,
     source: FeedbackSource = "label",
-    check_groups: Callable[[list[list[str]]], None] = _check_not_all_tied,
+    check_groups: Callable[[list[list[str]]], None] = check_not_all_tied,
     now: float | None = None,
 ) -> Op[Ranking]:
     """Store a ranking (groups best first, ties within a group) of a prompt's completions.
@@ -268,7 +254,7 @@ def add_ranking(
 
     def op(db: Database) -> Ranking:
         at = clock(now)
-        ids = _check_ranking_shape(groups)
+        ids = check_ranking_shape(groups)
         if task_id is not None:
             ranked_prompt = _answer_task(db, task_id, labeler_id, ids, prompt_id, at)
         else:
