@@ -52,6 +52,7 @@ class User:
     id: str
     created_at: float
     labeler_group: str | None
+    train_opt_out: bool = False  # "do not train on my data": served as usual, never trained on
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class Completion:
     ttft_s: float | None
     purpose: CompletionPurpose
     created_at: float
+    has_pii: bool = False  # flagged at ingest (the detector of trainer.hygiene's rules)
+    redacted_text: str | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ History:
       trainer died can be failed instead of blocking the queue forever, and "at most one
       running cycle" moves from trainer code into a partial unique index (older trainers
       could leave a second one behind after a crash; the step fails all but the newest).
+  v4  The users' data: a user's "do not train on my data" setting (`users.train_opt_out`),
+      completions flagged for PII at ingest like prompts (`has_pii`, `redacted_text`), and
+      the indexes that erasure (by labeler) and retention (by age) read.
 """
 
 from __future__ import annotations
@@ -191,6 +194,18 @@ CREATE UNIQUE INDEX cycles_one_running ON cycles(state) WHERE state = 'running';
 CREATE INDEX cycles_by_state ON cycles(state, id);
 """
 
+_V4_USERS_DATA = """
+ALTER TABLE users ADD COLUMN train_opt_out INTEGER NOT NULL DEFAULT 0 CHECK (train_opt_out IN (0, 1));
+ALTER TABLE completions ADD COLUMN has_pii INTEGER NOT NULL DEFAULT 0 CHECK (has_pii IN (0, 1));
+ALTER TABLE completions ADD COLUMN redacted_text TEXT;
+CREATE INDEX prompts_by_time ON prompts(created_at);
+CREATE INDEX completions_by_time ON completions(created_at);
+CREATE INDEX demonstrations_by_labeler ON demonstrations(labeler_id);
+CREATE INDEX ratings_by_labeler ON ratings(labeler_id);
+CREATE INDEX comparison_tasks_by_prompt ON comparison_tasks(prompt_id);
+CREATE INDEX idempotency_by_caller ON idempotency(caller_id);
+"""
+
 
 def _v1_core(db: Database) -> None:
     db.executescript(_V1_CORE)
@@ -204,7 +219,11 @@ def _v3_cycle_liveness(db: Database) -> None:
     db.executescript(_V3_CYCLE_LIVENESS)
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_core, _v2_queue_retries_audit, _v3_cycle_liveness)
+def _v4_users_data(db: Database) -> None:
+    db.executescript(_V4_USERS_DATA)
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1_core, _v2_queue_retries_audit, _v3_cycle_liveness, _v4_users_data)
 LATEST_VERSION = len(MIGRATIONS)
 
 
