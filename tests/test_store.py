@@ -148,12 +148,14 @@ def _seed_old_store(db: Database, version: int) -> None:
     sql("INSERT INTO demonstrations VALUES ('d1', 'p1', 'lab', 'g1', 'Hello!', 'label', 4.0)")
     sql("INSERT INTO ratings VALUES ('t1', 'c0', 'lab', 'g1', 6, '{}', '', 4.0)")
     sql("INSERT INTO policies VALUES (0, '/ckpt/v0', NULL, 'serving', 1.0, NULL, '{}', 1.0)")
-    # Two running cycles, as an old trainer could leave behind after a crash.
-    for state in ("running", "running", "queued"):
+    # Two running cycles, as an old trainer could leave behind after a crash (from v3 on the
+    # schema refuses that: the store then holds what v3's step left).
+    states = ("running", "running", "queued") if version < 3 else ("failed", "running", "queued")
+    for state in states:
         sql(
-            "INSERT INTO cycles (state, trigger, created_at, started_at) "
-            "VALUES (?, 'cli', 5.0, 5.0)",
-            [state],
+            "INSERT INTO cycles (state, trigger, created_at, started_at, error) "
+            "VALUES (?, 'cli', 5.0, 5.0, ?)",
+            [state, "superseded: seeded as v3 left it" if version >= 3 and state == "failed" else None],
         )
     if version >= 2:
         sql(
@@ -180,6 +182,9 @@ def test_each_older_version_migrates_forward_keeping_rows(tmp_path: Path, old_ve
         assert store.read_sync(table_names) == ALL_TABLES >= old_tables
         cycle_columns = store.read_sync(lambda db: set(db.table("cycles").columns_dict))
         assert {"heartbeat_at", "owner_pid"} <= cycle_columns  # added by v3
+        assert store.read_sync(get_completions("p1"))[0].has_pii is False  # added by v4, default 0
+        opt_out = store.read_sync(lambda db: db.execute("SELECT train_opt_out FROM users WHERE id = 'u1'").fetchone())
+        assert opt_out[0] == 0
         prompt = store.read_sync(get_prompt("p1"))
         assert prompt is not None and prompt.text == "Hi" and prompt.split == "train"
         assert [c.text for c in store.read_sync(get_completions("p1"))] == ["out0", "out1"]
