@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.test_reward_model import fast_config, marker_comparisons, one_thread  # noqa: F401 (fixture)
+from tests.test_reward_model import fast_config, marker_comparisons
 from trainer.examples import Demonstration, user_turn
 from trainer.reward_model import RewardModel
 from trainer.rm_training import train_reward_model
 from trainer.trunk_cache import TrunkCache, model_fingerprint, trunk_key
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
