@@ -21,9 +21,11 @@ from common.paths import REPO_ROOT
 # (module, title). Order matters a little: cheap ones first.
 BENCHMARKS = [
     ("bench.store_writes", "Store: committed writes per second"),
+    ("bench.store_backup", "Store: the server's write latency during an online backup"),
     ("bench.feedback", "Feedback: rankings per second over gRPC vs a bare echo service"),
     ("bench.reward_model", "Reward model: K-way batched step vs naive pairwise"),
     ("bench.serving", "Serving: gRPC server vs offline vLLM and sequential HF; TTFT; swap stall"),
+    ("bench.rate_limits", "Per-key limits: other keys' latency while one key floods"),
     ("bench.quiet_wait", "vLLM beside a busy neighbour: spinning vs quiet message-queue waits"),
     ("bench.rollouts", "PPO rollouts in the trainer: HF generate vs a weight-synced vLLM engine"),
     ("bench.reward_curve", "Reward model learning curve: accuracy on unseen rankings vs training comparisons"),

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2
 
 from clients.client import RlhfClient
 from clients.prompts import load_prompts
@@ -89,21 +88,6 @@ def stop(proc: subprocess.Popen, timeout: float = 90) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
-
-
-def wait_serving(target: str, key: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    with RlhfClient(target, key) as client:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited ({proc.returncode})")
-            try:
-                if client.health_status(timeout=2) == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise SystemExit(f"the server did not come up in {timeout:.0f} s")
 
 
 # ---------------------------------------------------------------------------- the people
@@ -218,7 +202,8 @@ def run(minutes: float = MINUTES, engine: str = "auto", cycle_every_min: float =
                               "--base-model-dir", str(model), "--base-model-name", model.name], out)
     trainer = None
     try:
-        wait_serving(target, keys["admin"], server)
+        with RlhfClient(target, keys["admin"]) as client:
+            client.wait_until_serving(600, alive=lambda: server.poll() is None)
         overrides = [f"store_path={out / 'rlhf.sqlite'}", f"checkpoints_root={out / 'checkpoints'}",
                      f"work_dir={out / 'trainer'}", f"server_address={target}", "schedule=off"]
         trainer = start("trainer", ["-m", "trainer.service", "--config", str(TRAINER_TOML),

@@ -5,6 +5,7 @@
     rlhf policies [--limit N]             published policies and their status
     rlhf policies swap N                  serve version N (verified before loading)
     rlhf policies rollback [N]            serve N, or the version served before this one
+    rlhf users erase USER --yes           erase a user's data for good (README, "Users' data")
 
 Connection flags (--target, --key or $RLHF_API_KEY, --tls-root-cert, --user-id) as for
 `rlhf query`.
@@ -111,3 +112,24 @@ def policies_main(argv: Sequence[str] | None = None) -> int:
         "rollback": lambda client: format_swap(client.rollback(args.version, request_id=uuid.uuid4().hex)),
     }
     return _run(args, actions[args.action])
+
+
+def format_erasure(response: admin_pb2.EraseUserResponse) -> str:
+    deleted = ", ".join(f"{table} {n}" for table, n in sorted(response.rows_deleted.items()) if n)
+    return (f"erased user sha256:{response.user_id_sha256} at {_when(response.erased_at)}: deleted "
+            f"{deleted or 'nothing'}; {response.audit_rows_pseudonymised} audit rows now name the hash")
+
+
+def users_main(argv: Sequence[str] | None = None) -> int:
+    """`rlhf users erase USER --yes`."""
+    parser = argparse.ArgumentParser(
+        prog="rlhf users", description="Erase a user: their prompts, completions, labeling work, keys and "
+        "user row, and the feedback of others on their completions. Irreversible; erasing again is a no-op.")
+    parser.add_argument("action", choices=["erase"])
+    parser.add_argument("user", help="the user id to erase")
+    parser.add_argument("--yes", action="store_true", help="confirm: the erasure cannot be undone")
+    add_connection_flags(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if not args.yes:
+        parser.error(f"erasing {args.user!r} cannot be undone: add --yes to confirm")
+    return _run(args, lambda client: format_erasure(client.erase_user(args.user, request_id=uuid.uuid4().hex)))

@@ -20,7 +20,8 @@ generation on the server.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,22 @@ class RlhfClient(_Base):
         """The health status (health_pb2.HealthCheckResponse.SERVING, ...) of one service."""
         return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
 
+    def wait_until_serving(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+        """Poll health until the server says SERVING (a starting server loads its engine first);
+        TimeoutError after `timeout` s, RuntimeError as soon as `alive()` says the server's
+        process is gone."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not alive():
+                raise RuntimeError("the server process exited before it was serving")
+            try:
+                if self.health_status(timeout=2) == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet
+            time.sleep(0.5)
+        raise TimeoutError(f"the server was not serving after {timeout:.0f} s")
+
     # ------------------------------------------------------------ admin
 
     def list_policies(self, limit: int = 0, timeout: float | None = None) -> list[common_pb2.Policy]:
@@ -174,6 +191,18 @@ class RlhfClient(_Base):
 
     def get_stats(self, timeout: float | None = None) -> admin_pb2.Stats:
         return self.admin.GetStats(admin_pb2.GetStatsRequest(), timeout=timeout, metadata=self.metadata)
+
+    def erase_user(self, user_id: str, request_id: str = "",
+                   timeout: float | None = None) -> admin_pb2.EraseUserResponse:
+        """Erase a user's data (irreversible; role admin)."""
+        return self.admin.EraseUser(admin_pb2.EraseUserRequest(user_id=user_id, request_id=request_id),
+                                    timeout=timeout, metadata=self.metadata)
+
+    def set_training_opt_out(self, user_id: str, opt_out: bool = True, request_id: str = "",
+                             timeout: float | None = None) -> admin_pb2.SetTrainingOptOutResponse:
+        """Never train (or, with opt_out=False, train again) on a user's data: your own, or anyone's as admin."""
+        request = admin_pb2.SetTrainingOptOutRequest(user_id=user_id, train_opt_out=opt_out, request_id=request_id)
+        return self.admin.SetTrainingOptOut(request, timeout=timeout, metadata=self.metadata)
 
 
 class AsyncRlhfClient(_Base):
@@ -257,3 +286,13 @@ class AsyncRlhfClient(_Base):
 
     async def get_stats(self, timeout: float | None = None) -> admin_pb2.Stats:
         return await self.admin.GetStats(admin_pb2.GetStatsRequest(), timeout=timeout, metadata=self.metadata)
+
+    async def erase_user(self, user_id: str, request_id: str = "",
+                         timeout: float | None = None) -> admin_pb2.EraseUserResponse:
+        return await self.admin.EraseUser(admin_pb2.EraseUserRequest(user_id=user_id, request_id=request_id),
+                                          timeout=timeout, metadata=self.metadata)
+
+    async def set_training_opt_out(self, user_id: str, opt_out: bool = True, request_id: str = "",
+                                   timeout: float | None = None) -> admin_pb2.SetTrainingOptOutResponse:
+        request = admin_pb2.SetTrainingOptOutRequest(user_id=user_id, train_opt_out=opt_out, request_id=request_id)
+        return await self.admin.SetTrainingOptOut(request, timeout=timeout, metadata=self.metadata)

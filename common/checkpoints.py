@@ -5,7 +5,11 @@ A checkpoint is a folder `<root>/vN/` holding full model weights (safetensors),
 
     {"format": 1, "version": N, "parent_version": int | null, "created_at": iso8601,
      "cycle_id": int | null, "base_model": str,
-     "files": {relpath: {"sha256": hex, "bytes": int}}, "metrics": {...}}
+     "files": {relpath: {"sha256": hex, "bytes": int}}, "metrics": {...},
+     "snapshot": {"sha256": hex, "taken_at": float, "watermark": float, "counts": {...}} | null}
+
+`snapshot` names the store snapshot the version was trained on (absent in manifests
+written before it existed; readers treat absent as null, and older readers ignore it).
 
 Publishing is atomic: the writer fills `vN.tmp/`, hashes it, writes the manifest,
 fsyncs every file and directory, then renames `vN.tmp` to `vN` and fsyncs the root.
@@ -65,6 +69,7 @@ class Manifest:
     files: dict[str, FileRecord]
     metrics: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
+    snapshot: dict[str, Any] | None = None  # the store snapshot it trained on (None: unknown)
 
     def to_json(self) -> str:
         """Serialise with sorted keys so equal manifests are equal bytes."""
@@ -78,7 +83,8 @@ class Manifest:
         return cls(version=_int(raw["version"]), parent_version=_opt_int(raw["parent_version"]),
                    created_at=str(raw["created_at"]), cycle_id=_opt_int(raw["cycle_id"]),
                    base_model=str(raw["base_model"]), files=files,
-                   metrics=dict(raw.get("metrics") or {}), format=_int(raw["format"]))
+                   metrics=dict(raw.get("metrics") or {}), format=_int(raw["format"]),
+                   snapshot=_opt_dict(raw.get("snapshot")))
 
 
 def _int(value: Any) -> int:
@@ -89,6 +95,12 @@ def _int(value: Any) -> int:
 
 def _opt_int(value: Any) -> int | None:
     return None if value is None else _int(value)
+
+
+def _opt_dict(value: Any) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"expected an object or null, got {value!r}")
+    return None if value is None else dict(value)
 
 
 # ---------------------------------------------------------------- hashing and fsync
@@ -244,17 +256,21 @@ def write_checkpoint(
     cycle_id: int | None,
     base_model: str,
     metrics: dict[str, Any] | None = None,
+    snapshot: dict[str, Any] | None = None,
 ) -> Path:
     """Publish checkpoint `version` under `root` atomically and return its folder.
 
     `save_fn(tmp_dir)` writes the model files, e.g.
     `lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d))`.
+    `snapshot` records the store snapshot the weights were trained on (its sha256, time,
+    watermark and row counts).
     An existing `vN/` is refused; a leftover `vN.tmp/` from a crashed writer is removed.
     """
     root = Path(root)
     final = checkpoint_path(root, version)
     metrics = dict(metrics or {})
-    json.dumps(metrics)  # fail before the expensive save if metrics are not JSON
+    snapshot = None if snapshot is None else dict(snapshot)
+    json.dumps([metrics, snapshot])  # fail before the expensive save if they are not JSON
     with _write_lock(root):
         if final.exists():
             raise CheckpointError(f"{final}: already exists; versions are never overwritten")
@@ -266,7 +282,7 @@ def write_checkpoint(
             _fill_checkpoint(tmp, save_fn, Manifest(
                 version=version, parent_version=parent_version, cycle_id=cycle_id,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                base_model=base_model, files={}, metrics=metrics))
+                base_model=base_model, files={}, metrics=metrics, snapshot=snapshot))
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

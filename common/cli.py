@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cycle": ("clients.admin_cli:cycle_main", "`rlhf cycle now`: ask for a training cycle now"),
     "cycles": ("clients.admin_cli:cycles_main", "show the history of training cycles"),
     "policies": ("clients.admin_cli:policies_main", "list policies; swap or roll back"),
+    "store": ("trainer.store_cli:main", "prune old data, back up or restore the store"),
+    "users": ("clients.admin_cli:users_main", "`rlhf users erase USER --yes`: erase a user's data"),
 }
 
 

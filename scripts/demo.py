@@ -51,7 +51,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2  # noqa: E402
 
 from clients.client import RlhfClient  # noqa: E402
 from clients.prompts import load_prompts  # noqa: E402
@@ -319,17 +318,12 @@ class serving:
 
 
 def wait_until_serving(demo: Demo, process: Process, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
     with RlhfClient(demo.target, demo.keys["admin"]) as client:
-        while time.time() < deadline:
-            process.check()
-            try:
-                if client.health_status(timeout=2) == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise SystemExit(f"the server did not come up in {timeout:.0f} s; see {process.log}")
+        try:
+            client.wait_until_serving(timeout, alive=lambda: process.proc.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:
+            process.check()  # exits with the server's log when it died
+            raise SystemExit(f"{exc}; see {process.log}") from None
 
 
 class training:

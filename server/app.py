@@ -40,8 +40,9 @@ from server.auth import Authenticator
 from server.config import RequestLimits, ServerConfig, is_loopback
 from server.engines.base import Engine, EngineError
 from server.generation import Sampler
-from server.limits import ConcurrencyLimiter
+from server.limits import ConcurrencyLimiter, GenerationBudget, KeyedBuckets, RequestRateLimiter
 from server.logging_sink import CompletionLog
+from server.pii_ingest import PiiIngest
 from server.metrics import MetricsInterceptor, ServerMetrics
 from server.policies import PolicySwitcher, SwapRefused, startup_policy
 from server.servicers import ServerDeps, ServiceRegistration
@@ -97,7 +98,9 @@ class RunningServer:
         """Accept connections; every service reports NOT_SERVING until `load_engine`."""
         await self._set_health(NOT_SERVING)
         await self.server.start()
-        self.deps.metrics.serve_http(self.deps.config.host, self.deps.config.metrics_port)
+        config = self.deps.config
+        self.deps.metrics.serve_http(config.metrics_host, config.metrics_port,
+                                     certfile=config.tls_cert, keyfile=config.tls_key)
         log.info("listening on %s (%s)", self.target, "TLS" if self.deps.config.tls else "plaintext")
 
     async def load_engine(self) -> None:
@@ -210,12 +213,16 @@ def server_deps(config: ServerConfig, engine: Engine, store: Store) -> ServerDep
     `engine_ready` starts clear: `RunningServer.load_engine` sets it. A test or bench that
     serves a servicer on its own builds its deps here too, and sets it once its engine runs."""
     metrics = ServerMetrics()
-    completion_log = CompletionLog(store)
+    completion_log = CompletionLog(store, PiiIngest(config.pii_ingest, config.pii_phone_region))
     limiter = ConcurrencyLimiter(config.max_concurrent_per_key)
+    tokens = KeyedBuckets(config.tokens_per_minute / 60, config.token_burst) if config.tokens_per_minute else None
+    budget = GenerationBudget(limiter, tokens)
+    request_rate = (RequestRateLimiter(config.requests_per_second, config.request_burst)
+                    if config.requests_per_second else None)  # fmt: skip
     return ServerDeps(
         config=config, engine=engine, store=store,
-        auth=Authenticator(store, cache_seconds=config.key_cache_seconds),
-        sampler=Sampler(engine, completion_log, metrics, config.limits, limiter), limiter=limiter,
+        auth=Authenticator(store, cache_seconds=config.key_cache_seconds, request_rate=request_rate),
+        sampler=Sampler(engine, completion_log, metrics, config.limits, budget), limiter=limiter, budget=budget,
         completion_log=completion_log, switcher=PolicySwitcher(engine, store, metrics),
         metrics=metrics, engine_ready=asyncio.Event())
 

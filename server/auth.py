@@ -13,7 +13,11 @@ Open mode: while the store holds no key at all, the server authenticates nobody.
 then only allowed on loopback (`server.app` refuses any other bind), every caller acts
 with all roles, and may name itself with `x-user-id` metadata (default "anonymous").
 The first key created switches the running server to keys for good (keys are revoked,
-never deleted, so the store never becomes keyless again).
+never deleted, so the store never becomes keyless again; an erasure deletes the erased
+user's keys, but never the erasing admin's own).
+
+Every authenticated call is charged one request against its key's rate here (`identify`,
+with a `limits.RequestRateLimiter`): the one place every servicer passes through.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import grpc
 
 from common.identity import Identity, Role, hash_api_key
 from common.store import ApiKey, Store, find_key_by_hash, list_keys
+from server.limits import RequestRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +82,10 @@ def bearer_key(metadata: dict[str, str]) -> str | None:
 class Authenticator:
     """Turns a call's metadata into a `Caller`, using the store's api_keys table."""
 
-    def __init__(self, store: Store, cache_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: Store, cache_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 request_rate: RequestRateLimiter | None = None) -> None:  # fmt: skip
         self._store = store
+        self._request_rate = request_rate
         self._keys_exist = False  # sticky: once a key exists, the server never opens again
         self._cache_seconds = cache_seconds
         self._clock = clock
@@ -96,6 +103,10 @@ class Authenticator:
                 self._found.clear()  # bounded: at worst every key is read again once
             self._found[key_hash] = (now, stored)
         return stored
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop a user's cached keys (their keys were deleted: an erasure)."""
+        self._found = {h: entry for h, entry in self._found.items() if entry[1].user_id != user_id}
 
     async def open_mode(self) -> bool:
         """True while the store holds no API key (revoked ones count)."""
@@ -124,9 +135,13 @@ class Authenticator:
         return Caller(stored.identity(), limit_key=f"key:{stored.key_id}")
 
     async def identify(self, context: grpc.aio.ServicerContext) -> Caller:
-        """The caller of this call (AuthError(UNAUTHENTICATED) if none)."""
+        """The caller of this call (AuthError(UNAUTHENTICATED) if none), charged one request
+        against its key's rate (`limits.RateLimited` when over it)."""
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        return await self.authenticate(metadata)
+        caller = await self.authenticate(metadata)
+        if self._request_rate is not None:
+            self._request_rate.admit(caller.limit_key)
+        return caller
 
     async def authorize(self, context: grpc.aio.ServicerContext, minimum: Role) -> Caller:
         """Authenticate the call and require at least role `minimum` (AuthError otherwise)."""

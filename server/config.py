@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common import paths
+from common.store.rankings import LABEL_MAX_K, LABEL_MIN_K
 
 EngineKind = Literal["auto", "vllm", "hf"]
 ENGINE_KINDS: tuple[str, ...] = ("auto", "vllm", "hf")
+PiiIngestMode = Literal["flag", "redact"]
+PII_INGEST_MODES: tuple[str, ...] = ("flag", "redact")
 
 
 @dataclass(frozen=True)
@@ -94,25 +97,51 @@ class ServerConfig:
         default=10.0, metadata={"help": "SIGTERM/SIGINT: seconds in-flight requests may finish"}
     )
     metrics_port: int = field(
-        default=0, metadata={"help": "Prometheus /metrics HTTP port on the bind host; 0 = off"}
+        default=0, metadata={"help": "Prometheus /metrics HTTP port; 0 = off (HTTPS with tls_cert when TLS is on)"}
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "address /metrics binds: loopback whatever host is; 0.0.0.0 lets other machines scrape it"},
     )
     max_receive_message_bytes: int = field(
         default=1 << 20, metadata={"help": "largest request message gRPC accepts"}
     )
     max_concurrent_per_key: int = field(
-        default=8, metadata={"help": "Generate calls in flight per API key (open mode: per user)"}
+        default=8, metadata={"help": "generations in flight per API key, served and labeling (open mode: per user)"}
+    )
+    requests_per_second: float = field(
+        default=500.0, metadata={"help": "RPCs each API key may start per second, all services (token bucket); 0 = no limit"}
+    )
+    request_burst: int = field(
+        default=1000, metadata={"help": "RPCs a key may start at once before requests_per_second applies (bucket size)"}
+    )
+    tokens_per_minute: float = field(
+        default=600_000.0, metadata={"help": "tokens each API key may generate per minute, served and labeling "
+                                             "(max_new_tokens x n reserved up front, the unused part refunded); 0 = no limit"}
+    )
+    token_burst: int = field(
+        default=65_536, metadata={"help": "tokens a key may reserve at once (bucket size); must hold the largest "
+                                          "request, max_new_tokens_limit x max_n, and a K = 9 labeling task"}
     )
     key_cache_seconds: float = field(
         default=2.0, metadata={"help": "seconds a found API key is remembered (a revoked key works that long); 0 = off"}
     )
     label_k: int = field(
-        default=4, metadata={"help": "completions per labeling task when NextComparison leaves k 0 (4..9)"}
+        default=4, metadata={"help": f"completions per labeling task when NextComparison leaves k 0 ({LABEL_MIN_K}..{LABEL_MAX_K})"}
     )
     label_max_new_tokens: int = field(
         default=128, metadata={"help": "max_new_tokens of the K completions sampled for a labeling task"}
     )
     label_lease_seconds: float = field(
         default=600.0, metadata={"help": "seconds a labeling task stays leased before it is handed out again"}
+    )
+    pii_ingest: PiiIngestMode = field(
+        default="flag",
+        metadata={"help": "PII in a logged prompt (any chat turn) or completion: 'flag' it (stored as written, "
+                          "kept from labelers and training), or 'redact': store only the redacted text"},
+    )
+    pii_phone_region: str = field(
+        default="US", metadata={"help": "region (ISO 3166 alpha-2) whose national phone formats count as PII"}
     )
     limits: RequestLimits = field(default_factory=RequestLimits)
 
@@ -135,11 +164,30 @@ class ServerConfig:
             )
         if self.key_cache_seconds < 0:
             raise ValueError(f"key_cache_seconds must be >= 0, got {self.key_cache_seconds}")
-        if not 4 <= self.label_k <= 9:
-            raise ValueError(f"label_k must lie in 4..9 (the paper's K), got {self.label_k}")
+        if not LABEL_MIN_K <= self.label_k <= LABEL_MAX_K:
+            raise ValueError(f"label_k must lie in {LABEL_MIN_K}..{LABEL_MAX_K} (the paper's K), got {self.label_k}")
+        self._check_rates()
         if self.label_max_new_tokens < 1 or self.label_lease_seconds <= 0:
             raise ValueError(f"label_max_new_tokens must be >= 1 and label_lease_seconds > 0, got "
                              f"{self.label_max_new_tokens} and {self.label_lease_seconds}")
+        if self.pii_ingest not in PII_INGEST_MODES:
+            raise ValueError(f"Unknown pii_ingest: {self.pii_ingest!r} (expected one of {PII_INGEST_MODES})")
+        from common.pii import check_phone_region  # phonenumbers' import, only where a server is configured
+
+        check_phone_region(self.pii_phone_region)
+
+    def _check_rates(self) -> None:
+        if self.requests_per_second < 0 or self.tokens_per_minute < 0:
+            raise ValueError(f"requests_per_second and tokens_per_minute must be >= 0 (0 = no limit), got "
+                             f"{self.requests_per_second} and {self.tokens_per_minute}")
+        if self.requests_per_second > 0 and self.request_burst < 1:
+            raise ValueError(f"request_burst must be >= 1, got {self.request_burst}")
+        largest = max(self.limits.max_new_tokens_limit * self.limits.max_n, self.label_max_new_tokens * LABEL_MAX_K)
+        if self.tokens_per_minute > 0 and self.token_burst < largest:
+            raise ValueError(
+                f"token_burst ({self.token_burst}) must hold the largest request: {largest} tokens "
+                f"(max_new_tokens_limit x max_n, or label_max_new_tokens x {LABEL_MAX_K}); such a request "
+                "could never be admitted")
 
     @property
     def tls(self) -> bool:

@@ -24,7 +24,7 @@ from common.store.records import CompletionPurpose
 from server.auth import Caller
 from server.config import RequestLimits
 from server.engines.base import Engine, GenerationUpdate, SamplingOptions
-from server.limits import ConcurrencyLimiter, GenerationInput, check_prompt_tokens
+from server.limits import GenerationBudget, GenerationInput, check_prompt_tokens
 from server.logging_sink import CompletionLog, IdempotencyKey, PromptRecord, ResponseBuilder
 from server.metrics import ServerMetrics
 
@@ -107,15 +107,16 @@ def sampling_record(options: SamplingOptions) -> dict[str, object]:
 
 
 class Sampler:
-    """Runs requests through the engine under the per-caller concurrency limit and logs them."""
+    """Runs requests through the engine under the caller's generation budget (concurrency
+    and tokens) and logs them."""
 
     def __init__(self, engine: Engine, completion_log: CompletionLog, metrics: ServerMetrics,
-                 limits: RequestLimits, limiter: ConcurrencyLimiter) -> None:
+                 limits: RequestLimits, budget: GenerationBudget) -> None:
         self._engine = engine
         self._log = completion_log
         self._metrics = metrics
         self._limits = limits
-        self._limiter = limiter
+        self._budget = budget
 
     def prompt_token_ids(self, request: GenerationInput) -> list[int]:
         """The chat template applied; InvalidRequest when the result is too long."""
@@ -135,7 +136,8 @@ class Sampler:
     ) -> AsyncIterator[SampleEvent]:
         """Generate `request`'s n samples as `caller`, logging each; see the module docstring.
 
-        Raises InvalidRequest (prompt too long) or TooManyRequests before the first event.
+        Raises InvalidRequest (prompt too long) or TooManyRequests (no slot, or
+        RateLimited: not enough tokens for max_new_tokens x n) before the first event.
         `started` (time.perf_counter()) is when the call arrived: latency and time to first
         token are measured from it. `answer` records the idempotent response with the last sample.
         """
@@ -143,13 +145,15 @@ class Sampler:
         run = _Run(prompt, len(prompt_ids), request.options, purpose,
                    time.perf_counter() if started is None else started)
         engine_request_id = f"{prompt.prompt_id}-{uuid.uuid4().hex[:8]}"
-        with self._limiter.slot(caller.limit_key), self._metrics.generation():
+        reserve = request.options.max_new_tokens * request.options.n
+        with self._budget.hold(caller.limit_key, reserve) as charge, self._metrics.generation():
             updates = self._engine.generate(engine_request_id, prompt_ids, request.options)
             try:
                 async with contextlib.aclosing(updates):
                     async for update in updates:
                         yield await self._event(run, update, answer)
             finally:
+                charge.used = sum(p.completion_tokens for p in run.samples.values())
                 self._record_metrics(run)
                 if len(run.logged) < run.options.n:
                     self._log.in_background(self._log_abandoned(run), f"log abandoned {prompt.prompt_id}")

@@ -1,4 +1,5 @@
-"""What a Generate request may ask for, and how many a caller may run at once.
+"""What a Generate request may ask for, and how much a caller may run: at once, per second
+and in generated tokens.
 
 `parse_generate_request` turns a `GenerateRequest` into a `GenerationInput` (chat
 messages + validated `SamplingOptions`) or raises `InvalidRequest` with a message a
@@ -8,14 +9,23 @@ what the policy sees.
 
 Proto3 zero values keep the contract's meaning: n = 0 means 1 and max_new_tokens = 0
 means the server default, so the smallest rejected n is 10 (with max_n = 9).
+
+Per API key (`Caller.limit_key`), in this process's memory: `RequestRateLimiter` (every
+authenticated RPC, charged by `server.auth`) and `GenerationBudget` (generations in flight
+and generated tokens, for served requests and labeling samples alike). A generation
+reserves max_new_tokens x n tokens up front and gets back what it did not generate when
+it ends. Refusals are RESOURCE_EXHAUSTED; a rate or token refusal (`RateLimited`) says
+when to retry, in its message and in the trailing metadata `retry-after-ms`; refused
+callers of one key are told successive times (`retry_at`), not all the same instant.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from rlhf.v1 import inference_pb2
@@ -182,3 +192,173 @@ class ConcurrencyLimiter:
             self._in_flight[key] -= 1
             if self._in_flight[key] <= 0:
                 del self._in_flight[key]
+
+
+# ---------------------------------------------------------------- per-key rate and token budgets
+#
+# Token buckets (one per API key): a bucket holds at most `burst` tokens and refills at
+# `rate` tokens per second; a call that costs c is admitted when c tokens are there, and
+# takes them. The state lives in this process's memory (one server process per store), so
+# a restart refills every bucket.
+
+
+class RateLimited(TooManyRequests):
+    """Over a per-key rate or token budget; `retry_after_s` is when to try again, behind the
+    key's earlier refused calls (`retry_at`); answered RESOURCE_EXHAUSTED with `retry-after-ms`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(f"{message}; retry in {retry_after_s:.3f} s")
+        self.reason, self.retry_after_s = message, retry_after_s
+
+    def answered_later(self, seconds: float) -> RateLimited:
+        """The same refusal answered `seconds` later: its retry time is that much nearer."""
+        return RateLimited(self.reason, max(self.retry_after_s - seconds, 0.0))
+
+
+def refill(level: float, elapsed_s: float, *, rate: float, burst: float) -> float:
+    """The bucket's level `elapsed_s` later: level + rate * elapsed, capped at burst."""
+    return min(burst, level + rate * max(0.0, elapsed_s))
+
+
+def wait_seconds(level: float, cost: float, *, rate: float) -> float:
+    """Seconds until a bucket at `level` holds `cost`: 0 when it does, else (cost - level) / rate."""
+    return 0.0 if level >= cost else (cost - level) / rate
+
+
+def retry_at(now: float, wait: float, promised_until: float, cost: float, *, rate: float) -> float:
+    """When a refused caller should come back: when the bucket holds its cost, but behind the
+    callers already told to come back, each of whom the bucket refills for in turn:
+    max(now + wait, promised_until + cost / rate). Without the queue every refused caller
+    would be told the same instant and all come back at once, to be refused again. A
+    promise already past (`promised_until <= now`) holds nobody back."""
+    if promised_until <= now:
+        return now + wait
+    return max(now + wait, promised_until + cost / rate)
+
+
+class TokenBucket:
+    """One bucket: starts full; `take` admits a cost or says how long to wait; `give` refunds."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError(f"a token bucket needs rate > 0 and burst > 0, got {rate} and {burst}")
+        self.rate, self.burst = rate, burst
+        self.level, self._at = burst, now
+        self._promised_until = now  # the latest retry time handed out (see `retry_at`)
+
+    def _refill(self, now: float) -> None:
+        self.level = refill(self.level, now - self._at, rate=self.rate, burst=self.burst)
+        self._at = max(self._at, now)
+
+    def take(self, cost: float, now: float) -> float:
+        """Take `cost` and return 0.0, or take nothing and return the seconds to wait (queued
+        behind earlier refusals: `retry_at`)."""
+        self._refill(now)
+        wait = wait_seconds(self.level, cost, rate=self.rate)
+        if wait == 0.0:
+            self.level -= cost
+            return 0.0
+        self._promised_until = retry_at(now, wait, self._promised_until, cost, rate=self.rate)
+        return self._promised_until - now
+
+    def give(self, amount: float, now: float) -> None:
+        """Put `amount` back (an unused reservation), never above the burst."""
+        self._refill(now)
+        self.level = min(self.burst, self.level + amount)
+
+    def is_full(self, now: float) -> bool:
+        self._refill(now)
+        return self.level >= self.burst
+
+
+class KeyedBuckets:
+    """A `TokenBucket` per caller key, made full on first use. Event loop only (no lock).
+
+    A full bucket is the same as a new one, so when more than `max_keys` are held the full
+    ones are dropped: memory follows the keys active within about burst / rate seconds."""
+
+    def __init__(self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 10_000) -> None:  # fmt: skip
+        TokenBucket(rate, burst, 0.0)  # validates
+        self.rate, self.burst = rate, burst
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key: str, cost: float) -> float:
+        """`TokenBucket.take` on `key`'s bucket."""
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._max_keys:
+                self._buckets = {k: b for k, b in self._buckets.items() if not b.is_full(now)}
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        return bucket.take(cost, now)
+
+    def give(self, key: str, amount: float) -> None:
+        """`TokenBucket.give` on `key`'s bucket (a dropped bucket was full: nothing to do)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None and amount > 0:
+            bucket.give(amount, self._clock())
+
+    def level(self, key: str) -> float:
+        """Tokens in `key`'s bucket now (the burst for a key never seen)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return self.burst
+        bucket.is_full(self._clock())
+        return bucket.level
+
+
+class RequestRateLimiter:
+    """Requests per second per key, with a burst: every authenticated RPC costs 1."""
+
+    def __init__(self, per_second: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.buckets = KeyedBuckets(per_second, burst, clock=clock)
+
+    def admit(self, key: str) -> None:
+        """Count one request against `key`; RateLimited when its bucket is empty."""
+        wait = self.buckets.take(key, 1)
+        if wait > 0:
+            raise RateLimited(
+                f"request rate limit: this API key may start {self.buckets.rate:g} requests per second "
+                f"(burst {self.buckets.burst:g})", wait)
+
+
+@dataclass
+class TokenCharge:
+    """A generation's reservation: `charged` up front (max_new_tokens * n); set `used` to the
+    tokens generated, and the rest is refunded when the generation ends."""
+
+    charged: int
+    used: int = 0
+
+
+class GenerationBudget:
+    """What a key may generate: generations in flight (`ConcurrencyLimiter`) and, when
+    `tokens` is given, generated tokens per unit of time. Serving (Inference) and labeling
+    samples (Feedback's lease) both go through `hold`."""
+
+    def __init__(self, concurrency: ConcurrencyLimiter, tokens: KeyedBuckets | None = None) -> None:
+        self.concurrency = concurrency
+        self.tokens = tokens
+
+    @contextlib.contextmanager
+    def hold(self, key: str, max_tokens: int) -> Iterator[TokenCharge]:
+        """A concurrency slot and a reservation of `max_tokens` for the block; the unused
+        part (`charged - used`) is refunded at its end. TooManyRequests (no free slot) or
+        RateLimited (the token bucket holds less than `max_tokens`) before the block runs."""
+        with self.concurrency.slot(key):
+            charge = TokenCharge(max_tokens if self.tokens is not None else 0)
+            if self.tokens is not None:
+                wait = self.tokens.take(key, max_tokens)
+                if wait > 0:
+                    raise RateLimited(
+                        f"token budget: this API key may generate {self.tokens.rate * 60:g} tokens per minute "
+                        f"(burst {self.tokens.burst:g}); this request reserves {max_tokens} "
+                        "(max_new_tokens x n, the unused part is refunded when it ends)", wait)
+            try:
+                yield charge
+            finally:
+                if self.tokens is not None:
+                    self.tokens.give(key, charge.charged - min(charge.used, charge.charged))

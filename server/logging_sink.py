@@ -9,11 +9,17 @@ transaction as its last sample, so a retry finds either everything or nothing.
 
 Samples whose caller went away (cancelled, deadline passed) are still logged, with
 finish_reason "abort", by a background write nobody waits for except `drain()`.
+
+PII: every prompt (all turns of a chat) and every sample is scanned before its write
+(`server.pii_ingest`: flagged, and in "redact" mode stored redacted only); the scan runs
+in a worker thread, off the event loop and off the single writer. The caller always gets
+its samples as generated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -32,6 +38,7 @@ from common.store import (
 )
 from common.store.errors import ConflictError
 from common.store.records import PromptSource
+from server.pii_ingest import PiiIngest, ScannedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +73,9 @@ ResponseBuilder = Callable[[list[Completion]], bytes]
 class CompletionLog:
     """Writes prompts and completions to the store (see the module docstring)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, pii: PiiIngest | None = None) -> None:
         self._store = store
+        self.pii = pii or PiiIngest()
         self._background: set[asyncio.Task[None]] = set()
 
     async def replay(self, key: IdempotencyKey) -> bytes | None:
@@ -95,9 +103,19 @@ class CompletionLog:
 
         `answer`: for the request's last write, the idempotency key, a builder of the
         serialized response, and the completions committed by earlier writes; the answer
-        is recorded in the same transaction.
+        is recorded in the same transaction. The prompt and samples are scanned for PII
+        first (module docstring); the returned completions carry the text as generated.
         """
-        return await self._store.write(_samples_op(prompt, list(samples), with_prompt, answer))
+        samples = list(samples)
+        scanned, to_store = await asyncio.to_thread(self._scan, prompt, samples, with_prompt)
+        stored = await self._store.write(_samples_op(prompt, scanned, to_store, answer, self.pii))
+        return [dataclasses.replace(c, text=s.text) for c, s in zip(stored, samples, strict=True)]
+
+    def _scan(self, prompt: PromptRecord, samples: list[NewCompletion],
+              with_prompt: bool) -> tuple[ScannedPrompt | None, list[NewCompletion]]:  # fmt: skip
+        """The prompt (when it is to be written) and the samples as they will be stored."""
+        scanned = self.pii.prompt(prompt.text, prompt.messages) if with_prompt else None
+        return scanned, [self.pii.completion(s) for s in samples]
 
     def in_background(self, write: Coroutine[Any, Any, Any], what: str) -> None:
         """Run a log write nobody waits for (an abandoned request's samples); failures
@@ -121,18 +139,23 @@ class CompletionLog:
 
 def _samples_op(
     prompt: PromptRecord,
+    scanned: ScannedPrompt | None,
     samples: list[NewCompletion],
-    with_prompt: bool,
     answer: tuple[IdempotencyKey, ResponseBuilder, list[Completion]] | None,
+    pii: PiiIngest,
 ) -> Callable[[Database], list[Completion]]:
+    """`scanned`: the prompt as it is stored (None: already written)."""
+
     def op(db: Database) -> list[Completion]:
-        if with_prompt:
-            add_prompt(prompt.user_id, prompt.text, source=prompt.source, messages=prompt.messages,
-                       request_id=prompt.request_id, prompt_id=prompt.prompt_id)(db)
+        if scanned is not None:
+            add_prompt(prompt.user_id, scanned.text, source=prompt.source, messages=scanned.messages,
+                       has_pii=scanned.has_pii, redacted_text=scanned.redacted_text,
+                       request_id=prompt.request_id, prompt_id=prompt.prompt_id)(db)  # fmt: skip
         stored = add_completions(prompt.prompt_id, samples)(db) if samples else []
         if answer is not None:
             key, build, earlier = answer
-            response = build(sorted(earlier + stored, key=lambda c: c.idx))
+            # The recorded answer is on disk too: it holds the texts as stored.
+            response = build(sorted([pii.as_stored(c) for c in earlier] + stored, key=lambda c: c.idx))
             record_idempotent(key.caller_id, key.method, key.request_id, key.payload_sha256, response)(db)
         return stored
 

@@ -1,5 +1,9 @@
 """Prometheus metrics of the server, on their own HTTP port (`ServerConfig.metrics_port`).
 
+The endpoint binds `metrics_host`, loopback by default whatever address gRPC binds (it
+has no authentication: a scraper on another machine needs `--metrics-host`), and speaks
+HTTPS with the server's certificate when TLS is on.
+
 `ServerMetrics` owns a private registry (two servers in one test process never share
 counters). `MetricsInterceptor` counts every RPC by method and status code and times
 it, for every service, including ones registered later (Feedback). Generation-level
@@ -15,6 +19,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -80,11 +85,13 @@ class ServerMetrics:
         if stall_seconds is not None:
             self.swap_stall_seconds.observe(stall_seconds)
 
-    def serve_http(self, host: str, port: int) -> None:
-        """Expose /metrics on host:port (0: do nothing)."""
+    def serve_http(self, host: str, port: int, *, certfile: Path | None = None, keyfile: Path | None = None) -> None:
+        """Expose /metrics on host:port (0: do nothing); HTTPS with `certfile`/`keyfile` (the
+        server's TLS certificate when TLS is on)."""
         if port:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-            log.info("metrics on http://%s:%d/metrics", host, port)
+            tls = {"certfile": str(certfile), "keyfile": str(keyfile)} if certfile and keyfile else {}
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry, **tls)  # type: ignore[arg-type]
+            log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, port)
 
     def stop_http(self) -> None:
         if self._http is not None:

@@ -16,11 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlite_utils import Database
+
 from common.checkpoints import CheckpointError, init_v0, verify_checkpoint
 from common.store import (
+    Op,
     Policy,
     Store,
     add_policy,
@@ -83,6 +87,19 @@ async def _publish_v0(store: Store, root: Path, model_dir: Path, base_model_name
     return await store.write(set_policy_status(0, "serving"))
 
 
+SwapRecord = Callable[[SwapOutcome], Op[object]]
+
+
+def _together(first: Op[object], second: Op[object]) -> Op[None]:
+    """Both ops in one transaction, in order."""
+
+    def op(db: Database) -> None:
+        first(db)
+        second(db)
+
+    return op
+
+
 class PolicySwitcher:
     """Hot-swaps the engine's policy and keeps the store's statuses in step."""
 
@@ -92,8 +109,11 @@ class PolicySwitcher:
         self._metrics = metrics
         self._lock = asyncio.Lock()
 
-    async def swap(self, version: int) -> SwapOutcome:
-        """Serve `version` (PolicyNotFound, SwapRefused); a no-op if it serves already."""
+    async def swap(self, version: int, record: SwapRecord | None = None) -> SwapOutcome:
+        """Serve `version` (PolicyNotFound, SwapRefused); a no-op if it serves already.
+
+        `record(outcome)` is a store op committed in the same transaction as the new
+        serving status (the caller's idempotency record and audit row); on a no-op, alone."""
         started = time.perf_counter()
         async with self._lock:
             policy = await self._store.read(get_policy(version))
@@ -101,30 +121,34 @@ class PolicySwitcher:
                 raise PolicyNotFound(f"policy v{version} not found (`rlhf policies` lists the published ones)")
             current = self._engine.version
             if version == current:
-                return SwapOutcome(current, current, 0.0, time.perf_counter() - started)
+                outcome = SwapOutcome(current, current, 0.0, time.perf_counter() - started)
+                if record is not None:
+                    await self._store.write(record(outcome))
+                return outcome
             verify_seconds = await self._verify(policy, current)
             try:
                 result = await self._engine.swap(Path(policy.path), version)
             except EngineError as e:
                 await self._refuse(version, str(e))
                 raise SwapRefused(f"policy v{version} could not be loaded, still serving v{current}: {e}") from e
-            await self._store.write(set_policy_status(version, "serving"))
-        total = time.perf_counter() - started
+            outcome = SwapOutcome(result.previous_version, version, result.stall_seconds, time.perf_counter() - started,
+                                  result.drain_seconds, result.load_seconds, verify_seconds)  # fmt: skip
+            serve = set_policy_status(version, "serving")
+            await self._store.write(serve if record is None else _together(serve, record(outcome)))
         self._metrics.record_swap("ok", result.stall_seconds)
         self._metrics.serving_version.set(version)
         log.info("now serving v%d (was v%d): stall %.3f s, total %.3f s", version, current,
-                 result.stall_seconds, total)
-        return SwapOutcome(result.previous_version, version, result.stall_seconds, total,
-                           result.drain_seconds, result.load_seconds, verify_seconds)
+                 result.stall_seconds, outcome.total_seconds)
+        return outcome
 
-    async def rollback(self, version: int | None = None) -> SwapOutcome:
+    async def rollback(self, version: int | None = None, record: SwapRecord | None = None) -> SwapOutcome:
         """Serve `version`, or when None the version that served before the current one."""
         if version is None:
             previous = await self._store.read(previous_serving_policy())
             if previous is None:
                 raise SwapRefused("nothing to roll back to: no other version has served before")
             version = previous.version
-        return await self.swap(version)
+        return await self.swap(version, record)
 
     async def _verify(self, policy: Policy, current: int) -> float:
         """Hash-check the checkpoint off the event loop; SwapRefused naming the bad file."""

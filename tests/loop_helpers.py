@@ -18,7 +18,7 @@ from common.identity import split_for_user
 from common.store import NewCompletion, Store, add_completions, add_demonstration, add_policy, add_prompt, add_ranking
 from trainer.config import EvalConfig, RMConfig, SFTConfig
 from trainer.gate import GateConfig
-from trainer.loop_config import CycleConfig, DataConfig, TrainerConfig
+from trainer.loop_config import BackupConfig, CycleConfig, DataConfig, TrainerConfig
 from trainer.config import PPOConfig
 
 ANSWERS = ("Sure.", "Here is a short answer for you.",
@@ -95,6 +95,7 @@ def tiny_trainer_config(data_dir: Path, **fields: object) -> TrainerConfig:
     values: dict[str, object] = dict(
         store_path=data_dir / "rlhf.sqlite", checkpoints_root=data_dir / "checkpoints",
         work_dir=data_dir / "trainer", server_address=None, schedule="off", poll_s=0.2,
-        heartbeat_s=0.5, stale_after_s=30.0, cycle=tiny_cycle_config())
+        heartbeat_s=0.5, stale_after_s=30.0, cycle=tiny_cycle_config(),
+        backup=BackupConfig(folder=data_dir / "backups"))
     values.update(fields)
     return TrainerConfig(**values)  # type: ignore[arg-type]

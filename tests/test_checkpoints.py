@@ -98,6 +98,24 @@ def test_save_fn_without_weights_is_refused(tmp_path: Path) -> None:
     assert ck.list_checkpoints(tmp_path) == []
 
 
+def test_the_manifest_names_the_store_snapshot_and_reads_without_one(tmp_path: Path) -> None:
+    snapshot = {"sha256": "ab" * 32, "taken_at": 2.5, "watermark": 2.0, "since": 1.0, "counts": {"prompts": 3}}
+    path = publish(tmp_path, 1, snapshot=snapshot)
+    assert ck.verify_checkpoint(path).snapshot == snapshot
+    raw = json.loads((path / "manifest.json").read_text())
+    # what readers before the field read is unchanged: the same format and keys, one key more
+    assert raw["format"] == 1 and raw["snapshot"] == snapshot
+    assert set(raw) - {"snapshot"} == {"format", "version", "parent_version", "created_at", "cycle_id",
+                                       "base_model", "files", "metrics"}
+    del raw["snapshot"]  # a manifest written before the field
+    (path / "manifest.json").write_text(json.dumps(raw))
+    assert ck.verify_checkpoint(path).snapshot is None
+    (path / "manifest.json").write_text(json.dumps({**raw, "snapshot": [1]}))
+    with pytest.raises(CheckpointError, match="garbled"):
+        ck.verify_checkpoint(path)
+    assert json.loads((publish(tmp_path, 2) / "manifest.json").read_text())["snapshot"] is None
+
+
 # ---------------------------------------------------------------- tampering is caught
 
 def test_flipped_byte_in_weights_is_refused(tmp_path: Path) -> None:

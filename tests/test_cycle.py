@@ -95,6 +95,10 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     manifest = verify_checkpoint(config.checkpoints_root / "v2")
     assert (manifest.version, manifest.parent_version, manifest.cycle_id) == (2, 1, cycle.id)
     assert manifest.metrics["sft_version"] == 1 and manifest.base_model == "tiny-llama"
+    # both versions name the store snapshot they trained on (the file is gone with the scratch folder)
+    assert manifest.snapshot["sha256"] == m["snapshot"]["sha256"] and len(m["snapshot"]["sha256"]) == 64
+    assert verify_checkpoint(config.checkpoints_root / "v1").snapshot == manifest.snapshot
+    assert manifest.snapshot["counts"]["rankings"] == m["snapshot"]["rankings"]
     policies = {p.version: p for p in store.read_sync(list_policies())}
     assert (policies[0].status, policies[1].status, policies[2].status) == ("retired", "candidate", "serving")
     assert sft_version_of(policies[2]) == 1 and policies[1].metrics["kind"] == "sft"

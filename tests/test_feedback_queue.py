@@ -4,6 +4,7 @@ leases (expiry, reuse), idempotent retries, roles, and the empty queue."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -158,9 +159,15 @@ def test_a_retry_with_the_same_request_id_returns_the_same_task(queue: Queue) ->
     seed_prompt(queue.store, 0)
     request_id = uuid.uuid4().hex
     first = queue.next("carol", request_id=request_id)
-    before = count_rows(queue.store, "comparison_tasks", "completions")
+    before = count_rows(queue.store, "comparison_tasks", "completions", "audit")
     assert queue.next("carol", request_id=request_id) == first
-    assert count_rows(queue.store, "comparison_tasks", "completions") == before
+    assert count_rows(queue.store, "comparison_tasks", "completions", "audit") == before  # a replay writes nothing
+    (row,) = queue.store.read_sync(lambda db: list(db.query(
+        "SELECT user_id, detail_json FROM audit WHERE action = 'feedback.NextComparison' AND detail_json LIKE ?",
+        [f'%{first.task_id}%'])))  # fmt: skip
+    assert row["user_id"] == "carol" and json.loads(row["detail_json"]) == {
+        "role": "labeler", "k": 4, "task_id": first.task_id, "prompt_id": first.prompt_id, "request_id": request_id,
+        "outcome": "OK"}  # fmt: skip
     with pytest.raises(grpc.RpcError) as other_k:
         queue.next("carol", k=6, request_id=request_id)
     assert other_k.value.code() == Code.ALREADY_EXISTS

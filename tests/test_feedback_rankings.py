@@ -256,6 +256,32 @@ def test_a_retried_submission_stores_once_and_returns_the_first_answer(env: Env)
     assert after == {"rankings": before["rankings"] + 1, "idempotency": before["idempotency"] + 1}
 
 
+def _audit_rows(env: Env) -> list[tuple[str, str, dict]]:
+    rows = env.store.read_sync(lambda db: list(db.execute("SELECT user_id, action, detail_json FROM audit ORDER BY id")))
+    return [(user_id, action, json.loads(detail)) for user_id, action, detail in rows]
+
+
+def test_an_accepted_submission_is_audited_once_with_its_ids_never_its_text(env: Env) -> None:
+    task, _, c = env.task()
+    request_id = uuid.uuid4().hex
+    fields = dict(request_id=request_id, task_id=task, ranking=ranking([c[1]], [c[0]], [c[2]], [c[3]]))
+    before = len(_audit_rows(env))
+    first = submit(env, env.alice, **fields)
+    submit(env, env.alice, **fields)  # a replay is not a new mutation: no row
+    with pytest.raises(grpc.RpcError):  # refused: nothing stored, no row
+        submit(env, env.alice, task_id=task, ranking=ranking([c[0]], [c[1]]))
+    demo_response = demo(env, env.alice, prompt_text="A secret prompt text.", response="A secret answer.")
+    rows = _audit_rows(env)[before:]
+    assert rows == [
+        ("alice", "feedback.SubmitRanking",
+         {"role": "labeler", "task_id": task, "ranking_id": first.ranking_id, "request_id": request_id, "outcome": "OK"}),
+        ("alice", "feedback.SubmitDemonstration",
+         {"role": "labeler", "demonstration_id": demo_response.demonstration_id, "prompt_id": demo_response.prompt_id,
+          "request_id": rows[1][2]["request_id"], "outcome": "OK"}),
+    ]  # fmt: skip
+    assert "secret" not in json.dumps(rows)
+
+
 def test_the_same_request_id_with_another_payload_is_already_exists(env: Env) -> None:
     task, _, c = env.task()
     request_id = uuid.uuid4().hex

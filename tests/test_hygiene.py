@@ -8,6 +8,7 @@ from functools import cache
 import pytest
 
 from common.identity import split_for_user
+from common.pii import find_pii, luhn_valid, redact_pii
 from trainer.hygiene import (
     DEFAULT_PREFIX_CHARS,
     HygieneConfig,
@@ -18,9 +19,6 @@ from trainer.hygiene import (
     dedup_by_prefix,
     dedup_key,
     filter_pii,
-    find_pii,
-    luhn_valid,
-    redact_pii,
     run_hygiene,
 )
 
@@ -174,6 +172,40 @@ def test_find_pii_negatives(text):
     assert find_pii(text) == []
 
 
+@pytest.mark.parametrize(
+    ("text", "kind", "found"),
+    [
+        ("call +44 (0)20 7946 0958", "phone", "+44 (0)20 7946 0958"),  # libphonenumber reads the (0)
+        ("ring 011 49 151 12345678", "phone", "011 49 151 12345678"),  # the US exit code, then +49
+        ("fax +49 (30) 1234567", "phone", "+49 (30) 1234567"),
+        ("iban DE89 3704 0044 0532 0130 00", "iban", "DE89 3704 0044 0532 0130 00"),
+        ("card 5555 5555 5555 4444", "card", "5555 5555 5555 4444"),
+    ],
+)
+def test_find_pii_more_positives(text, kind, found):
+    assert [(m.kind, text[m.span[0] : m.span[1]]) for m in find_pii(text)] == [(kind, found)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ISBN 0-306-40615-2",  # 10 digits, but not grouped as a US number
+        "part no. 12-3456-7890",
+        "call 555-0100",  # 7 digits: a local number is not taken
+        "call 020 7946 0958",  # a UK national number: not a US one
+    ],
+)
+def test_find_pii_more_negatives(text):
+    assert find_pii(text) == []
+
+
+def test_phone_region_decides_which_national_numbers_count():
+    assert [m.kind for m in find_pii("call 020 7946 0958", region="GB")] == ["phone"]
+    assert find_pii("call 020 7946 0958", region="US") == []
+    with pytest.raises(ValueError, match="Unknown phone region: 'XX'"):
+        HygieneConfig(phone_region="XX")
+
+
 def test_luhn():
     # 4111 1111 1111 1111: doubling every second digit from the right: 8+1+2+1+... = 30
     assert luhn_valid("4111111111111111")
@@ -201,6 +233,21 @@ def test_filter_pii_touches_train_split_only():
     assert flagged == ["t-pii"]
     with pytest.raises(ValueError, match="Unknown PII mode: erase"):
         filter_pii(prompts, mode="erase")
+
+
+def test_filter_pii_honours_the_ingest_flag_and_every_chat_turn():
+    chat = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "I'm at 10.0.0.7, call +1 212 555 0142"},
+            {"role": "assistant", "content": "OK."}, {"role": "user", "content": "Now what?"})  # fmt: skip
+    prompts = [
+        PromptRecord("flagged", "u", "looks clean", 1.0, "train", has_pii=True),  # the server found some
+        PromptRecord("earlier-turn", "u", "Now what?", 2.0, "train", messages=chat),
+        PromptRecord("clean-chat", "u", "Now what?", 3.0, "train", messages=(chat[0], chat[3])),
+    ]
+    kept, flagged = filter_pii(prompts, mode="drop")
+    assert ids(kept) == ["clean-chat"] and flagged == ["flagged", "earlier-turn"]
+    kept, _ = filter_pii(prompts, mode="redact")
+    assert [m["content"] for m in kept[1].messages] == ["Be brief.", "I'm at [IP], call [PHONE]", "OK.", "Now what?"]
+    assert kept[0].text == "looks clean"  # flagged, but nothing left to redact: kept as is
 
 
 # ---------------------------------------------------------------------------- pipeline

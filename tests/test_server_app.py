@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import http.client
 import ipaddress
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -187,6 +189,20 @@ def test_metrics_on_their_own_port(unloaded: tuple[ServerThread, str]) -> None:
     for name in ["rlhf_grpc_request_seconds_bucket", "rlhf_generation_tokens_per_second_bucket",
                  "rlhf_swap_stall_seconds_bucket", "rlhf_policy_swaps"]:
         assert name in text, name
+
+
+def test_metrics_bind_loopback_and_speak_https_when_tls_is_on(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cert, key_file = self_signed_certificate(tmp_path)
+    config = server_config(tmp_path, tiny_model_dir, tls_cert=cert, tls_key=key_file, metrics_port=_free_port())
+    create_key(config.store_path, "admin", "operator")
+    with ServerThread(config, load_engine=False) as server:
+        assert server.running.deps.metrics._http.server_address[0] == "127.0.0.1"  # type: ignore[union-attr]
+        url = f"127.0.0.1:{config.metrics_port}/metrics"
+        trusted = ssl.create_default_context(cafile=str(cert))
+        text = urllib.request.urlopen(f"https://{url}", context=trusted, timeout=10).read().decode()
+        assert "rlhf_serving_policy_version" in text
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP gets no metrics
+            urllib.request.urlopen(f"http://{url}", timeout=10)
 
 
 # ---------------------------------------------------------------- rlhf serve and SIGTERM

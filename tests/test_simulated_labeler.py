@@ -142,7 +142,7 @@ def test_the_shipped_prompt_set() -> None:
 
 
 def test_the_shipped_pii_prompts_are_found_by_the_hygiene_filter() -> None:
-    from trainer.hygiene import find_pii
+    from common.pii import find_pii
 
     for p in load_prompts():
         assert bool(find_pii(p.text)) == p.pii, p.text

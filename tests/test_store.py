@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from common.store import (
     MIGRATIONS,
     ConflictError,
     InvalidArgumentError,
+    Mutation,
     NewCompletion,
     NotFoundError,
     NotYourTaskError,
@@ -43,6 +45,7 @@ from common.store import (
     add_user,
     audit,
     claim_queued_cycle,
+    commit_mutation,
     create_cycle,
     expire_tasks,
     fail_stale_cycles,
@@ -60,8 +63,9 @@ from common.store import (
     migrate,
     previous_serving_policy,
     record_idempotent,
+    replay_mutation,
     revoke_key,
-    run_idempotent,
+    run_mutation,
     serving_policy,
     set_policy_status,
     stats,
@@ -888,26 +892,56 @@ def test_idempotency_records_replays_and_refuses_a_changed_payload(store: Store)
     assert store.read_sync(lookup_idempotent("u1", "SubmitRating", "req-1")) is None
 
 
-def test_run_idempotent_does_the_work_once_under_concurrent_retries(store: Store) -> None:
+def test_run_mutation_does_the_work_once_under_concurrent_retries_and_audits_it_once(store: Store) -> None:
     prompt_id, _ = _prompt_with_completions(store, n=1)
+    mutation = Mutation("lab", "labeler", "feedback.SubmitDemonstration", "rlhf.v1.Feedback/SubmitDemonstration",
+                        "r1", "sha", {"prompt_id": prompt_id})
 
     def work(db: Database) -> bytes:
         return add_demonstration(prompt_id, "lab", "resp")(db).id.encode()
 
     async def main() -> list[Any]:
-        return await asyncio.gather(
-            *(
-                store.write(run_idempotent("lab", "SubmitDemonstration", "r1", "sha", work))
-                for _ in range(10)
-            )
-        )
+        return await asyncio.gather(*(store.write(run_mutation(mutation, work, now=7.0)) for _ in range(10)))
 
     outcomes = asyncio.run(main())
     assert len({o.response for o in outcomes}) == 1
     assert sorted(o.replayed for o in outcomes) == [False] + [True] * 9
     assert count(store, "demonstrations") == 1
-    with pytest.raises(ConflictError):
-        store.write_sync(run_idempotent("lab", "SubmitDemonstration", "r1", "other-sha", work))
+    # One audit row, for the one accepted mutation: who, what (ids, not text), when.
+    (entry,) = store.read_sync(list_audit())
+    assert (entry.at, entry.user_id, entry.action) == (7.0, "lab", "feedback.SubmitDemonstration")
+    assert entry.detail == {"role": "labeler", "prompt_id": prompt_id, "request_id": "r1", "outcome": "OK"}
+    with pytest.raises(ConflictError, match="already used for a different SubmitDemonstration request"):
+        store.write_sync(run_mutation(replace(mutation, payload_sha256="other-sha"), work))
+
+
+def test_a_refused_mutation_stores_neither_its_record_nor_its_audit_row(store: Store) -> None:
+    mutation = Mutation("lab", "labeler", "feedback.SubmitRating", "rlhf.v1.Feedback/SubmitRating", "r2", "sha")
+
+    def work(db: Database) -> bytes:
+        raise NotFoundError("completion 'x' not found")
+
+    with pytest.raises(NotFoundError):
+        store.write_sync(run_mutation(mutation, work))
+    assert count(store, "audit") == 0 and count(store, "idempotency") == 0
+
+
+def test_a_mutation_without_request_id_runs_and_is_audited_every_time(store: Store) -> None:
+    mutation = Mutation("ops", "admin", "admin.TriggerCycle", "rlhf.v1.Admin/TriggerCycle")
+    for _ in range(2):
+        outcome = store.write_sync(run_mutation(mutation, lambda db: b"x", result_ids=lambda answer: {"cycle_id": 1}))
+        assert not outcome.replayed
+    assert [e.detail for e in store.read_sync(list_audit())] == [{"role": "admin", "cycle_id": 1, "outcome": "OK"}] * 2
+    assert count(store, "idempotency") == 0
+
+
+def test_a_stale_recorded_answer_is_replaced(store: Store) -> None:
+    mutation = Mutation("lab", "labeler", "feedback.NextComparison", "rlhf.v1.Feedback/NextComparison", "r3", "sha")
+    store.write_sync(commit_mutation(mutation, lambda db: b"old"))
+    assert store.read_sync(replay_mutation(mutation)) == b"old"
+    assert store.read_sync(replay_mutation(mutation, still_valid=lambda db, answer: False)) is None
+    store.write_sync(commit_mutation(mutation, lambda db: b"new"))
+    assert store.read_sync(replay_mutation(mutation)) == b"new" and count(store, "idempotency") == 1
 
 
 def test_audit_and_stats(store: Store) -> None:

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 TORCH_FREE = ["trainer.config", "trainer.loop_config", "trainer.gate", "trainer.examples", "trainer.snapshot_data",
-              "trainer.publishing", "trainer.cycle", "trainer.service", "trainer.cli"]
+              "trainer.publishing", "trainer.cycle", "trainer.service", "trainer.cli", "trainer.maintenance",
+              "trainer.store_cli"]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)

@@ -36,6 +36,7 @@ server keeps serving its version until a swap succeeds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -47,14 +48,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.checkpoints import sha256_file
 from common.store import (
     ConflictError,
     Cycle,
     Policy,
+    Stats,
     Store,
     get_cycle,
     list_cycles,
     list_policies,
+    stats,
     update_cycle,
 )
 from trainer.gate import decide
@@ -276,7 +280,8 @@ def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: CycleF
         recorded = {"kind": "ppo", "sft_version": lineage.reference_version,
                     **{k: evaluation[k] for k in ("judge_win_rate", "kl_to_sft", "ptx_regression")}}
         candidate = publish_policy(ctx.store, ctx.config.checkpoints_root, cycle_id, work.ppo,
-                                   parent=lineage.start_version, metrics=recorded, hook=ctx.hook)
+                                   parent=lineage.start_version, metrics=recorded, hook=ctx.hook,
+                                   snapshot=snap.manifest_record())
         m.update(version=candidate.version, path=candidate.path)
     with stage("swap") as m:
         m.update(swap_to(ctx.store, ctx.swapper, cycle_id, candidate.version))
@@ -298,6 +303,8 @@ class Snapshot:
     taken_at: float
     watermark: float  # created_at of the newest prompt in the snapshot: the next cycle's `since`
     since: float  # PPO's new prompts were logged after this
+    sha256: str = ""  # of the snapshot file: which store state a checkpoint trained on
+    counts: dict[str, Any] = field(default_factory=dict)  # its rows per table (``stats``)
 
     def policy(self, version: int) -> Policy:
         """A recorded policy whose checkpoint is on disk (the serving lineage needs it)."""
@@ -309,7 +316,14 @@ class Snapshot:
     def summary(self) -> dict[str, Any]:
         return {"taken_at": self.taken_at, "watermark": self.watermark, "since": self.since,
                 "serving_version": self.serving.version, "prompts": len(self.rows.prompts),
-                "rankings": len(self.rows.rankings), "demonstrations": len(self.rows.demonstrations)}
+                "rankings": len(self.rows.rankings), "demonstrations": len(self.rows.demonstrations),
+                "opted_out_users": len(self.rows.opted_out),  # their data was left out (read_rows)
+                "sha256": self.sha256}
+
+    def manifest_record(self) -> dict[str, Any]:
+        """What a published checkpoint's manifest says about the data it trained on."""
+        return {"sha256": self.sha256, "taken_at": self.taken_at, "watermark": self.watermark,
+                "since": self.since, "counts": dict(self.counts)}
 
 
 def take_snapshot(store: Store, copy_to: Path, window_s: float | None) -> Snapshot:
@@ -318,7 +332,9 @@ def take_snapshot(store: Store, copy_to: Path, window_s: float | None) -> Snapsh
     copy_to.parent.mkdir(parents=True, exist_ok=True)
     path = store.snapshot(copy_to)
     taken_at = time.time()
+    sha256 = sha256_file(path)
     with Store.open_readonly(path) as snap:
+        counts = snapshot_counts(snap.read_sync(stats()))
         rows = snap.read_sync(read_rows)
         policies = {p.version: p for p in snap.read_sync(list_policies())}
         trained = [c for c in snap.read_sync(list_cycles(limit=0)) if c.state in TRAINED_STATES]
@@ -329,7 +345,12 @@ def take_snapshot(store: Store, copy_to: Path, window_s: float | None) -> Snapsh
     if window_s is not None:
         since = max(since, taken_at - window_s)
     watermark = max((p.created_at for p in rows.prompts), default=since)
-    return Snapshot(rows, policies, serving, taken_at, watermark, since)
+    return Snapshot(rows, policies, serving, taken_at, watermark, since, sha256, counts)
+
+
+def snapshot_counts(row_counts: Stats) -> dict[str, Any]:
+    """Rows per table and prompts per split of a snapshot (a checkpoint's manifest records them)."""
+    return {k: v for k, v in dataclasses.asdict(row_counts).items() if k != "serving_version"}
 
 
 def clean_and_split(snap: Snapshot, cfg: CycleConfig) -> tuple[CycleData, HygieneReport]:
@@ -401,7 +422,8 @@ def sft_if_demonstrations_changed(
 
     result = train_sft(snap.policy(0).path, train, val, ctx.cycle_config.sft, out_dir)
     sft = publish_policy(ctx.store, ctx.config.checkpoints_root, cycle_id, out_dir, parent=0, hook=ctx.hook, metrics={
-        "kind": "sft", "demonstrations_sha256": data.demonstrations_sha256, "best_epoch": result.best_epoch})
+        "kind": "sft", "demonstrations_sha256": data.demonstrations_sha256, "best_epoch": result.best_epoch},
+        snapshot=snap.manifest_record())
     return Lineage.of(sft, sft), {"ran": True, "version": sft.version, "result": result.to_dict()}
 
 

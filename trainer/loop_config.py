@@ -1,6 +1,7 @@
 """Configuration of the loop: ``TrainerConfig`` (the process) holding ``CycleConfig`` (one
 cycle), which nests every stage's config (``HygieneConfig``, ``SFTConfig``, ``RMConfig``,
-``PPOConfig``, ``EvalConfig``, ``GateConfig``).
+``PPOConfig``, ``EvalConfig``, ``GateConfig``), beside the store's upkeep (``RetentionConfig``,
+``BackupConfig``).
 
 Every field has a help string and is validated at construction. ``load_trainer_config``
 reads a TOML or JSON file whose tables mirror the nesting, then applies ``--set`` overrides
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +102,56 @@ class CycleConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """How long logged prompts and completions that nothing uses are kept
+    (``common.store.ops.retention``: what "used" means)."""
+
+    max_age_days: float | None = field(
+        default=None,
+        metadata={"help": "Prune prompts and completions logged more than this many days ago that no ranking, "
+                  "rating, demonstration or live labeling task uses, and idempotency records as old; None = "
+                  "keep everything (deletion cannot be undone: the period is the operator's decision)."})
+    keep_splits: list[str] = field(
+        default_factory=lambda: ["val", "test"],
+        metadata={"help": "Splits whose prompts (and completions) are never pruned: evaluation data (the gate "
+                  "evaluates on the oldest val prompts, test is the final evaluation). cycle.data.eval_splits "
+                  "are kept whatever this says."})
+    every_hours: float = field(
+        default=24.0, metadata={"help": "How often the trainer prunes (rlhf store prune: at once)."})
+    batch_rows: int = field(
+        default=500,
+        metadata={"help": "Rows scanned per write transaction: the server's writes wait behind at most one batch."})
+
+    def __post_init__(self) -> None:
+        _check(self.max_age_days is None or self.max_age_days > 0, "max_age_days", "must be > 0 or None",
+               self.max_age_days)
+        _check(set(self.keep_splits) <= {"train", "val", "test"}, "keep_splits",
+               "must be a subset of ['train', 'val', 'test']", self.keep_splits)
+        _check(self.every_hours > 0, "every_hours", "must be > 0", self.every_hours)
+        _check(self.batch_rows >= 1, "batch_rows", "must be >= 1", self.batch_rows)
+
+
+@dataclass
+class BackupConfig:
+    """Scheduled online backups of the store (``common.store.backup``)."""
+
+    every_hours: float | None = field(
+        default=24.0, metadata={"help": "Hours between backups; None = no scheduled backups (rlhf store backup "
+                                "still works)."})
+    keep: int = field(default=7, metadata={"help": "The newest `keep` verified backups stay; older ones go."})
+    folder: Path = field(
+        default_factory=lambda: paths.data_dir() / "backups",
+        metadata={"help": "Where backups go: <store stem>-<UTC time>.sqlite, each integrity-checked, fsynced "
+                  "and renamed into place."})
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        _check(self.every_hours is None or self.every_hours > 0, "every_hours", "must be > 0 or None",
+               self.every_hours)
+        _check(self.keep >= 1, "keep", "must be >= 1", self.keep)
+
+
+@dataclass
 class TrainerConfig:
     """The trainer process (`rlhf trainer`): where things live, when cycles run, how it swaps."""
 
@@ -151,6 +203,9 @@ class TrainerConfig:
                   "(trainer.trunk_cache; top_layers mode with cache_trunk): a cycle then runs only its NEW "
                   "completions through the frozen layers. Least recently used rows go first; 0 = keep none."})
     cycle: CycleConfig = field(default_factory=CycleConfig, metadata={"help": "One cycle."})
+    retention: RetentionConfig = field(
+        default_factory=RetentionConfig, metadata={"help": "Pruning old logged data nothing uses."})
+    backup: BackupConfig = field(default_factory=BackupConfig, metadata={"help": "Scheduled store backups."})
 
     def __post_init__(self) -> None:
         self.store_path, self.checkpoints_root, self.work_dir = (
@@ -183,6 +238,16 @@ def load_trainer_config(path: Path | str | None = None, overrides: Sequence[str]
     """``TrainerConfig`` from a TOML/JSON file (tables = nesting) and dotted ``key=value`` overrides."""
     values = read_config_file(Path(path)) if path is not None else {}
     return build_config(TrainerConfig, values, overrides)
+
+
+def load_trainer_config_or_exit(path: Path | str | None, overrides: Sequence[str], command: str) -> TrainerConfig:
+    """``load_trainer_config`` for a command line (`rlhf <command>`): a bad file or override
+    prints why and exits with status 2."""
+    try:
+        return load_trainer_config(path, overrides)
+    except (ValueError, OSError) as exc:
+        print(f"rlhf {command}: bad config: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

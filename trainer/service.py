@@ -14,6 +14,11 @@ trainer runs it after the current one (triggers are requests for training on the
 that will be there by then). The scheduler coalesces: it queues nothing while a cycle is
 queued or running, so a long cycle never builds a backlog of scheduled ones.
 
+Upkeep: the same scheduler prunes old logged data nothing uses (`retention`, when
+`retention.max_age_days` is set; first at start-up) and backs the store up (`backup`, every
+`backup.every_hours`; first when the newest backup is that old): `trainer.maintenance`. They
+run on the scheduler's threads, beside a cycle, which reads its own snapshot.
+
 Crash safety: before claiming, running cycles whose trainer is gone are marked failed
 (its pid no longer exists on this host, or no heartbeat for `stale_after_s`), so the
 queue never wedges; each cycle then cleans up partial checkpoints itself
@@ -37,6 +42,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from common.store import (
@@ -46,11 +54,13 @@ from common.store import (
     claim_queued_cycle,
     create_cycle,
     fail_stale_cycles,
+    list_backups,
     list_cycles,
     update_cycle,
 )
 from trainer.cycle import CycleContext, run_cycle
-from trainer.loop_config import TrainerConfig, config_to_dict, load_trainer_config
+from trainer.loop_config import TrainerConfig, config_to_dict, load_trainer_config_or_exit
+from trainer.maintenance import back_up_store, prune_old_data
 from trainer.publishing import AdminSwapper, Hook, PolicySwapper, StoreSwapper
 
 log = logging.getLogger(__name__)
@@ -132,9 +142,25 @@ class TrainerService:
             finished.append(run_cycle(cycle, context))
         return finished
 
+    def upkeep_jobs(self, now: float | None = None) -> list[UpkeepJob]:
+        """Retention (when on: first at once) and backups (when on: first when the newest is due)."""
+        cfg, now = self.config, time.time() if now is None else now
+        jobs = []
+        if cfg.retention.max_age_days is not None:
+            jobs.append(UpkeepJob("retention", lambda: prune_old_data(self.store, cfg.retention,
+                                                                      cfg.cycle.data.eval_splits),
+                                  cfg.retention.every_hours * 3600, first_at=now))
+        if cfg.backup.every_hours is not None:
+            every_s = cfg.backup.every_hours * 3600
+            newest = list_backups(cfg.backup.folder, cfg.store_path.stem)
+            due = newest[-1].stat().st_mtime + every_s if newest else now
+            jobs.append(UpkeepJob("backup", lambda: back_up_store(self.store, cfg.backup), every_s,
+                                  first_at=max(due, now)))
+        return jobs
+
     def serve_forever(self, stop: threading.Event) -> None:
         """The scheduler queues cycles; this thread polls for them until ``stop`` is set."""
-        scheduler = build_scheduler(self.config, lambda: self.enqueue("schedule", "scheduled"))
+        scheduler = build_scheduler(self.config, lambda: self.enqueue("schedule", "scheduled"), self.upkeep_jobs())
         if scheduler is not None:
             scheduler.start()
         log.info("trainer up: schedule %s, polling the store every %.1f s", describe_schedule(self.config),
@@ -158,18 +184,34 @@ def default_swapper(config: TrainerConfig, store: Store) -> PolicySwapper:
     return AdminSwapper(config.server_address, config.resolved_admin_key(), config.swap_timeout_s)
 
 
-def build_scheduler(config: TrainerConfig, enqueue: Any) -> Any:
-    """A BackgroundScheduler running ``enqueue`` on the configured schedule (None when 'off')."""
-    if config.schedule == "off":
+@dataclass(frozen=True)
+class UpkeepJob:
+    """A store upkeep job of the scheduler: ``run`` every ``every_s`` seconds, first at ``first_at``."""
+
+    id: str
+    run: Callable[[], object]
+    every_s: float
+    first_at: float
+
+
+def build_scheduler(config: TrainerConfig, enqueue: Any, upkeep: Sequence[UpkeepJob] = ()) -> Any:
+    """A BackgroundScheduler running ``enqueue`` on the configured schedule and the ``upkeep``
+    jobs (None when the schedule is 'off' and there is no upkeep)."""
+    if config.schedule == "off" and not upkeep:
         return None
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
-    trigger = (IntervalTrigger(seconds=config.interval_s) if config.schedule == "interval"
-               else CronTrigger.from_crontab(config.cron))
     scheduler = BackgroundScheduler(daemon=True)
-    scheduler.add_job(enqueue, trigger, id="training-cycle", max_instances=1, coalesce=True)
+    if config.schedule != "off":
+        trigger = (IntervalTrigger(seconds=config.interval_s) if config.schedule == "interval"
+                   else CronTrigger.from_crontab(config.cron))
+        scheduler.add_job(enqueue, trigger, id="training-cycle", max_instances=1, coalesce=True)
+    for job in upkeep:
+        first = datetime.fromtimestamp(job.first_at, timezone.utc)
+        scheduler.add_job(job.run, IntervalTrigger(seconds=job.every_s), id=job.id, max_instances=1, coalesce=True,
+                          next_run_time=first, misfire_grace_time=None)
     return scheduler
 
 
@@ -203,11 +245,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rlhf trainer`."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_trainer_config(args.config, args.overrides)
-    except (ValueError, OSError) as exc:
-        print(f"rlhf trainer: bad config: {exc}", file=sys.stderr)
-        return 2
+    config = load_trainer_config_or_exit(args.config, args.overrides, "trainer")
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0

@@ -15,8 +15,12 @@ records of ``trainer.data``, by split:
   (neither SFT nor the reward models' bias);
 - evaluation prompts: the prompts of ``eval_splits`` (never train), oldest first.
 
-A prompt dropped by hygiene drops its rankings and demonstrations too; a redacted
-prompt trains on its redacted text.
+Users who opted out of training (``users.train_opt_out``) are left out at the read, with
+their prompts' rankings and demonstrations and their own labeling work: nothing of theirs
+trains or measures (they are served as usual). A prompt dropped by hygiene drops its
+rankings and demonstrations too; a redacted prompt trains on its redacted text and
+turns. A completion flagged for PII at ingest trains (the reward models) as its redacted
+text, the text its labeler was shown.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Sequence
 
 from sqlite_utils import Database
 
+from common.pii import safe_text
+from common.store.ops.users import opted_out_user_ids
 from common.store.records import Completion, Demonstration, Prompt, Ranking, from_row
 from trainer.examples import Comparison, Messages, PromptExample, ranks_from_groups, user_turn
 from trainer.examples import Demonstration as DemoExample
@@ -38,36 +44,52 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class StoreRows:
-    """The rows of one snapshot a cycle trains on; completions only where a ranking names them."""
+    """The rows of one snapshot a cycle trains on; completions only where a ranking names them.
+    ``opted_out``: the users whose data was left out (``read_rows``)."""
 
     prompts: list[Prompt]
     completions: dict[str, Completion]
     rankings: list[Ranking]
     demonstrations: list[Demonstration]
+    opted_out: frozenset[str] = frozenset()
 
 
 def read_rows(db: Database) -> StoreRows:
-    """Op: load prompts, rankings, the completions they rank, and demonstrations."""
+    """Op: load prompts, rankings, the completions they rank, and demonstrations, without
+    the data of users who opted out of training (``users.train_opt_out``): their prompts,
+    the rankings and demonstrations of those prompts, and their own rankings and
+    demonstrations as labelers. Left out here, no later step (hygiene, splits, the judge,
+    evaluation) can train or measure on them."""
+    opted_out = opted_out_user_ids()(db)
     prompts = [from_row(Prompt, r) for r in db.query("SELECT * FROM prompts ORDER BY created_at, id")]
+    prompts = [p for p in prompts if p.user_id not in opted_out]
+    usable = {p.id for p in prompts}
     rankings = [from_row(Ranking, r) for r in db.query("SELECT * FROM rankings ORDER BY created_at, id")]
+    rankings = [r for r in rankings if r.prompt_id in usable and r.labeler_id not in opted_out]
+    ranked_ids = {cid for r in rankings for group in r.ranking for cid in group}
     ranked = db.query(
         "SELECT * FROM completions WHERE id IN (SELECT c.value FROM rankings AS r, "
         "json_each(r.ranking_json) AS g, json_each(g.value) AS c)"
     )
-    completions = {r["id"]: from_row(Completion, r) for r in ranked}
+    completions = {r["id"]: from_row(Completion, r) for r in ranked if r["id"] in ranked_ids}
     demos = [from_row(Demonstration, r) for r in db.query("SELECT * FROM demonstrations ORDER BY created_at, id")]
-    return StoreRows(prompts, completions, rankings, demos)
+    demos = [d for d in demos if d.prompt_id in usable and d.labeler_id not in opted_out]
+    return StoreRows(prompts, completions, rankings, demos, opted_out)
 
 
 def prompt_records(prompts: Sequence[Prompt]) -> list[PromptRecord]:
-    """The hygiene view of stored prompts (text = the prompt, or a chat's last user turn)."""
-    return [PromptRecord(p.id, p.user_id, p.text, p.created_at, p.split) for p in prompts]
+    """The hygiene view of stored prompts (text = the prompt, or a chat's last user turn;
+    every turn of a chat, and the PII flag set at ingest)."""
+    return [PromptRecord(p.id, p.user_id, p.text, p.created_at, p.split,
+                         messages=None if p.messages is None else tuple(p.messages), has_pii=p.has_pii)
+            for p in prompts]
 
 
-def messages_for(prompt: Prompt, text: str) -> Messages:
-    """The chat to train on: the stored conversation with its last user turn set to ``text``
-    (hygiene's possibly redacted version), or a one-turn chat."""
-    turns = [dict(m) for m in prompt.messages or []]
+def messages_for(prompt: Prompt, text: str, turns: Sequence[dict[str, str]] | None = None) -> Messages:
+    """The chat to train on: ``turns`` (hygiene's, possibly redacted) or else the stored
+    conversation, with its last user turn set to ``text`` (hygiene's possibly redacted
+    version); or a one-turn chat."""
+    turns = [dict(m) for m in (turns if turns is not None else prompt.messages or [])]
     users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
     if not users:
         return user_turn(text)
@@ -110,7 +132,7 @@ def split_cycle_data(
 ) -> CycleData:
     """Map the rows of the prompts hygiene ``kept`` to training records (module docstring)."""
     stored = {p.id: p for p in rows.prompts}
-    messages = {k.id: messages_for(stored[k.id], k.text) for k in kept}
+    messages = {k.id: messages_for(stored[k.id], k.text, k.messages) for k in kept}
     split_of = {k.id: str(k.split) for k in kept}
 
     new_train = [k for k in kept if k.split == "train" and since < k.created_at <= until
@@ -142,7 +164,8 @@ def _comparisons(rows: StoreRows, messages: dict[str, Messages]) -> list[Compari
             continue
         completions = [rows.completions[c] for c in ids]
         out.append(Comparison(
-            messages=messages[r.prompt_id], completions=tuple(c.text for c in completions),
+            messages=messages[r.prompt_id],
+            completions=tuple(safe_text(c.text, c.has_pii, c.redacted_text) for c in completions),
             ranks=ranks_from_groups(r.ranking, ids), labeler_group=r.labeler_group or "",
             labeler_id=r.labeler_id, prompt_id=r.prompt_id,
             stopped=tuple(c.finish_reason == "stop" for c in completions),

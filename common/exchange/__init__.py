@@ -13,7 +13,7 @@ Three formats, one JSON object per line:
        "has_pii", "redacted_text", "request_id", "created_at"},
        "completions": [{"id", "idx", "text", "policy_version", "finish_reason",
        "prompt_tokens", "completion_tokens", "sampling", "latency_s", "ttft_s", "purpose",
-       "created_at"}, ...],
+       "created_at", "has_pii", "redacted_text"}, ...],
        "ranking": [["c2"], ["c0", "c1"], ["c3"]], "k": 4, "labeler_id": "...",
        "labeler_group": "train", "source": "label", "created_at": 1700000000.0}
 
@@ -34,13 +34,15 @@ nothing is written. The writes happen in one transaction. Re-importing a file is
 (rows keep their ids, identical rows are skipped). Not carried: comparison tasks (leases
 are queue state, not data), so an imported ranking has no task_id.
 
-PII: export is lossless by default (a backup must restore what it saved); ``redact_pii``
-writes the redacted text of flagged prompts instead (and leaves out flagged prompts that
-have none), for files that leave the operator's hands. Pairs are training data and
-always use the redacted text (or leave the prompt out). Only PROMPTS carry a PII flag:
-completions and demonstrations are written as stored, and a model may echo what a user
-wrote, so a file meant for outsiders still needs a look (or a pass of the trainer's PII
-filter) over its responses.
+PII: the server flags prompts (any chat turn) and completions at ingest
+(``common.pii``). Export is lossless by default (a backup must restore what it saved,
+flags included); ``redact_pii`` writes the redacted text of flagged prompts and
+completions instead (and leaves out flagged prompts that have none, which is every
+prompt flagged under the server's default ``pii_ingest = "flag"``), for files that leave
+the operator's hands. Pairs are training data and always use the redacted text (or
+leave the prompt out). Demonstrations carry no flag: their responses are written as
+stored (redacted at ingest only under ``pii_ingest = "redact"``), so a file meant for
+outsiders still needs a look over them.
 
 The ranking checks live in `common.store.rankings`, shared with the store and the Feedback service.
 """

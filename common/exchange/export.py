@@ -15,6 +15,7 @@ from common.exchange.formats import (
     completion_record,
     demonstration_messages,
     prompt_record,
+    shown_completion_text,
     shown_prompt_text,
 )
 from common.store import Store
@@ -66,7 +67,7 @@ def ranking_lines(splits: Sequence[str] | None = None, redact_pii: bool = False)
             ranked = sorted((c for group in groups[r["id"]] for c in group), key=lambda c: (completions[c]["idx"], c))
             lines.append({
                 "ranking_id": r["id"], "prompt": prompt,
-                "completions": [completion_record(completions[c]) for c in ranked],
+                "completions": [completion_record(completions[c], redact_pii) for c in ranked],
                 "ranking": groups[r["id"]], "k": r["k"], "labeler_id": r["labeler_id"],
                 "labeler_group": r["labeler_group"], "source": r["source"], "created_at": r["created_at"],
             })  # fmt: skip
@@ -76,13 +77,14 @@ def ranking_lines(splits: Sequence[str] | None = None, redact_pii: bool = False)
 
 
 def pair_lines(rankings: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """Pairs-format records from rankings-format records (PII: redacted text or left out)."""
+    """Pairs-format records from rankings-format records (PII: a prompt's redacted text or
+    left out; a completion's redacted text)."""
     lines = []
     for record in rankings:
         prompt_text = shown_prompt_text(record["prompt"])
         if prompt_text is None:
             continue
-        text = {c["id"]: c["text"] for c in record["completions"]}
+        text = {c["id"]: shown_completion_text(c) for c in record["completions"]}
         for better, worse in ranking_to_pairs(record["ranking"]):
             lines.append({"prompt": prompt_text, "chosen": text[better], "rejected": text[worse]})
     return lines

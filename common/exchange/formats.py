@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any, Literal, Mapping, get_args
 
+from common.pii import safe_text
 from common.store.errors import InvalidArgumentError
 from common.store.rankings import IMPORT_MIN_K, LABEL_MAX_K, MAX_ID_CHARS, check_ranking_groups
 
@@ -20,7 +21,7 @@ IMPORT_POLICY_VERSION = -1  # completions that no policy of ours produced
 PROMPT_FIELDS = ("id", "user_id", "text", "messages", "source", "has_pii", "redacted_text", "request_id", "created_at")
 COMPLETION_FIELDS = (
     "id", "idx", "text", "policy_version", "finish_reason", "prompt_tokens", "completion_tokens",
-    "sampling", "latency_s", "ttft_s", "purpose", "created_at",
+    "sampling", "latency_s", "ttft_s", "purpose", "created_at", "has_pii", "redacted_text",
 )  # fmt: skip
 
 
@@ -38,10 +39,21 @@ def prompt_record(row: Mapping[str, Any], redact_pii: bool = False) -> dict[str,
     return record
 
 
-def completion_record(row: Mapping[str, Any]) -> dict[str, Any]:
+def completion_record(row: Mapping[str, Any], redact_pii: bool = False) -> dict[str, Any]:
+    """A completions row as the JSON object the formats carry (``redact_pii``: a flagged
+    one's text is its redacted text)."""
     record = {name: row.get(name) for name in COMPLETION_FIELDS if name != "sampling"}
     record["sampling"] = json.loads(row.get("sampling_json") or "{}")
+    record["has_pii"] = bool(record["has_pii"])
+    if redact_pii and record["has_pii"]:
+        record["text"] = shown_completion_text(record)
     return record
+
+
+def shown_completion_text(completion: Mapping[str, Any]) -> str:
+    """The text a completion may be shown or trained with: a flagged one's redacted text
+    (redacted now when none was stored)."""
+    return safe_text(completion["text"], bool(completion.get("has_pii")), completion.get("redacted_text"))
 
 
 def shown_prompt_text(prompt: Mapping[str, Any]) -> str | None:
@@ -138,6 +150,8 @@ def parse_completion(obj: Any, n: int) -> dict[str, Any]:
             "ttft_s": _require(obj, "ttft_s", (int, float), optional=True),
             "purpose": obj.get("purpose", "label"),
             "created_at": float(_require(obj, "created_at", (int, float))),
+            "has_pii": bool(_require(obj, "has_pii", bool, optional=True)),
+            "redacted_text": _require(obj, "redacted_text", str, optional=True),
         }
     except BadRecord as err:
         raise BadRecord(f"completions[{n}]: {err}") from None

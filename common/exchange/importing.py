@@ -174,6 +174,7 @@ class _RowWriter:
             "completion_tokens": c["completion_tokens"],
             "sampling_json": json.dumps(c["sampling"], separators=(",", ":"), sort_keys=True),
             "latency_s": c["latency_s"], "ttft_s": c["ttft_s"], "purpose": c["purpose"], "created_at": c["created_at"],
+            "has_pii": int(c.get("has_pii", False)), "redacted_text": c.get("redacted_text"),
         }  # fmt: skip
         self._put("completions", row, ("prompt_id", "text", "policy_version"))
 

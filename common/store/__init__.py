@@ -12,9 +12,21 @@ Two layers:
         policy = store.read_sync(serving_policy())
     Rows come back as the frozen dataclasses of records.py (`*_json` columns decoded).
 
+Backups (verified `VACUUM INTO` copies named by time) and restoring them: backup.py.
 The schema and its migrations live in schema.py; errors in errors.py.
 """
 
+from common.store.backup import (
+    BackupResult,
+    RestoreResult,
+    StoreInUseError,
+    backup_store,
+    check_integrity,
+    list_backups,
+    prune_backups,
+    restore_backup,
+    store_in_use,
+)
 from common.store.core import Store, Synchronous
 from common.store.errors import (
     ConflictError,
@@ -36,7 +48,17 @@ from common.store.ops.cycles import (
     list_cycles,
     update_cycle,
 )
-from common.store.ops.idempotency import audit, list_audit, lookup_idempotent, record_idempotent, run_idempotent
+from common.store.ops.erasure import Erasure, erase_user, user_id_sha256
+from common.store.ops.idempotency import (
+    Mutation,
+    audit,
+    commit_mutation,
+    list_audit,
+    lookup_idempotent,
+    record_idempotent,
+    replay_mutation,
+    run_mutation,
+)
 from common.store.ops.labeling import (
     add_demonstration,
     add_ranking,
@@ -59,8 +81,24 @@ from common.store.ops.policies import (
     set_policy_status,
 )
 from common.store.ops.prompts import add_completions, add_prompt, dedup_key, get_completion, get_completions, get_prompt
+from common.store.ops.retention import (
+    PruneReport,
+    PruneStep,
+    prune_in_batches,
+    prune_old_completions,
+    prune_old_idempotency,
+    prune_old_prompts,
+)
 from common.store.ops.stats import stats
-from common.store.ops.users import add_api_key, add_user, find_key_by_hash, list_keys, revoke_key
+from common.store.ops.users import (
+    add_api_key,
+    add_user,
+    find_key_by_hash,
+    list_keys,
+    opted_out_user_ids,
+    revoke_key,
+    set_train_opt_out,
+)
 from common.store.records import (
     ApiKey,
     AuditEntry,
@@ -84,6 +122,15 @@ from common.store.schema import LATEST_VERSION, MIGRATIONS, migrate, schema_vers
 __all__ = [
     "Store",
     "Synchronous",
+    "BackupResult",
+    "RestoreResult",
+    "StoreInUseError",
+    "backup_store",
+    "check_integrity",
+    "list_backups",
+    "prune_backups",
+    "restore_backup",
+    "store_in_use",
     "ConflictError",
     "InvalidArgumentError",
     "NotFoundError",
@@ -94,6 +141,7 @@ __all__ = [
     "StoreError",
     "TaskClosedError",
     "Op",
+    "Mutation",
     "add_api_key",
     "add_completions",
     "add_demonstration",
@@ -104,8 +152,10 @@ __all__ = [
     "add_user",
     "audit",
     "claim_queued_cycle",
+    "commit_mutation",
     "create_cycle",
     "dedup_key",
+    "erase_user",
     "expire_tasks",
     "fail_stale_cycles",
     "find_key_by_hash",
@@ -122,30 +172,41 @@ __all__ = [
     "list_policies",
     "lookup_idempotent",
     "new_id",
+    "opted_out_user_ids",
     "pick_prompts",
     "previous_serving_policy",
+    "prune_in_batches",
+    "prune_old_completions",
+    "prune_old_idempotency",
+    "prune_old_prompts",
     "prompt_is_free",
     "record_idempotent",
     "release_task",
     "reusable_completions",
     "revoke_key",
-    "run_idempotent",
+    "replay_mutation",
+    "run_mutation",
     "serving_policy",
     "set_policy_status",
+    "set_train_opt_out",
     "set_task_completions",
     "stats",
     "update_cycle",
+    "user_id_sha256",
     "ApiKey",
     "AuditEntry",
     "ComparisonTask",
     "Completion",
     "Cycle",
     "Demonstration",
+    "Erasure",
     "IdempotentOutcome",
     "IdempotentRecord",
     "NewCompletion",
     "Policy",
     "Prompt",
+    "PruneReport",
+    "PruneStep",
     "Ranking",
     "Rating",
     "Stats",

@@ -350,8 +350,10 @@ class Store:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._read_pool, self.read_sync, fn)
 
-    def snapshot(self, dest: str | os.PathLike[str]) -> Path:
-        """Write a consistent single-file copy of the store to `dest` (atomically)."""
+    def snapshot(self, dest: str | os.PathLike[str], check: Callable[[Path], None] | None = None) -> Path:
+        """Write a consistent single-file copy of the store to `dest` (atomically).
+        `check(copy)` runs on the finished copy before it is renamed into place; when it
+        raises, the copy is deleted and `dest` never appears (backups verify with it)."""
         dest = Path(dest)
         tmp = dest.with_name(dest.name + ".tmp")
         tmp.unlink(missing_ok=True)
@@ -360,6 +362,12 @@ class Store:
             conn.execute("VACUUM INTO ?", [str(tmp)])
         finally:
             conn.close()
+        try:
+            if check is not None:
+                check(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_path(tmp)
         os.replace(tmp, dest)
         fsync_path(dest.parent)

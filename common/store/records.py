@@ -110,6 +110,8 @@ class NewCompletion:
     ttft_s: float | None = None
     purpose: CompletionPurpose = "serve"
     id: str | None = None
+    has_pii: bool = False  # flagged at ingest (common.pii); `text` is then redacted in "redact" mode
+    redacted_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class Completion:
     ttft_s: float | None
     purpose: CompletionPurpose
     created_at: float
-    has_pii: bool = False  # flagged at ingest (the detector of trainer.hygiene's rules)
+    has_pii: bool = False  # flagged at ingest (common.pii, the detector hygiene uses too)
     redacted_text: str | None = None
 
 
@@ -242,7 +244,7 @@ class IdempotentRecord:
 
 @dataclass(frozen=True)
 class IdempotentOutcome:
-    """What `run_idempotent` returns: the response bytes, and whether they were replayed
+    """What `run_mutation` returns: the response bytes, and whether they were replayed
     from an earlier call (True) or produced now (False)."""
 
     response: bytes

@@ -163,3 +163,48 @@ class Stats(_message.Message):
     cycles: int
     prompts_by_split: _containers.ScalarMap[str, int]
     def __init__(self, serving_version: _Optional[int] = ..., users: _Optional[int] = ..., prompts: _Optional[int] = ..., completions: _Optional[int] = ..., rankings: _Optional[int] = ..., demonstrations: _Optional[int] = ..., ratings: _Optional[int] = ..., policies: _Optional[int] = ..., cycles: _Optional[int] = ..., prompts_by_split: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class EraseUserRequest(_message.Message):
+    __slots__ = ("request_id", "user_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class EraseUserResponse(_message.Message):
+    __slots__ = ("user_id_sha256", "erased_at", "rows_deleted", "audit_rows_pseudonymised")
+    class RowsDeletedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    USER_ID_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ERASED_AT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ROWS_PSEUDONYMISED_FIELD_NUMBER: _ClassVar[int]
+    user_id_sha256: str
+    erased_at: _timestamp_pb2.Timestamp
+    rows_deleted: _containers.ScalarMap[str, int]
+    audit_rows_pseudonymised: int
+    def __init__(self, user_id_sha256: _Optional[str] = ..., erased_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rows_deleted: _Optional[_Mapping[str, int]] = ..., audit_rows_pseudonymised: _Optional[int] = ...) -> None: ...
+
+class SetTrainingOptOutRequest(_message.Message):
+    __slots__ = ("request_id", "user_id", "train_opt_out")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_OPT_OUT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: str
+    train_opt_out: bool
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., train_opt_out: _Optional[bool] = ...) -> None: ...
+
+class SetTrainingOptOutResponse(_message.Message):
+    __slots__ = ("train_opt_out", "changed")
+    TRAIN_OPT_OUT_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    train_opt_out: bool
+    changed: bool
+    def __init__(self, train_opt_out: _Optional[bool] = ..., changed: _Optional[bool] = ...) -> None: ...

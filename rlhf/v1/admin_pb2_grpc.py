@@ -70,6 +70,16 @@ class AdminStub:
                 request_serializer=rlhf_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_admin__pb2.Stats.FromString,
                 _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/rlhf.v1.Admin/EraseUser',
+                request_serializer=rlhf_dot_v1_dot_admin__pb2.EraseUserRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_admin__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
+        self.SetTrainingOptOut = channel.unary_unary(
+                '/rlhf.v1.Admin/SetTrainingOptOut',
+                request_serializer=rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -123,6 +133,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EraseUser(self, request, context):
+        """Erase a user: delete their prompts, completions, labeling work (rankings,
+        demonstrations, ratings, comparison tasks), the feedback of others on their
+        completions, their idempotency records, keys and user row, in one transaction; audit
+        rows naming them keep only sha256(user id). Idempotent: erasing an erased user answers
+        the first erasure again. An id nothing names is NOT_FOUND; an admin cannot erase itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrainingOptOut(self, request, context):
+        """A user's "do not train on my data" setting: their prompts (and the feedback on them)
+        and their own labeling work never train; they are served as usual. The one Admin RPC
+        open to every role: a user or labeler may set it for their own user id only; an admin
+        for anyone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +191,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=rlhf_dot_v1_dot_admin__pb2.GetStatsRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_admin__pb2.Stats.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=rlhf_dot_v1_dot_admin__pb2.EraseUserRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_admin__pb2.EraseUserResponse.SerializeToString,
+            ),
+            'SetTrainingOptOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrainingOptOut,
+                    request_deserializer=rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +392,60 @@ class Admin:
             '/rlhf.v1.Admin/GetStats',
             rlhf_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
             rlhf_dot_v1_dot_admin__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.Admin/EraseUser',
+            rlhf_dot_v1_dot_admin__pb2.EraseUserRequest.SerializeToString,
+            rlhf_dot_v1_dot_admin__pb2.EraseUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrainingOptOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.Admin/SetTrainingOptOut',
+            rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutRequest.SerializeToString,
+            rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutResponse.FromString,
             options,
             channel_credentials,
             insecure,

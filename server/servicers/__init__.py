@@ -12,7 +12,7 @@ Domain errors become gRPC statuses in ONE place, `rpc_errors`:
 | --- | --- |
 | `auth.AuthError` | its own code (UNAUTHENTICATED, PERMISSION_DENIED) |
 | `limits.InvalidRequest`, `store.InvalidArgumentError` | INVALID_ARGUMENT |
-| `limits.TooManyRequests` | RESOURCE_EXHAUSTED |
+| `limits.TooManyRequests` | RESOURCE_EXHAUSTED (`limits.RateLimited`: answered near its retry time, at most 1 s late, with trailing metadata `retry-after-ms`) |
 | `policies.PolicyNotFound`, `store.NotFoundError` | NOT_FOUND |
 | `store.TaskClosedError` (a labeling task expired, answered or not ready) | FAILED_PRECONDITION |
 | `store.NotYourTaskError` (leased to another labeler) | PERMISSION_DENIED |
@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -38,13 +39,13 @@ from google.protobuf.message import Message
 from common.store import ConflictError, InvalidArgumentError, NotFoundError, NotYourTaskError, Store, TaskClosedError
 from server.auth import Authenticator, AuthError
 from server.engines.base import Engine, EngineError
-from server.limits import InvalidRequest, TooManyRequests
+from server.limits import InvalidRequest, RateLimited, TooManyRequests
 from server.policies import PolicyNotFound, SwapRefused
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
     from server.generation import Sampler
-    from server.limits import ConcurrencyLimiter
+    from server.limits import ConcurrencyLimiter, GenerationBudget
     from server.logging_sink import CompletionLog
     from server.metrics import ServerMetrics
     from server.policies import PolicySwitcher
@@ -67,6 +68,7 @@ class ServerDeps:
     auth: Authenticator
     sampler: Sampler
     limiter: ConcurrencyLimiter
+    budget: GenerationBudget  # the limiter above and the per-key token buckets
     completion_log: CompletionLog
     switcher: PolicySwitcher
     metrics: ServerMetrics
@@ -124,6 +126,30 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
 
 
+RETRY_AFTER_MS = "retry-after-ms"
+
+
+def trailing_metadata_for(error: Exception) -> tuple[tuple[str, str], ...]:
+    """`retry-after-ms: <milliseconds>` for a rate or token refusal, else nothing. (The
+    standard `google.rpc.RetryInfo` detail needs grpcio-status, not a dependency here.)"""
+    if isinstance(error, RateLimited):
+        return ((RETRY_AFTER_MS, str(max(1, math.ceil(error.retry_after_s * 1000)))),)
+    return ()
+
+
+# A rate refusal is answered when its retry time is near, at most this late: a client that
+# retries at once, ignoring the hint, then waits on a sleeping coroutine instead of spinning
+# refusals that take the CPU every other key needs (bench.rate_limits measures both).
+REFUSAL_HOLD_MAX_S = 1.0
+
+
+async def hold_refusal(error: RateLimited) -> RateLimited:
+    """Sleep until `error`'s retry time (at most REFUSAL_HOLD_MAX_S); the refusal as it then stands."""
+    held = min(error.retry_after_s, REFUSAL_HOLD_MAX_S)
+    await asyncio.sleep(held)
+    return error.answered_later(held)
+
+
 @contextlib.asynccontextmanager
 async def rpc_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Answer a domain error raised in the block with its gRPC status (`status_for`).
@@ -136,8 +162,10 @@ async def rpc_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     except grpc.aio.AbortError:
         raise
     except Exception as error:  # noqa: BLE001 - mapped to a status, never swallowed
+        if isinstance(error, RateLimited):
+            error = await hold_refusal(error)
         code, message = status_for(error)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=trailing_metadata_for(error))
 
 
 def payload_sha256(request: Message) -> str:

@@ -79,3 +79,10 @@ def stats(s: store.Stats, serving_version: int) -> admin_pb2.Stats:
         demonstrations=s.demonstrations, ratings=s.ratings, policies=s.policies,
         cycles=s.cycles, prompts_by_split=s.prompts_by_split,
     )
+
+
+def erasure(e: store.Erasure) -> admin_pb2.EraseUserResponse:
+    return admin_pb2.EraseUserResponse(
+        user_id_sha256=e.user_id_sha256, erased_at=timestamp(e.erased_at),
+        rows_deleted=e.rows_deleted, audit_rows_pseudonymised=e.audit_rows_pseudonymised,
+    )

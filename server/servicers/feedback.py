@@ -4,10 +4,13 @@ NextComparison leases a labeling task: a logged prompt of a TRAIN- or VAL-split 
 (val comparisons are what the reward model and the gate are judged on; test prompts are
 never shown), chosen freshest first: fewest rankings, then newest. A prompt the caller
 has ranked, a prompt someone holds a live lease on, and a prompt flagged as holding PII
-that was never redacted are skipped; a redacted prompt is shown (and sampled) as its
-redacted text. The K completions are sampled NOW from the serving policy (temperature
-1.0, purpose "label", each logged with its policy version) and committed, with the
-lease and the idempotency record, before the task is returned. When the queue is empty
+that was never redacted are skipped (with the server's default `pii_ingest = "flag"`,
+that is every prompt with PII in any chat turn); a redacted prompt is shown (and sampled)
+as its redacted text. The K completions are sampled NOW from the serving policy
+(temperature 1.0, purpose "label", each logged with its policy version and flagged for
+PII like served ones) and committed, with the lease and the idempotency record, before
+the task is returned. A completion flagged for PII is shown as its redacted text (the
+text the reward models then train on), never as generated. When the queue is empty
 the answer is NOT_FOUND "no prompt waiting for labels" (nothing the caller can fix;
 retry later).
 
@@ -24,8 +27,14 @@ leaves.
 Submissions (SubmitRanking, SubmitDemonstration, SubmitRating) need a request_id: a
 retry returns the first answer and stores nothing twice; the same id with another
 payload is refused with ALREADY_EXISTS. Each submission, its validation against the
-stored rows and its idempotency record are ONE store transaction: a refused call
-stores nothing, an acknowledged one is committed.
+stored rows, its idempotency record and its audit row (who: user and role; what: the
+method and the ids, never the text; when) are ONE store transaction
+(`common.store.run_mutation`): a refused call stores nothing, an acknowledged one is
+committed with its audit row. A lease is audited the same way, in its lease transaction.
+
+Limits: every call counts against the caller's request rate (`server.auth`), and the K
+samples of a lease against the labeler's key like a Generate call: a concurrency slot and
+K x label_max_new_tokens tokens reserved (the unused part refunded).
 
 A ranking names a leased task (and must order exactly its K completions) or, without
 a task, a prompt and 4..9 of that prompt's logged completions (any of them: served or
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -49,9 +59,11 @@ import grpc
 from google.protobuf.message import Message
 from sqlite_utils import Database
 
+from common.pii import redact_pii, safe_text
 from common.store import (
     Completion,
     InvalidArgumentError,
+    Mutation,
     NewCompletion,
     Prompt,
     add_completions,
@@ -59,6 +71,7 @@ from common.store import (
     add_prompt,
     add_ranking,
     add_rating,
+    commit_mutation,
     expire_tasks,
     get_completion,
     get_prompt,
@@ -66,9 +79,10 @@ from common.store import (
     lease_task,
     pick_prompts,
     prompt_is_free,
-    record_idempotent,
     release_task,
+    replay_mutation,
     reusable_completions,
+    run_mutation,
     set_task_completions,
 )
 from common.store.rankings import (
@@ -131,6 +145,13 @@ def shown_messages(prompt: Prompt) -> list[dict[str, str]]:
     return [{"role": "user", "content": shown_text(prompt)}]
 
 
+def shown_completion(completion: Completion) -> Completion:
+    """What the labeler sees of a completion: its redacted text when it was flagged for PII."""
+    if not completion.has_pii:
+        return completion
+    return dataclasses.replace(completion, text=safe_text(completion.text, True, completion.redacted_text))
+
+
 def task_message(task_id: str, prompt: Prompt, completions: list[Completion], expires_at: float) -> feedback_pb2.ComparisonTask:
     messages = shown_messages(prompt) if prompt.messages and not prompt.has_pii else []
     return feedback_pb2.ComparisonTask(
@@ -138,7 +159,7 @@ def task_message(task_id: str, prompt: Prompt, completions: list[Completion], ex
         prompt_id=prompt.id,
         prompt_text=shown_text(prompt),
         messages=[common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
-        completions=[convert.completion(c) for c in sorted(completions, key=lambda c: c.idx)],
+        completions=[convert.completion(shown_completion(c)) for c in sorted(completions, key=lambda c: c.idx)],
         lease_expires_at=convert.timestamp(expires_at),
     )
 
@@ -169,6 +190,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         self._lease_seconds = deps.config.label_lease_seconds
         self._max_new_tokens = deps.config.label_max_new_tokens
         self._ready = deps.engine_ready
+        self._budget = deps.budget
+        self._pii = deps.completion_log.pii
         self._clock = clock
         self._request_ids = KeyedLocks()
 
@@ -183,22 +206,25 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             if not LABEL_MIN_K <= k <= LABEL_MAX_K:
                 raise _invalid(f"k = {k}: a task holds {LABEL_MIN_K}..{LABEL_MAX_K} completions (0 = the server default, {self._k_default})")
             _check_request_id(request.request_id, required=False)
-            method = f"{SERVICE}/NextComparison"
-            payload = payload_sha256(request)
-            key = (caller.user_id, method, request.request_id)
+            mutation = _mutation(caller, "NextComparison", request, {"k": k})
+            key = (caller.user_id, mutation.method, request.request_id)
             async with self._request_ids.hold(key) if request.request_id else contextlib.nullcontext():
-                if request.request_id:
-                    replay = await self._store.read(_live_replay(*key, payload, self._clock()))
-                    if replay is not None:
-                        return feedback_pb2.ComparisonTask.FromString(replay)
+                replay = (await self._store.read(replay_mutation(mutation, _lease_is_live(self._clock())))
+                          if request.request_id else None)
+                if replay is not None:
+                    return feedback_pb2.ComparisonTask.FromString(replay)
                 require_ready(self._ready)
-                claim = await self._claim(caller, k)
-                try:
-                    samples = [] if claim.reused else await self._sample(claim, k)
-                    return await self._store.write(self._lease_op(claim, samples, key, payload))
-                except BaseException:  # failed or cancelled: the task never reached the caller
-                    await asyncio.shield(self._store.write(release_task(claim.task_id, self._clock())))
-                    raise
+                # The labeler's key pays for the K samples like a Generate call: a slot, and
+                # K x label_max_new_tokens tokens reserved (refunded: reused or shorter samples).
+                with self._budget.hold(caller.limit_key, k * self._max_new_tokens) as charge:
+                    claim = await self._claim(caller, k)
+                    try:
+                        samples = [] if claim.reused else await self._sample(claim, k)
+                        charge.used = sum(s.completion_tokens for s in samples)
+                        return await self._store.write(self._lease_op(claim, samples, mutation))
+                    except BaseException:  # failed or cancelled: the task never reached the caller
+                        await asyncio.shield(self._store.write(release_task(claim.task_id, self._clock())))
+                        raise
 
     async def _claim(self, caller: Caller, k: int, candidates: int = 8, attempts: int = 5) -> _Claim:
         """Pick prompts with a read, then claim the first one still free with a lease row,
@@ -250,31 +276,33 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         if any(reason in (None, "abort") for reason in done):
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "sampling the completions was aborted (the server may be shutting down); retry")
         sampling = sampling_record(options)
-        return [
+        samples = [
             NewCompletion(idx=i, text=texts[i], policy_version=versions[i], finish_reason=done[i],  # type: ignore[arg-type]
                           prompt_tokens=len(prompt_ids), completion_tokens=tokens[i], latency_s=latency[i],
                           sampling=sampling, ttft_s=first_token[i], purpose="label")
             for i in range(k)
         ]  # fmt: skip
+        # Flagged for PII like served samples (off the event loop); a labeler sees the redacted text.
+        return await asyncio.to_thread(lambda: [self._pii.completion(s) for s in samples])
 
-    def _lease_op(self, claim: _Claim, samples: list[NewCompletion], key: tuple[str, str, str],
-                  payload: str) -> Callable[[Database], feedback_pb2.ComparisonTask]:  # fmt: skip
+    def _lease_op(self, claim: _Claim, samples: list[NewCompletion],
+                  mutation: Mutation) -> Callable[[Database], feedback_pb2.ComparisonTask]:  # fmt: skip
         """Log the new samples, fill in and start the lease, record the answer under the
-        request_id: one transaction, committed before the task is returned."""
+        request_id (replacing one that names an expired lease) and the audit row: one
+        transaction, committed before the task is returned."""
 
-        def op(db: Database) -> feedback_pb2.ComparisonTask:
+        def lease(db: Database) -> bytes:
             now = self._clock()
             stored = claim.reused or add_completions(claim.prompt.id, samples, now=now)(db)
             expires_at = now + self._lease_seconds
             set_task_completions(claim.task_id, [c.id for c in stored], expires_at)(db)
-            task = task_message(claim.task_id, claim.prompt, stored, expires_at)
-            caller_id, method, request_id = key
-            if request_id:
-                # An earlier record under this id names an expired lease: replace it.
-                db.conn.execute("DELETE FROM idempotency WHERE caller_id = ? AND method = ? AND request_id = ?",
-                                [caller_id, method, request_id])  # fmt: skip
-                record_idempotent(caller_id, method, request_id, payload, task.SerializeToString(), now)(db)
-            return task
+            return task_message(claim.task_id, claim.prompt, stored, expires_at).SerializeToString()
+
+        result_ids = {"task_id": claim.task_id, "prompt_id": claim.prompt.id}
+
+        def op(db: Database) -> feedback_pb2.ComparisonTask:
+            answer = commit_mutation(mutation, lease, result_ids=lambda _: result_ids, now=self._clock())(db)
+            return feedback_pb2.ComparisonTask.FromString(answer)
 
         return op
 
@@ -298,7 +326,9 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                                       check_groups=_check_k_and_ties, now=self._clock())(db)  # fmt: skip
                 return feedback_pb2.SubmitRankingResponse(ranking_id=ranking.id, comparisons=count_pairs(groups)).SerializeToString()
 
-            return await self._idempotent(caller, "SubmitRanking", request, work, feedback_pb2.SubmitRankingResponse)
+            ids = {"task_id": request.task_id, "prompt_id": request.prompt_id}
+            return await self._idempotent(caller, "SubmitRanking", request, work, feedback_pb2.SubmitRankingResponse,
+                                          ids, lambda r: {"ranking_id": r.ranking_id})  # fmt: skip
 
     # ------------------------------------------------------------ SubmitDemonstration
 
@@ -319,6 +349,10 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                 raise _invalid("prompt_text is empty")
             if len(request.prompt_text) > MAX_PROMPT_CHARS:
                 raise _invalid(f"prompt_text is {len(request.prompt_text)} characters; at most {MAX_PROMPT_CHARS}")
+            # A new prompt is flagged (or redacted) like served ones; in redact mode so is the response.
+            scanned = await asyncio.to_thread(self._pii.prompt, request.prompt_text, None) if kind == "prompt_text" else None
+            response = request.response if self._pii.mode == "flag" else await asyncio.to_thread(
+                redact_pii, request.response, self._pii.region)
 
             def work(db: Database) -> bytes:
                 now = self._clock()
@@ -327,13 +361,17 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                         raise Refusal(grpc.StatusCode.NOT_FOUND, f"prompt {request.prompt_id!r} not found")
                     prompt_id = request.prompt_id
                 else:
-                    prompt_id = add_prompt(caller.user_id, request.prompt_text, source="demonstration",
+                    assert scanned is not None
+                    prompt_id = add_prompt(caller.user_id, scanned.text, source="demonstration",
+                                           has_pii=scanned.has_pii, redacted_text=scanned.redacted_text,
                                            request_id=request.request_id, now=now)(db).id  # fmt: skip
-                demo = add_demonstration(prompt_id, caller.user_id, request.response,
+                demo = add_demonstration(prompt_id, caller.user_id, response,
                                          labeler_group=caller.identity.labeler_group, now=now)(db)  # fmt: skip
                 return feedback_pb2.SubmitDemonstrationResponse(demonstration_id=demo.id, prompt_id=prompt_id).SerializeToString()
 
-            return await self._idempotent(caller, "SubmitDemonstration", request, work, feedback_pb2.SubmitDemonstrationResponse)
+            ids = {"prompt_id": request.prompt_id} if kind == "prompt_id" else {}
+            return await self._idempotent(caller, "SubmitDemonstration", request, work, feedback_pb2.SubmitDemonstrationResponse,
+                                          ids, lambda r: {"demonstration_id": r.demonstration_id, "prompt_id": r.prompt_id})  # fmt: skip
 
     # ------------------------------------------------------------ SubmitRating
 
@@ -359,27 +397,21 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                                     now=self._clock())(db)  # fmt: skip
                 return feedback_pb2.SubmitRatingResponse(rating_id=rating.id).SerializeToString()
 
-            return await self._idempotent(caller, "SubmitRating", request, work, feedback_pb2.SubmitRatingResponse)
+            return await self._idempotent(caller, "SubmitRating", request, work, feedback_pb2.SubmitRatingResponse,
+                                          {"completion_id": request.completion_id}, lambda r: {"rating_id": r.rating_id})  # fmt: skip
 
     # ------------------------------------------------------------ shared
 
-    async def _idempotent(self, caller: Caller, name: str, request: Message,
-                          work: Callable[[Database], bytes], response_type: type[Any]) -> Any:  # fmt: skip
-        """Replay the first answer to this request_id, or run `work` and record its answer
-        in the same transaction (the single writer serializes concurrent retries)."""
-        method = f"{SERVICE}/{name}"
-        payload = payload_sha256(request)
-
-        def op(db: Database) -> bytes:
-            answer = _recorded_answer(db, caller.user_id, method, request.request_id, payload)
-            if answer is None:
-                answer = work(db)
-                db.conn.execute(
-                    "INSERT INTO idempotency (caller_id, method, request_id, payload_sha256, response, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", [caller.user_id, method, request.request_id, payload, answer, self._clock()])  # fmt: skip
-            return answer
-
-        return response_type.FromString(await self._store.write(op))
+    async def _idempotent(self, caller: Caller, name: str, request: Message, work: Callable[[Database], bytes],
+                          response_type: type[Any], ids: dict[str, Any],
+                          result_ids: Callable[[Any], dict[str, Any]]) -> Any:  # fmt: skip
+        """Replay the first answer to this request_id, or run `work` and commit its answer
+        and audit row with it (`common.store.run_mutation`; the single writer serializes
+        concurrent retries). `ids` name what the request points at, `result_ids` what it made."""
+        mutation = _mutation(caller, name, request, {k: v for k, v in ids.items() if v})
+        outcome = await self._store.write(run_mutation(
+            mutation, work, result_ids=lambda answer: result_ids(response_type.FromString(answer)), now=self._clock()))
+        return response_type.FromString(outcome.response)
 
 
 # SubmitRanking is the hot path (one call per ranking, all through the single writer):
@@ -387,20 +419,10 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
 # records' from_row cost more than the SQL itself at this size).
 
 
-def _recorded_answer(db: Database, caller_id: str, method: str, request_id: str, payload: str) -> bytes | None:
-    """The answer recorded under this request_id, or None; ALREADY_EXISTS when the id
-    was used with another payload."""
-    row = db.conn.execute(
-        "SELECT payload_sha256, response FROM idempotency WHERE caller_id = ? AND method = ? AND request_id = ?",
-        [caller_id, method, request_id]).fetchone()  # fmt: skip
-    if row is None:
-        return None
-    if row[0] != payload:
-        name = method.rsplit("/", 1)[-1]
-        raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
-                      f"request_id {request_id!r} was already used for a different {name} request; "
-                      "use a new request_id for a new request")  # fmt: skip
-    return bytes(row[1])
+def _mutation(caller: Caller, name: str, request: Message, ids: dict[str, Any]) -> Mutation:
+    """The store's view of a Feedback mutation: who (user, role), which method and ids."""
+    return Mutation(caller.user_id, caller.identity.role, f"feedback.{name}", f"{SERVICE}/{name}",
+                    request.request_id, payload_sha256(request), ids)  # type: ignore[attr-defined]  # fmt: skip
 
 
 def _check_request_id(request_id: str, *, required: bool) -> None:
@@ -428,16 +450,12 @@ def _check_k_and_ties(groups: list[list[str]]) -> None:
         raise _invalid(str(err)) from None
 
 
-def _live_replay(caller_id: str, method: str, request_id: str, payload: str, now: float) -> Callable[[Database], bytes | None]:
-    """The recorded task of a NextComparison retry while its lease lasts, or None (new
-    request, or the lease is over). The same id with another k is ALREADY_EXISTS."""
+def _lease_is_live(now: float) -> Callable[[Database, bytes], bool]:
+    """A recorded NextComparison answer replays only while its lease lasts; after it, the
+    request_id leases a new task."""
 
-    def op(db: Database) -> bytes | None:
-        answer = _recorded_answer(db, caller_id, method, request_id, payload)
-        if answer is None:
-            return None
+    def live(db: Database, answer: bytes) -> bool:
         task = get_task(feedback_pb2.ComparisonTask.FromString(answer).task_id)(db)
-        return answer if task is not None and task.is_live(now) else None
+        return task is not None and task.is_live(now)
 
-    return op
-
+    return live

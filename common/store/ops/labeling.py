@@ -66,10 +66,13 @@ def pick_prompts(labeler_id: str, now: float, limit: int) -> Op[list[Prompt]]:
 
 
 def prompt_is_free(prompt_id: str, labeler_id: str, now: float) -> Op[bool]:
-    """Inside a claim's write: nobody holds a live lease on the prompt and this labeler did
-    not rank it since `pick_prompts` picked it (two indexed lookups)."""
+    """Inside a claim's write: the prompt still exists (retention or an erasure may have
+    deleted it since `pick_prompts` read it, outside this write), nobody holds a live lease
+    on it and this labeler did not rank it since (three indexed lookups)."""
 
     def op(db: Database) -> bool:
+        if db.conn.execute("SELECT 1 FROM prompts WHERE id = ?", [prompt_id]).fetchone() is None:
+            return False
         leased = db.conn.execute(
             "SELECT 1 FROM comparison_tasks WHERE status = 'leased' AND expires_at > ? AND prompt_id = ?",
             [now, prompt_id]).fetchone()  # fmt: skip

@@ -76,7 +76,7 @@ def add_completions(
                 "finish_reason": s.finish_reason, "prompt_tokens": s.prompt_tokens,
                 "completion_tokens": s.completion_tokens, "sampling_json": to_json(s.sampling),
                 "latency_s": s.latency_s, "ttft_s": s.ttft_s, "purpose": s.purpose,
-                "created_at": at,
+                "created_at": at, "has_pii": int(s.has_pii), "redacted_text": s.redacted_text,
             }  # fmt: skip
             insert_row(db, "completions", row)
             stored.append(from_row(Completion, row))

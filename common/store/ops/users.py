@@ -7,6 +7,7 @@ from sqlite_utils import Database
 from common.identity import ROLES, Role
 from common.store.errors import (
     InvalidArgumentError,
+    NotFoundError,
 )
 from common.store.ops.base import Op, clock, get_one, insert_record, new_id
 from common.store.records import (
@@ -87,5 +88,37 @@ def list_keys(user_id: str | None = None, include_revoked: bool = True) -> Op[li
             " AND ".join(where) or None, params, order_by="created_at, key_id"
         )
         return [from_row(ApiKey, row) for row in rows]
+
+    return op
+
+
+def set_train_opt_out(user_id: str, opt_out: bool, create: bool = False, now: float | None = None) -> Op[bool]:
+    """Set a user's "do not train on my data" setting; True when it changed.
+
+    An id without a users row is NotFoundError, unless ``create`` (a caller setting its
+    own, e.g. in open mode, where users have no row): the row is then made.
+    """
+
+    def op(db: Database) -> bool:
+        if not user_id:
+            raise InvalidArgumentError("user_id is empty: name the user whose setting changes")
+        row = db.execute("SELECT train_opt_out FROM users WHERE id = ?", [user_id]).fetchone()
+        if row is None and not create:
+            raise NotFoundError(f"user {user_id!r} not found")
+        if row is None:
+            db.execute("INSERT INTO users (id, created_at, labeler_group, train_opt_out) VALUES (?, ?, NULL, ?)",
+                       [user_id, clock(now), int(opt_out)])
+            return bool(opt_out)
+        db.execute("UPDATE users SET train_opt_out = ? WHERE id = ?", [int(opt_out), user_id])
+        return bool(row[0]) != bool(opt_out)
+
+    return op
+
+
+def opted_out_user_ids() -> Op[frozenset[str]]:
+    """The ids of the users who asked not to be trained on."""
+
+    def op(db: Database) -> frozenset[str]:
+        return frozenset(row[0] for row in db.execute("SELECT id FROM users WHERE train_opt_out = 1"))
 
     return op
