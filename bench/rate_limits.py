@@ -232,10 +232,10 @@ def markdown(r: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *[row(name, run) for name, run in r["runs"].items()],
         "",
-        "A flood that ignores the hint and resends each refusal at once costs the server one RPC per refusal "
-        "(authentication, the bucket, the status): on this machine that CPU, not the engine, is what the other keys "
-        "wait for. The per-key limits bound what a key gets from the engine; a client that does not back off at "
-        "all must be stopped before the server process (a proxy, a firewall), like any flood of cheap calls.",
+        "A flood that ignores the hint and resends each refusal at once would cost the server one RPC per refusal "
+        "(authentication, the bucket, the status), and on this machine that CPU, not the engine, is what the other "
+        "keys wait for; the server therefore answers a rate or token refusal only near its retry time, at most "
+        "1 s late (`server.servicers.hold_refusal`), so such a client waits on a sleeping coroutine.",
     ])
 
 
