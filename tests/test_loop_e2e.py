@@ -24,12 +24,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from loop_helpers import shipped_texts, tiny_trainer_config, users_in
+from store_reads import completions_of
 
 from clients.client import RlhfClient
 from clients.simulated_labeler import SimulatedLabeler
 from common.identity import generate_api_key, hash_api_key
-from common.store import Store, add_api_key, get_completions, list_policies
-from loop_helpers import shipped_texts, tiny_trainer_config, users_in
+from common.store import Store, add_api_key, list_policies
 from rlhf.v1 import admin_pb2, common_pb2, feedback_pb2, feedback_pb2_grpc
 from trainer.loop_config import config_to_dict
 
@@ -180,7 +181,7 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
         reply = RlhfClient(target, keys["train-0"]).generate("One more question?", max_new_tokens=4, timeout=60)
         assert reply.policy_version == new
         with Store(config.store_path) as store:
-            logged = store.read_sync(get_completions(reply.prompt_id))
+            logged = store.read_sync(completions_of(reply.prompt_id))
             assert logged and all(c.policy_version == new for c in logged)
             assert [p.status for p in store.read_sync(list_policies())][0] == "serving"
     finally:

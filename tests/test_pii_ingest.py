@@ -16,17 +16,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+from server_harness import ServerThread, create_key, server_config
+from store_reads import completions_of
+from test_feedback_harness import bearer, user_in_split
 
 from clients.client import RlhfClient
 from common.exchange import export_records
-from common.store import NewCompletion, Store, get_completions, get_prompt
+from common.store import NewCompletion, Store, get_prompt
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 from server.engines.base import Engine, GenerationUpdate, SamplingOptions
 from server.engines.hf import HFEngine
 from server.logging_sink import CompletionLog, PromptRecord
 from server.pii_ingest import PiiIngest
-from server_harness import ServerThread, create_key, server_config
-from test_feedback_harness import bearer, user_in_split
 from trainer.hygiene import HygieneConfig, run_hygiene
 from trainer.snapshot_data import prompt_records, read_rows, split_cycle_data
 
@@ -124,7 +125,7 @@ def flagged(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
             env.next_task()
         except grpc.RpcError as refused:
             second = refused.code()
-        env.rank(prompt_id=pii, completion_ids=[c.id for c in env.store.read_sync(get_completions(pii))])
+        env.rank(prompt_id=pii, completion_ids=[c.id for c in env.store.read_sync(completions_of(pii))])
         yield Flagged(env, clean, pii, task, second)
     finally:
         env.server.stop()
@@ -139,7 +140,7 @@ def test_a_chat_with_pii_in_an_earlier_turn_is_flagged_at_ingest(flagged: Flagge
 
 
 def test_a_completion_with_pii_is_flagged_with_its_redacted_text(flagged: Flagged) -> None:
-    completions = flagged.env.store.read_sync(get_completions(flagged.clean))
+    completions = flagged.env.store.read_sync(completions_of(flagged.clean))
     assert len(completions) == 4 + 4  # served, then sampled for the labeling task
     for c in completions:
         assert c.has_pii is True and c.text.endswith(LEAK)  # stored as generated in flag mode
@@ -244,7 +245,7 @@ def test_completion_log_returns_what_was_generated_and_stores_the_redacted_text(
     async def log() -> list:
         with Store(tmp_path / "s.sqlite") as store:
             returned = await CompletionLog(store, PiiIngest("redact")).write_samples(prompt, [sample], with_prompt=True)
-            return [returned, store.read_sync(get_prompt("p1")), store.read_sync(get_completions("p1"))]
+            return [returned, store.read_sync(get_prompt("p1")), store.read_sync(completions_of("p1"))]
 
     returned, stored_prompt, stored = asyncio.run(log())
     assert returned[0].text == f"Call {PHONE}." and returned[0].has_pii is True

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from sqlite_utils import Database
+from store_reads import completions_of
 
 from common.identity import hash_api_key
 from common.store import (
@@ -50,7 +51,6 @@ from common.store import (
     expire_tasks,
     fail_stale_cycles,
     find_key_by_hash,
-    get_completions,
     get_cycle,
     get_prompt,
     get_task,
@@ -186,12 +186,12 @@ def test_each_older_version_migrates_forward_keeping_rows(tmp_path: Path, old_ve
         assert store.read_sync(table_names) == ALL_TABLES >= old_tables
         cycle_columns = store.read_sync(lambda db: set(db.table("cycles").columns_dict))
         assert {"heartbeat_at", "owner_pid"} <= cycle_columns  # added by v3
-        assert store.read_sync(get_completions("p1"))[0].has_pii is False  # added by v4, default 0
+        assert store.read_sync(completions_of("p1"))[0].has_pii is False  # added by v4, default 0
         opt_out = store.read_sync(lambda db: db.execute("SELECT train_opt_out FROM users WHERE id = 'u1'").fetchone())
         assert opt_out[0] == 0
         prompt = store.read_sync(get_prompt("p1"))
         assert prompt is not None and prompt.text == "Hi" and prompt.split == "train"
-        assert [c.text for c in store.read_sync(get_completions("p1"))] == ["out0", "out1"]
+        assert [c.text for c in store.read_sync(completions_of("p1"))] == ["out0", "out1"]
         ranking = store.read_sync(lambda db: db.table("rankings").get("r1"))
         assert ranking["ranking_json"] == '[["c1"],["c0"]]'
         assert ranking["task_id"] == ("task1" if old_version >= 2 else None)
@@ -572,7 +572,7 @@ def test_a_crash_before_commit_leaves_no_half_written_rows(tmp_path: Path, mode:
     with Store(path) as store:
         _assert_intact(store)
         assert store.read_sync(get_prompt("p-crash")) is None
-        assert store.read_sync(get_completions("p-crash")) == []
+        assert store.read_sync(completions_of("p-crash")) == []
         orphans = store.read_sync(
             lambda db: db.execute(
                 "SELECT COUNT(*) FROM completions c LEFT JOIN prompts p ON p.id = c.prompt_id "
@@ -581,7 +581,7 @@ def test_a_crash_before_commit_leaves_no_half_written_rows(tmp_path: Path, mode:
         )
         assert orphans == 0
         # The write acknowledged before the crash is there, whole.
-        assert len(store.read_sync(get_completions("p-acked"))) == 4
+        assert len(store.read_sync(completions_of("p-acked"))) == 4
         assert count(store, "prompts") == 1
 
 
@@ -595,7 +595,7 @@ def test_an_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
     with Store(path) as store:
         _assert_intact(store)
         assert store.read_sync(get_prompt("p-acked")).text == "acknowledged"
-        assert [c.text for c in store.read_sync(get_completions("p-acked"))] == ["ok"] * 4
+        assert [c.text for c in store.read_sync(completions_of("p-acked"))] == ["ok"] * 4
 
 
 # ---------------------------------------------------------------- snapshots
@@ -715,7 +715,7 @@ def test_prompts_get_the_users_split_and_a_dedup_key(store: Store) -> None:
 
 def _prompt_with_completions(store: Store, n: int = 4) -> tuple[str, list[str]]:
     prompt_id = store.write_sync(log_generation("u", "rank me", n=n))
-    return prompt_id, [c.id for c in store.read_sync(get_completions(prompt_id))]
+    return prompt_id, [c.id for c in store.read_sync(completions_of(prompt_id))]
 
 
 def test_rankings_are_validated_against_the_prompts_completions(store: Store) -> None:

@@ -80,7 +80,7 @@ from common.store.ops.policies import (
     serving_policy,
     set_policy_status,
 )
-from common.store.ops.prompts import add_completions, add_prompt, dedup_key, get_completion, get_completions, get_prompt
+from common.store.ops.prompts import add_completions, add_prompt, dedup_key, get_completion, get_prompt
 from common.store.ops.retention import (
     PruneReport,
     PruneStep,
@@ -160,7 +160,6 @@ __all__ = [
     "fail_stale_cycles",
     "find_key_by_hash",
     "get_completion",
-    "get_completions",
     "get_cycle",
     "get_policy",
     "get_prompt",

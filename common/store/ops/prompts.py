@@ -85,18 +85,6 @@ def add_completions(
     return op
 
 
-def get_completions(prompt_id: str) -> Op[list[Completion]]:
-    """A prompt's completions in logging order (then by index)."""
-
-    def op(db: Database) -> list[Completion]:
-        rows = db.table("completions").rows_where(
-            "prompt_id = ?", [prompt_id], order_by="created_at, idx, id"
-        )
-        return [from_row(Completion, row) for row in rows]
-
-    return op
-
-
 def get_completion(completion_id: str) -> Op[Completion | None]:
     """One completion, or None."""
     return get_one(Completion, "completions", "id", completion_id)
