@@ -240,14 +240,15 @@ def load_trainer_config(path: Path | str | None = None, overrides: Sequence[str]
     return build_config(TrainerConfig, values, overrides)
 
 
-def load_trainer_config_or_exit(path: Path | str | None, overrides: Sequence[str], command: str) -> TrainerConfig:
+def load_trainer_config_for_cli(path: Path | str | None, overrides: Sequence[str], command: str
+                                ) -> TrainerConfig | None:
     """``load_trainer_config`` for a command line (`rlhf <command>`): a bad file or override
-    prints why and exits with status 2."""
+    prints why and gives None (the command then exits with status 2)."""
     try:
         return load_trainer_config(path, overrides)
     except (ValueError, OSError) as exc:
         print(f"rlhf {command}: bad config: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

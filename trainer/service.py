@@ -59,7 +59,7 @@ from common.store import (
     update_cycle,
 )
 from trainer.cycle import CycleContext, run_cycle
-from trainer.loop_config import TrainerConfig, config_to_dict, load_trainer_config_or_exit
+from trainer.loop_config import TrainerConfig, config_to_dict, load_trainer_config_for_cli
 from trainer.maintenance import back_up_store, prune_old_data
 from trainer.publishing import AdminSwapper, Hook, PolicySwapper, StoreSwapper
 
@@ -245,7 +245,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rlhf trainer`."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    config = load_trainer_config_or_exit(args.config, args.overrides, "trainer")
+    config = load_trainer_config_for_cli(args.config, args.overrides, "trainer")
+    if config is None:
+        return 2
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.store import Store, StoreError, StoreInUseError, restore_backup
-from trainer.loop_config import TrainerConfig, load_trainer_config_or_exit
+from trainer.loop_config import TrainerConfig, load_trainer_config_for_cli
 from trainer.maintenance import back_up_store, prune_old_data
 
 
@@ -42,7 +42,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rlhf store`."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    config = load_trainer_config_or_exit(args.config, args.overrides, "store")
+    config = load_trainer_config_for_cli(args.config, args.overrides, "store")
+    if config is None:
+        return 2
     try:
         if args.command == "restore":
             return restore(config, args.backup, args.force)
