@@ -253,7 +253,7 @@ def drive(target: str, keys: dict[str, str], server: subprocess.Popen, trainer: 
         for t in threads:
             t.join()
         finished = {cid: admin.get_cycle(cid, timeout=30) for cid in cycles}
-    return {"minutes": minutes, "tally": tally, "generate_ok": tally.ok["generate"], "rankings_ok": tally.ok["ranking"],
+    return {"minutes": minutes, "cycle_every_min": cycle_every_min, "tally": tally, "generate_ok": tally.ok["generate"], "rankings_ok": tally.ok["ranking"],
             "failed": {f"{k}:{s}": n for (k, s), n in tally.failed.items()},
             "refused_by_limits": {f"{k}:{s}": n for (k, s), n in tally.refused.items()},
             "cycles": {cid: admin_pb2.CycleState.Name(c.state) for cid, c in finished.items()}, "memory": memory_figures(rss)}
@@ -277,7 +277,7 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{m['second_half_slope_mb_per_hour']:+} |" for name, m in mem.items())
     failed = sum(r["failed"].values())
     return f"""`python -m bench.soak --minutes {r['minutes']:g}`: {USERS} users sending Generate ({MAX_NEW_TOKENS} tokens)
-without pause, {len(LABELERS)} labelers ranking K = 4 tasks, a cycle triggered every {CYCLE_EVERY_MIN:g} minutes
+without pause, {len(LABELERS)} labelers ranking K = 4 tasks, a cycle triggered every {r['cycle_every_min']:g} minutes
 (states: {r['cycles'] or 'none triggered'}).
 
 - requests: {r['generate_ok']} Generate and {r['rankings_ok']} rankings answered; failed (not a limit):

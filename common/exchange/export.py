@@ -22,23 +22,15 @@ from common.store import Store
 from common.store.rankings import ranking_to_pairs
 
 
-def _prompts_by_id(db: Database, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+def _rows_by_id(db: Database, table: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Rows of `table` ("prompts" or "completions") by id, read 500 ids per query (SQLite's
+    bound-parameter limit)."""
     wanted = sorted(set(ids))
     rows: dict[str, dict[str, Any]] = {}
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
         marks = ",".join("?" * len(chunk))
-        rows.update({r["id"]: r for r in db.query(f"SELECT * FROM prompts WHERE id IN ({marks})", chunk)})
-    return rows
-
-
-def _completions_by_id(db: Database, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    wanted = sorted(set(ids))
-    rows: dict[str, dict[str, Any]] = {}
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        rows.update({r["id"]: r for r in db.query(f"SELECT * FROM completions WHERE id IN ({marks})", chunk)})
+        rows.update({r["id"]: r for r in db.query(f"SELECT * FROM {table} WHERE id IN ({marks})", chunk)})
     return rows
 
 
@@ -57,8 +49,8 @@ def ranking_lines(splits: Sequence[str] | None = None, redact_pii: bool = False)
             f"SELECT r.* FROM rankings r JOIN prompts p ON p.id = r.prompt_id WHERE 1 = 1{where} "
             "ORDER BY r.created_at, r.id", params))  # fmt: skip
         groups = {r["id"]: json.loads(r["ranking_json"]) for r in rows}
-        prompts = _prompts_by_id(db, (r["prompt_id"] for r in rows))
-        completions = _completions_by_id(db, (c for g in groups.values() for group in g for c in group))
+        prompts = _rows_by_id(db, "prompts", (r["prompt_id"] for r in rows))
+        completions = _rows_by_id(db, "completions", (c for g in groups.values() for group in g for c in group))
         lines = []
         for r in rows:
             prompt = prompt_record(prompts[r["prompt_id"]], redact_pii)
@@ -98,7 +90,7 @@ def demonstration_lines(splits: Sequence[str] | None = None, redact_pii: bool = 
         rows = list(db.query(
             f"SELECT d.* FROM demonstrations d JOIN prompts p ON p.id = d.prompt_id WHERE 1 = 1{where} "
             "ORDER BY d.created_at, d.id", params))  # fmt: skip
-        prompts = _prompts_by_id(db, (r["prompt_id"] for r in rows))
+        prompts = _rows_by_id(db, "prompts", (r["prompt_id"] for r in rows))
         lines = []
         for d in rows:
             prompt = prompt_record(prompts[d["prompt_id"]], redact_pii)
