@@ -58,19 +58,32 @@ TRAINER_TOML = paths.REPO_ROOT / "scripts" / "demo_trainer.toml"
 # ---------------------------------------------------------------------------- processes
 
 
-def tree_rss_mb(pid: int) -> float:
-    """RSS of a process and all its descendants, in MiB (Linux /proc)."""
-    total, stack = 0.0, [pid]
+MEMORY_KINDS = ("RssAnon", "RssFile", "RssShmem")  # what a process's RSS is made of (Linux /proc)
+
+
+def tree_memory_mb(pid: int) -> dict[str, dict[str, float]]:
+    """Each process of a tree (a process and all its descendants): its RSS by kind, in MiB.
+
+    Keyed "name:pid" (name from /proc/PID/comm). Anonymous memory that keeps growing is a
+    leak's signature; file-backed pages (the mapped weights) and shared memory fill once.
+    """
+    found, stack = {}, [pid]
     while stack:
         p = stack.pop()
         try:
             status = Path(f"/proc/{p}/status").read_text()
-            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            name = Path(f"/proc/{p}/comm").read_text().strip()
+            found[f"{name}:{p}"] = {kind: int(fields[kind].split()[0]) / 1024 for kind in MEMORY_KINDS}
             for task in Path(f"/proc/{p}/task").iterdir():
                 stack += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, StopIteration, ValueError):
+        except (OSError, KeyError, ValueError):
             continue
-    return total
+    return found
+
+
+def tree_rss_mb(processes: dict[str, dict[str, float]]) -> float:
+    return sum(sum(kinds.values()) for kinds in processes.values())
 
 
 def start(name: str, args: list[str], out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -216,6 +229,7 @@ def run(minutes: float = MINUTES, engine: str = "auto", cycle_every_min: float =
         figures_exit = stop(server)
     figures["server_exit"] = figures_exit
     figures.update(stored(out, figures.pop("tally")))
+    write_samples(out, figures.pop("per_process_samples"))
     figures["folder"] = str(out)
     figures["markdown"] = markdown(figures)
     return figures
@@ -234,13 +248,16 @@ def drive(target: str, keys: dict[str, str], server: subprocess.Popen, trainer: 
     for t in threads:
         t.start()
     rss: dict[str, list[tuple[float, float]]] = {"server": [], "trainer": []}
+    per_process: list[tuple[float, str, str, dict[str, float]]] = []  # (s, tree, process, kinds)
     cycles, next_cycle = [], started + 60 * cycle_every_min
     with RlhfClient(target, keys["admin"]) as admin:
         while time.time() < stop_at:
             time.sleep(SAMPLE_EVERY_S)
             now = time.time() - started
-            rss["server"].append((now, tree_rss_mb(server.pid)))
-            rss["trainer"].append((now, tree_rss_mb(trainer.pid)))
+            for tree, proc in (("server", server), ("trainer", trainer)):
+                processes = tree_memory_mb(proc.pid)
+                rss[tree].append((now, tree_rss_mb(processes)))
+                per_process += [(now, tree, name, kinds) for name, kinds in processes.items()]
             if time.time() >= next_cycle:
                 next_cycle += 60 * cycle_every_min
                 try:
@@ -256,7 +273,8 @@ def drive(target: str, keys: dict[str, str], server: subprocess.Popen, trainer: 
     return {"minutes": minutes, "cycle_every_min": cycle_every_min, "tally": tally, "generate_ok": tally.ok["generate"], "rankings_ok": tally.ok["ranking"],
             "failed": {f"{k}:{s}": n for (k, s), n in tally.failed.items()},
             "refused_by_limits": {f"{k}:{s}": n for (k, s), n in tally.refused.items()},
-            "cycles": {cid: admin_pb2.CycleState.Name(c.state) for cid, c in finished.items()}, "memory": memory_figures(rss)}
+            "cycles": {cid: admin_pb2.CycleState.Name(c.state) for cid, c in finished.items()}, "memory": memory_figures(rss),
+            "by_process": process_figures(per_process), "per_process_samples": per_process}
 
 
 def memory_figures(rss: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
@@ -271,11 +289,46 @@ def memory_figures(rss: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
     return out
 
 
+def process_figures(samples: list[tuple[float, str, str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Per process (alive after the warm-up): growth of each kind of RSS after the warm-up, and
+    the slope of its anonymous memory over the second half."""
+    series: dict[tuple[str, str], list[tuple[float, dict[str, float]]]] = {}
+    for t, tree, name, kinds in samples:
+        if t >= WARM_UP_S:
+            series.setdefault((tree, name), []).append((t, kinds))
+    rows = []
+    for (tree, name), points in series.items():
+        if len(points) < 2:
+            continue  # a short-lived child (a compile, a helper): nothing to grow
+        first, last = points[0][1], points[-1][1]
+        second_half = points[len(points) // 2:]
+        rows.append({"tree": tree, "process": name, "minutes": round((points[-1][0] - points[0][0]) / 60, 1),
+                     "end_mb": {k: round(v) for k, v in last.items()},
+                     "growth_mb": {k: round(last[k] - first[k]) for k in MEMORY_KINDS},
+                     "anon_second_half_slope_mb_per_hour": round(
+                         slope_mb_per_hour([(t, kinds["RssAnon"]) for t, kinds in second_half]), 1)})
+    return sorted(rows, key=lambda r: -sum(r["end_mb"].values()))
+
+
+def write_samples(out: Path, samples: list[tuple[float, str, str, dict[str, float]]]) -> None:
+    """Every memory sample as CSV, for a plot or a closer look."""
+    lines = ["seconds,tree,process," + ",".join(MEMORY_KINDS)]
+    lines += [f"{t:.0f},{tree},{name}," + ",".join(f"{kinds[k]:.1f}" for k in MEMORY_KINDS)
+              for t, tree, name, kinds in samples]
+    (out / "memory.csv").write_text("\n".join(lines) + "\n")
+
+
 def markdown(r: dict[str, Any]) -> str:
     mem = r["memory"]
     rows = "\n".join(f"| {name} | {m['after_warm_up_mb']} | {m['end_mb']} | {m['growth_mb']:+} | {m['peak_mb']} | "
                      f"{m['second_half_slope_mb_per_hour']:+} |" for name, m in mem.items())
     failed = sum(r["failed"].values())
+    def kinds(mb: dict[str, int], sign: str = "") -> str:
+        return " / ".join(f"{mb[k]:{sign}}" for k in MEMORY_KINDS)
+
+    process_rows = "\n".join(
+        f"| {p['tree']} | {p['process']} | {kinds(p['end_mb'])} | {kinds(p['growth_mb'], '+')} | "
+        f"{p['anon_second_half_slope_mb_per_hour']:+} |" for p in r["by_process"])
     return f"""`python -m bench.soak --minutes {r['minutes']:g}`: {USERS} users sending Generate ({MAX_NEW_TOKENS} tokens)
 without pause, {len(LABELERS)} labelers ranking K = 4 tasks, a cycle triggered every {r['cycle_every_min']:g} minutes
 (states: {r['cycles'] or 'none triggered'}).
@@ -289,6 +342,13 @@ without pause, {len(LABELERS)} labelers ranking K = 4 tasks, a cycle triggered e
 | process tree | RSS after {WARM_UP_S / 60:g} min warm-up (MiB) | at the end | growth | peak | slope over the second half (MiB/h) |
 | --- | --- | --- | --- | --- | --- |
 {rows}
+
+Each process alive after the warm-up (MiB; growth after the warm-up by kind: anonymous,
+file-backed, shared; every sample in `memory.csv` of the run folder):
+
+| tree | process | at the end (anon / file / shmem) | growth (anon / file / shmem) | anon slope, second half (MiB/h) |
+| --- | --- | --- | --- | --- |
+{process_rows}
 """
 
 
