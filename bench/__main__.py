@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("bench.store_writes", "Store: committed writes per second"),
     ("bench.store_backup", "Store: the server's write latency during an online backup"),
     ("bench.feedback", "Feedback: rankings per second over gRPC vs a bare echo service"),
+    ("bench.webapp", "Labeling web app: the page's own latency beyond the lease"),
     ("bench.reward_model", "Reward model: K-way batched step vs naive pairwise"),
     ("bench.serving", "Serving: gRPC server vs offline vLLM and sequential HF; TTFT; swap stall"),
     ("bench.rate_limits", "Per-key limits: other keys' latency while one key floods"),

@@ -1,7 +1,10 @@
 """Operator commands over the Admin service (role admin):
 
     rlhf cycle now [--reason TEXT]        ask the trainer for a training cycle now
-    rlhf cycles [--limit N]               the history of training cycles
+    rlhf cycles [--limit N]               the history of training cycles, and the ratings per version
+    rlhf labelers                         labeler quality: work, time per task, agreement, gold
+    rlhf labelers gold PROMPT 'a,b;c;d'   set a prompt's gold ranking (groups best first by ';',
+                                          ties by ',')
     rlhf policies [--limit N]             published policies and their status
     rlhf policies swap N                  serve version N (verified before loading)
     rlhf policies rollback [N]            serve N, or the version served before this one
@@ -18,13 +21,14 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from clients.client import RlhfClient
 from clients.query_cli import add_connection_flags, connect
-from rlhf.v1 import admin_pb2, common_pb2
+from rlhf.v1 import admin_pb2, common_pb2, feedback_pb2
 
 
 def _when(ts: Timestamp, present: bool = True) -> str:
@@ -89,11 +93,91 @@ def cycle_main(argv: Sequence[str] | None = None) -> int:
 
 def cycles_main(argv: Sequence[str] | None = None) -> int:
     """`rlhf cycles`."""
-    parser = argparse.ArgumentParser(prog="rlhf cycles", description="Show training cycles, newest first.")
+    parser = argparse.ArgumentParser(prog="rlhf cycles", description="Show training cycles, newest first, "
+                                     "and the labelers' ratings of each policy version's completions.")
     parser.add_argument("--limit", type=int, default=20)
     add_connection_flags(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    return _run(args, lambda client: format_cycles(client.list_cycles(args.limit)))
+
+    def show(client: RlhfClient) -> str:
+        cycles = format_cycles(client.list_cycles(args.limit))
+        ratings = client.admin.GetRatingsReport(admin_pb2.GetRatingsReportRequest(), metadata=client.metadata)
+        return f"{cycles}\n\nratings per policy version (Likert 1..7, 7 best)\n{format_ratings(ratings)}"
+
+    return _run(args, show)
+
+
+def format_ratings(report: admin_pb2.RatingsReport, top_flags: int = 3) -> str:
+    """Per policy version: ratings, mean Likert score and the most frequent flags (the paper's Fig. 4)."""
+    if not report.versions:
+        return "no ratings yet (Feedback.SubmitRating)"
+    lines = [f"{'version':>7}  {'ratings':>7}  {'mean':>5}  most frequent flags"]
+    for v in report.versions:
+        flags = sorted(((share, name) for name, share in v.flag_share.items() if share > 0), reverse=True)[:top_flags]
+        shown = ", ".join(f"{name} {share:.0%}" for share, name in flags) or "none set"
+        lines.append(f"v{v.policy_version:>6}  {v.ratings:>7}  {v.mean_overall:>5.2f}  {shown}")
+    return "\n".join(lines)
+
+
+# The paper's figure the agreement tables stand beside (Ouyang et al. 2022, section 3.4).
+PAPER_AGREEMENT = "InstructGPT's training labelers agreed with each other 72.6 ± 1.5% of the time (Ouyang et al. 2022)"
+
+
+def _share(message: Any, field: str) -> str:
+    return f"{getattr(message, field):.1%}" if message.HasField(field) else "-"
+
+
+def format_labeler_quality(quality: admin_pb2.LabelerQuality) -> str:
+    """The per-labeler and per-group tables of Admin.GetLabelerQuality, beside the paper's figure."""
+    lines = [f"{'labeler':<16}  {'group':<8}  {'done':>5}  {'declined':>8}  {'s/task':>7}  {'shared':>6}  "
+             f"{'agree':>6}  {'gold':>4}  {'gold agree':>10}  flagged"]
+    for s in quality.labelers:
+        seconds = f"{s.median_seconds_per_task:.1f}" if s.HasField("median_seconds_per_task") else "-"
+        lines.append(f"{s.labeler_id:<16}  {s.labeler_group or '-':<8}  {s.tasks_done:>5}  {s.tasks_declined:>8}  "
+                     f"{seconds:>7}  {s.shared_tasks:>6}  {_share(s, 'pairwise_agreement'):>6}  {s.gold_tasks:>4}  "
+                     f"{_share(s, 'gold_agreement'):>10}  {'yes: ' + s.flag_reason if s.flagged else ''}")
+    lines += ["", f"{'group':<8}  {'labelers':>8}  {'shared sets':>11}  {'pairs':>6}  {'agreement':>9}  alpha (ordinal)"]
+    for g in [*quality.groups, quality.overall]:
+        alpha = f"{g.krippendorff_alpha:.3f}" if g.HasField("krippendorff_alpha") else "-"
+        lines.append(f"{g.labeler_group or '(all)':<8}  {g.labelers:>8}  {g.shared_tasks:>11}  {g.pairs:>6}  "
+                     f"{_share(g, 'pairwise_agreement'):>9}  {alpha}")
+    lines += ["", PAPER_AGREEMENT + ".",
+              f"Shared prompts {quality.overlap_share:.0%}, gold tasks {quality.gold_share:.0%} of requests; a labeler is "
+              f"flagged below {quality.gold_min_agreement:.0%} gold agreement over {quality.gold_min_tasks}+ gold tasks."]
+    return "\n".join(lines)
+
+
+def parse_gold_ranking(text: str) -> list[list[str]]:
+    """'a,b;c;d' -> [["a", "b"], ["c"], ["d"]]: groups best first, separated by ';', ties by ','."""
+    return [[cid.strip() for cid in group.split(",")] for group in text.split(";")]
+
+
+def labelers_main(argv: Sequence[str] | None = None) -> int:
+    """`rlhf labelers [gold PROMPT_ID RANKING]`."""
+    parser = argparse.ArgumentParser(
+        prog="rlhf labelers", description="Labeler quality (work, time per task, agreement with each other and "
+        "with gold rankings), or `gold PROMPT_ID 'id1,id2;id3;id4'` to set a prompt's gold ranking: completion "
+        "ids best first, groups separated by ';', ties within a group by ','.")
+    parser.add_argument("action", nargs="?", choices=["show", "gold"], default="show")
+    parser.add_argument("prompt_id", nargs="?", default=None)
+    parser.add_argument("ranking", nargs="?", default=None)
+    add_connection_flags(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.action == "show":
+        return _run(args, lambda client: format_labeler_quality(client.admin.GetLabelerQuality(
+            admin_pb2.GetLabelerQualityRequest(), metadata=client.metadata)))
+    if args.prompt_id is None or args.ranking is None:
+        parser.error("gold needs a prompt id and a ranking: rlhf labelers gold PROMPT_ID 'id1,id2;id3;id4'")
+    request = admin_pb2.SetGoldRankingRequest(
+        request_id=uuid.uuid4().hex, prompt_id=args.prompt_id,
+        ranking=[feedback_pb2.RankGroup(completion_ids=g) for g in parse_gold_ranking(args.ranking)])
+
+    def set_gold(client: RlhfClient) -> str:
+        done = client.admin.SetGoldRanking(request, metadata=client.metadata)
+        return (f"gold ranking of prompt {done.prompt_id} {'replaced' if done.replaced else 'set'}: "
+                f"{done.comparisons} ordered pairs")
+
+    return _run(args, set_gold)
 
 
 def policies_main(argv: Sequence[str] | None = None) -> int:

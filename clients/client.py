@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rlhf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
+from rlhf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, feedback_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 API_KEY_ENV = "RLHF_API_KEY"
@@ -99,7 +99,8 @@ class _Base:
 
 
 class RlhfClient(_Base):
-    """Blocking client of Inference and Admin (and the standard health service)."""
+    """Blocking client of Inference and Admin (and the standard health service); `feedback`
+    is the Feedback stub, for labeling tools."""
 
     def __init__(self, target: str | None = None, api_key: str | None = None, **kwargs: Any) -> None:
         super().__init__(target, api_key, **kwargs)
@@ -109,6 +110,7 @@ class RlhfClient(_Base):
             self.channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
+        self.feedback = feedback_pb2_grpc.FeedbackStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
@@ -206,7 +208,8 @@ class RlhfClient(_Base):
 
 
 class AsyncRlhfClient(_Base):
-    """asyncio client of Inference and Admin (and the standard health service)."""
+    """asyncio client of Inference and Admin (and the standard health service); `feedback`
+    is the Feedback stub (the web app passes each signed-in labeler's key as call metadata)."""
 
     def __init__(self, target: str | None = None, api_key: str | None = None, **kwargs: Any) -> None:
         super().__init__(target, api_key, **kwargs)
@@ -216,6 +219,7 @@ class AsyncRlhfClient(_Base):
             self.channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
+        self.feedback = feedback_pb2_grpc.FeedbackStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     async def close(self) -> None:

@@ -32,6 +32,12 @@ score mean 0.47, sd 0.27; no group of K = 4 fully tied; its yes/no reading
 is that yes/no rule as a score (the PPO scratch experiment's: ~3% at a 48-token cap);
 it ties most samples, so rankings under it carry little.
 
+Ratings (`run(rate=True)`, the demo's labelers): each completion of a ranked task also gets
+a Likert score and flags from the SAME hidden score: the score's place in the rule's range
+(`SCORE_RANGES`, or `score_range` for a rule of your own) mapped onto 1..7, and the flags
+that reading implies (`rate`). A task whose rule ties every completion is declined as
+SKIPPED (`Feedback.DeclineTask`): the labeler has no judgement to give.
+
 The client side speaks the gRPC contract only (`rlhf.v1` stubs).
 """
 
@@ -99,6 +105,9 @@ def short_no_digits(prompt: str, completion: str) -> float:
 
 
 RULES: dict[str, Rule] = {"concise_polite": concise_polite, "short_no_digits": short_no_digits}
+# Each rule's range of scores (lowest, highest): a rating maps it onto the Likert scale 1..7.
+SCORE_RANGES: dict[str, tuple[float, float]] = {"concise_polite": (-0.5, 2.0), "short_no_digits": (0.0, 1.0)}
+LIKERT_MIN, LIKERT_MAX = 1, 7
 
 
 def meets_concise_polite(prompt: str, completion: str) -> bool:
@@ -138,6 +147,23 @@ def noisy_ranking(scores: Sequence[float], p: float, rng: random.Random) -> Grou
     return groups_by_score(scores)
 
 
+def likert(score: float, score_range: tuple[float, float]) -> int:
+    """The score's place in the rule's range on the 1..7 scale: lowest -> 1, highest -> 7.
+    (-0.5, 2.0): 0.75 -> 4, 2.0 -> 7, -0.5 -> 1; a score outside the range is clipped."""
+    low, high = score_range
+    place = min(max((score - low) / (high - low), 0.0), 1.0)
+    return LIKERT_MIN + round(place * (LIKERT_MAX - LIKERT_MIN))
+
+
+def rating_flags(overall: int, lowest: bool) -> dict[str, bool]:
+    """The metadata flags a rule's reading implies: a completion rated 1..2, or the task's
+    lowest-scored one rated 3 or less, fails to follow the instruction (the rule is what the
+    labeler reads the instruction as); one rated 6..7 satisfies its constraints. A rule says
+    nothing about the other flags (harm, opinions, ...): they stay unset."""
+    return {"fails_to_follow_instruction": overall <= 2 or (lowest and overall <= 3),
+            "satisfies_constraint": overall >= 6}
+
+
 def pairwise_agreement(groups_a: Groups, groups_b: Groups) -> tuple[int, int]:
     """(agreeing pairs, compared pairs) over the pairs BOTH orders rank strictly."""
     rank_a = {i: r for r, g in enumerate(groups_a) for i in g}
@@ -165,6 +191,7 @@ class LabelingReport:
     skipped: int = 0
     comparisons: int = 0
     demonstrations: int = 0
+    ratings: int = 0
     refused: dict[str, int] = dataclasses.field(default_factory=dict)
     no_task: int = 0
 
@@ -177,6 +204,8 @@ class SimulatedLabeler:
 
     `labeler_group` is descriptive here: the server takes the group from the caller's
     identity (the API key), so a "heldout" labeler needs a key issued in that group.
+    `score_range` (lowest, highest score) places a score on the Likert scale; a named rule
+    brings its own (`SCORE_RANGES`), a rule of your own needs one to rate.
     """
 
     def __init__(
@@ -186,6 +215,7 @@ class SimulatedLabeler:
         seed: int = 0,
         labeler_group: str = "train",
         metadata: Sequence[tuple[str, str]] = (),
+        score_range: tuple[float, float] | None = None,
     ) -> None:
         if not 0.0 <= p <= 0.5:
             raise ValueError(f"noise p must be in [0, 0.5], got {p}")
@@ -193,7 +223,9 @@ class SimulatedLabeler:
         self.p = p
         self.labeler_group = labeler_group
         self.metadata = tuple(metadata)
+        self.score_range = score_range or (SCORE_RANGES.get(rule) if isinstance(rule, str) else None)
         self._rng = random.Random(seed)
+        self._rating_rng = random.Random(f"ratings-{seed}")  # its own stream: rating leaves the rankings as they were
 
     def rank(self, prompt: str, completions: Sequence[str]) -> Groups | None:
         """Best-first groups of completion indexes; None when the rule ties them all (any
@@ -202,6 +234,19 @@ class SimulatedLabeler:
         if len(set(scores)) == 1 and len(scores) > 1:
             return None
         return noisy_ranking(scores, self.p, self._rng)
+
+    def rate(self, prompt: str, completions: Sequence[str]) -> list[tuple[int, dict[str, bool]]]:
+        """(Likert 1..7, flags) per completion, from the hidden scores the ranking follows
+        (`likert`, `rating_flags`). In a lapse of attention (probability 2p, as for rankings)
+        the task's scores are uniformly random instead."""
+        if self.score_range is None:
+            raise ValueError("rating needs the rule's score_range (lowest, highest score)")
+        scores = [self.rule(prompt, c) for c in completions]
+        lapse = self._rating_rng.random() < 2.0 * self.p
+        overall = [self._rating_rng.randint(LIKERT_MIN, LIKERT_MAX) if lapse else likert(s, self.score_range)
+                   for s in scores]  # fmt: skip
+        lowest = min(scores)
+        return [(o, rating_flags(o, s == lowest)) for o, s in zip(overall, scores)]
 
     def best_completion(self, task: feedback_pb2.ComparisonTask) -> str:
         """The completion the rule likes best: what this labeler would write as a demonstration
@@ -218,13 +263,15 @@ class SimulatedLabeler:
         return [[ids[i] for i in group] for group in groups]
 
     def run(self, client, n_tasks: int, *, k: int = 0, timeout: float = 60.0, demonstrations: int = 0,
-            demonstrate_on: Container[str] | None = None) -> LabelingReport:
+            demonstrate_on: Container[str] | None = None, rate: bool = False) -> LabelingReport:
         """Lease, rank and submit up to `n_tasks` tasks through a `FeedbackStub`; stops early
-        when the queue is empty (NOT_FOUND). Transient failures are retried with the same
-        request_id, which the server answers idempotently. For the first `demonstrations`
-        tasks (of prompts in `demonstrate_on`, when given) the labeler also submits a
-        demonstration: the best of the task's drafts by its rule (``best_completion``), so
-        demonstrations follow the labeler's preference whatever it is."""
+        when the queue is empty (NOT_FOUND). A task the rule cannot order (all tied) is
+        declined as SKIPPED. Transient failures are retried with the same request_id, which
+        the server answers idempotently. For the first `demonstrations` tasks (of prompts in
+        `demonstrate_on`, when given) the labeler also submits a demonstration: the best of
+        the task's drafts by its rule (``best_completion``), so demonstrations follow the
+        labeler's preference whatever it is. With `rate`, every completion of a ranked task
+        is also rated (`rate`: Likert 1..7 and flags, by the same rule)."""
         report = LabelingReport()
         for _ in range(n_tasks):
             try:
@@ -236,6 +283,9 @@ class SimulatedLabeler:
                 raise
             groups = self.rank_task(task)
             if groups is None:
+                self._call(client.DeclineTask, feedback_pb2.DeclineTaskRequest(
+                    request_id=_new_id(), task_id=task.task_id, reason=feedback_pb2.SKIPPED,
+                    comment="my rule ties every completion"), timeout)  # fmt: skip
                 report.skipped += 1
                 continue
             request = feedback_pb2.SubmitRankingRequest(
@@ -253,11 +303,22 @@ class SimulatedLabeler:
                 continue
             report.submitted += 1
             report.comparisons += response.comparisons
+            if rate:
+                report.ratings += self._rate_task(client, task, timeout)
             if report.demonstrations < demonstrations and (demonstrate_on is None or task.prompt_id in demonstrate_on):
                 self._call(client.SubmitDemonstration, feedback_pb2.SubmitDemonstrationRequest(
                     request_id=_new_id(), prompt_id=task.prompt_id, response=self.best_completion(task)), timeout)
                 report.demonstrations += 1
         return report
+
+    def _rate_task(self, client, task: feedback_pb2.ComparisonTask, timeout: float) -> int:
+        """Submit a rating of each of the task's completions; return how many."""
+        for completion, (overall, flags) in zip(task.completions, self.rate(task.prompt_text,
+                                                                         [c.text for c in task.completions])):
+            self._call(client.SubmitRating, feedback_pb2.SubmitRatingRequest(
+                request_id=_new_id(), completion_id=completion.completion_id, overall=overall,
+                flags=feedback_pb2.RatingFlags(**flags)), timeout)  # fmt: skip
+        return len(task.completions)
 
     def _call(self, method, request, timeout: float, attempts: int = 5):
         for attempt in range(attempts):

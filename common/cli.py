@@ -15,15 +15,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("server.keys_cli:main", "create, list and revoke API keys"),
     "query": ("clients.query_cli:main", "ask the served policy (streams to the terminal)"),
     "label": ("clients.label_tui:main", "rank completions interactively, as a labeler"),
+    "web": ("webapp.app:main", "serve the labeling web app (rank, rate, demonstrate; admin pages)"),
     "export": ("clients.exchange_cli:export_main", "export rankings/demonstrations as JSONL"),
     "import": ("clients.exchange_cli:import_main", "import rankings/demonstrations from JSONL"),
     "train": ("trainer.cli:main", "run one training stage by hand: sft | rm | ppo"),
     "trainer": ("trainer.service:main", "run the scheduled trainer process"),
     "cycle": ("clients.admin_cli:cycle_main", "`rlhf cycle now`: ask for a training cycle now"),
-    "cycles": ("clients.admin_cli:cycles_main", "show the history of training cycles"),
+    "cycles": ("clients.admin_cli:cycles_main", "show the history of training cycles and the ratings per version"),
     "policies": ("clients.admin_cli:policies_main", "list policies; swap or roll back"),
     "store": ("trainer.store_cli:main", "prune old data, back up or restore the store"),
     "users": ("clients.admin_cli:users_main", "`rlhf users erase USER --yes`: erase a user's data"),
+    "labelers": ("clients.admin_cli:labelers_main", "labeler quality (agreement, gold tasks); `gold` sets a gold ranking"),
 }
 
 

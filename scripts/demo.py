@@ -10,8 +10,9 @@ Two real processes, as in production: `rlhf serve` (vLLM where it installs) and
   users       train/val/test users (split by user id) send prompts from the shipped set
   labelers    simulated labelers with a hidden rule (`concise_polite`: ~20 words, polite,
               on topic, no digits) and the paper's disagreement (each pair flipped with
-              p = 0.16); two in group "A" (their rankings train) and two in the held-out
-              group "B" (never trained on, as the paper's held-out labelers); K = 9
+              p = 0.16); four in group "A" (their rankings train) and two in the held-out
+              group "B" (never trained on, as the paper's held-out labelers); K = 9; they
+              also rate every completion they rank (Likert 1..7 and flags, by the same rule)
   demonstrator  in cycle 1, a training labeler's own best of 9 drafts (samples of the serving
               policy, picked by the labeler's noisy preference) for some train prompts (SFT);
               nothing is written to the rule (``--no-demonstrations``: none at all)
@@ -21,7 +22,8 @@ Two real processes, as in production: `rlhf serve` (vLLM where it installs) and
 After every promotion the serving policy answers a FIXED set of test-split prompts
 greedily (beside the next cycle, which swaps only at its end). The held-out labelers compare each answer with v0's answer to the same prompt
 (noisy, as they label); the hidden rule compares them without noise (the truth no model
-sees). At the end: a per-cycle table, `cycles.png`, `report.md`, and a one-sided binomial
+sees). At the end: a per-cycle table, `cycles.png`, `report.md` (with the ratings per
+policy version and the labelers' agreement on shared prompts), and a one-sided binomial
 (sign) test of the final policy against v0 on the held-out labelers' comparisons; the
 exit status is 1 unless p < 0.01. Everything lands in runs/demo-<time>/ (store,
 checkpoints, logs, summary.json). `make demo` sets RLHF_DEMO_STARTED so the set-up
@@ -144,6 +146,7 @@ class Demo:
     test_set: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
     answers: dict[int, list[str]] = field(default_factory=dict)  # version -> greedy answers to test_set
+    labeling: dict[str, Any] = field(default_factory=dict)  # labeling_report(): ratings per version, agreement
 
 
 # ---------------------------------------------------------------------------- the demo, top to bottom
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 finished = FinishedCycle(n, cycle, version, data, during, time.time() - cycle_started, answers)
             if finished is not None:
                 record_row(demo, finished)
+        demo.labeling = labeling_report(admin)
         admin.close()
     final = max(demo.answers)
     result = compare_with_v0(demo, final)
@@ -389,12 +393,26 @@ def label(demo: Demo, plan: Plan, n_cycle: int, train_prompt_ids: set[str]) -> d
             return SimulatedLabeler(p=NOISE_P, seed=1000 * seed + n_cycle, labeler_group=group,
                                     metadata=metadata).run(stub, plan.tasks(n_cycle, group), k=plan.label_k,
                                                            timeout=300, demonstrations=demos,
-                                                           demonstrate_on=train_prompt_ids)
+                                                           demonstrate_on=train_prompt_ids, rate=True)
 
     with ThreadPoolExecutor(len(LABELERS)) as pool:
         reports = list(pool.map(work, LABELERS))
     return {"rankings": sum(r.submitted for r in reports), "pairs": sum(r.comparisons for r in reports),
-            "demos": sum(r.demonstrations for r in reports)}
+            "demos": sum(r.demonstrations for r in reports), "ratings": sum(r.ratings for r in reports)}
+
+
+def labeling_report(admin: RlhfClient) -> dict[str, Any]:
+    """The labelers' ratings per policy version (Admin.GetRatingsReport: the paper's Fig. 4)
+    and their agreement on the prompts several of them ranked (Admin.GetLabelerQuality)."""
+    ratings = admin.admin.GetRatingsReport(admin_pb2.GetRatingsReportRequest(), metadata=admin.metadata, timeout=60)
+    quality = admin.admin.GetLabelerQuality(admin_pb2.GetLabelerQualityRequest(), metadata=admin.metadata,
+                                            timeout=60)  # fmt: skip
+    overall = quality.overall
+    return {"ratings": [{"version": v.policy_version, "ratings": v.ratings, "mean_overall": v.mean_overall,
+                         "flag_share": dict(v.flag_share)} for v in ratings.versions],
+            "agreement": {"shared_sets": overall.shared_tasks, "pairs": overall.pairs,
+                          "share": overall.pairwise_agreement if overall.HasField("pairwise_agreement") else None,
+                          "alpha": overall.krippendorff_alpha if overall.HasField("krippendorff_alpha") else None}}
 
 
 def feed(demo: Demo, plan: Plan, n: int) -> dict[str, Any]:
@@ -670,7 +688,7 @@ def report(demo: Demo, result: dict[str, Any], set_up_s: float, loop_s: float) -
     plot(demo, demo.out / "cycles.png")
     (demo.out / "report.md").write_text(markdown_report(demo, verdict, timing))
     summary = {"rows": demo.rows, "final_vs_v0": result, "answers": demo.answers, "test_prompts": demo.test_set,
-               "set_up_seconds": set_up_s, "loop_seconds": loop_s, "noise_p": NOISE_P}
+               "set_up_seconds": set_up_s, "loop_seconds": loop_s, "noise_p": NOISE_P, "labeling": demo.labeling}
     (demo.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"plot {demo.out / 'cycles.png'}; report {demo.out / 'report.md'}; details {demo.out / 'summary.json'}")
 
@@ -683,10 +701,45 @@ def markdown_report(demo: Demo, verdict: str, timing: str) -> str:
     lines += ["", f"RM accuracy ceiling: {CEILING_RULE:.2f} (a labeler flips each pair with p = {NOISE_P}); "
               f"two labelers agree {CEILING_PEERS:.2f} of the time.", ""]
     lines += [f"- `{name}`: {meaning}" for name, _, meaning in COLUMNS]
+    lines += ratings_section(demo.labeling)
+    lines += look_around(demo.out)
     lines += ["", f"## Three test prompts, v0 and v{final} (greedy)", ""]
     for q, old, new in list(zip(demo.test_set, demo.answers[0], demo.answers[final]))[:3]:
         lines += [f"**{q}**", "", f"- v0: {old.strip()!r}", f"- v{final}: {new.strip()!r}", ""]
     return "\n".join(lines)
+
+
+def look_around(out: Path) -> list[str]:
+    """report.md's instructions to serve the run's final policy again and label it in the
+    browser (the demo's own processes are gone when the report is read)."""
+    data = out / "data"
+    return ["", "## Look around yourself", "",
+            "Serve the run's store and its latest policy, make yourself a labeler key, and label in the browser:", "",
+            "```",
+            f"rlhf serve --store-path {data / 'rlhf.sqlite'} --checkpoints-root {data / 'checkpoints'} &",
+            f"rlhf keys --store {data / 'rlhf.sqlite'} create --role labeler --user you --group A",
+            "rlhf web --server 127.0.0.1:50051      # prints its URL; sign in with the key",
+            "rlhf cycles     # with RLHF_API_KEY set to an admin key (`rlhf keys ... create --role admin`)",
+            "```"]
+
+
+def ratings_section(labeling: dict[str, Any], top_flags: int = 3) -> list[str]:
+    """report.md's ratings per policy version (mean Likert, most frequent flags) and the
+    labelers' agreement on shared prompts; nothing when the run has no labeling report."""
+    if not labeling:
+        return []
+    lines = ["", "## The labelers' ratings per policy version", "",
+             "| version | ratings | mean Likert (1..7) | most frequent flags |", "| --- | --- | --- | --- |"]
+    for v in labeling["ratings"]:
+        flags = sorted(((share, name) for name, share in v["flag_share"].items() if share > 0), reverse=True)
+        shown = ", ".join(f"{name} {share:.0%}" for share, name in flags[:top_flags]) or "none"
+        lines.append(f"| v{v['version']} | {v['ratings']} | {v['mean_overall']:.2f} | {shown} |")
+    agreement = labeling["agreement"]
+    share = "-" if agreement["share"] is None else f"{agreement['share']:.1%}"
+    lines += ["", f"Labelers agreed on {share} of the {agreement['pairs']} pairs of the {agreement['shared_sets']} "
+              f"completion sets several of them ranked (Krippendorff's alpha {_cell(agreement['alpha'])}); "
+              f"expected {CEILING_PEERS:.1%} at p = {NOISE_P}; InstructGPT's labelers agreed 72.6 ± 1.5%."]
+    return lines
 
 
 def plot(demo: Demo, path: Path) -> None:

@@ -24,4 +24,15 @@ case "$engine" in
     ;;
   *) echo "unknown engine extra: $engine (cpu | cuda)" >&2; exit 2 ;;
 esac
+# The web app's browser tests drive Debian's chromium through Playwright (`playwright
+# install` cannot download browsers here). Installed when missing and we may; otherwise
+# those tests skip, saying why.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+  else
+    echo "note: /usr/bin/chromium is missing; the web app's browser tests will skip." >&2
+    echo "      install it with: sudo apt-get install -y --no-install-recommends chromium" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, transformers, grpc, sqlite_utils; print(f'env ready: torch {torch.__version__}, transformers {transformers.__version__}')"

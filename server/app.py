@@ -264,7 +264,8 @@ async def serve(config: ServerConfig, engine_options: dict[str, Any] | None = No
         policy = await startup_policy(store, config.checkpoints_root, config.base_model_dir,
                                       config.base_model_name)
         kind = default_engine_kind() if config.engine == "auto" else config.engine
-        engine = create_engine(kind, Path(policy.path), policy.version, **(engine_options or {}))
+        engine = create_engine(kind, Path(policy.path), policy.version, swap_mode=config.swap_mode,
+                               drain_timeout_s=config.swap_drain_timeout_s, **(engine_options or {}))
         running = await build_server(config, engine, store, handle_signals=True)
         await running.start()
         try:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from common import paths
 from common.store.rankings import LABEL_MAX_K, LABEL_MIN_K
+from server.engines.base import SWAP_MODES
 
 EngineKind = Literal["auto", "vllm", "hf"]
 ENGINE_KINDS: tuple[str, ...] = ("auto", "vllm", "hf")
@@ -78,6 +79,16 @@ class ServerConfig:
     engine: EngineKind = field(
         default="auto", metadata={"help": "auto (vllm where it imports, else hf) | vllm | hf"}
     )
+    swap_mode: str = field(
+        default="auto",
+        metadata={"help": "how a hot swap treats requests in flight: 'drain' (they finish on the old weights; new "
+                          "requests wait), 'keep' (vLLM: they freeze, then continue on the new weights, recorded "
+                          "with both versions; the stall is the reload), 'auto' (keep on vLLM, drain on HF)"},
+    )
+    swap_drain_timeout_s: float = field(
+        default=30.0, metadata={"help": "the longest a 'drain' swap waits; requests still running then continue "
+                                        "on the new weights (vLLM, recorded with both versions) or are waited for (HF)"}
+    )
     store_path: Path = field(
         default_factory=lambda: paths.data_dir() / "rlhf.sqlite",
         metadata={"help": "the SQLite store"},
@@ -135,6 +146,24 @@ class ServerConfig:
     label_lease_seconds: float = field(
         default=600.0, metadata={"help": "seconds a labeling task stays leased before it is handed out again"}
     )
+    label_overlap_share: float = field(
+        default=0.1, metadata={"help": "share of prompts (0..1, fixed per prompt by the sha256 of its id) whose first "
+                                       "ranked completion set is given to label_overlap_labelers labelers, for agreement"}
+    )
+    label_overlap_labelers: int = field(
+        default=2, metadata={"help": "different labelers who rank a shared prompt's completion set (2..5)"}
+    )
+    label_gold_share: float = field(
+        default=0.05, metadata={"help": "chance (0..1) that a labeling request gets a gold task, when one waits "
+                                        "for this labeler (Admin.SetGoldRanking sets them)"}
+    )
+    label_gold_min_agreement: float = field(
+        default=0.6, metadata={"help": "a labeler whose share of gold pairs ordered as the gold ranking does is "
+                                       "below this (0..1) is flagged in Admin.GetLabelerQuality"}
+    )
+    label_gold_min_tasks: int = field(
+        default=3, metadata={"help": "gold tasks a labeler must have ranked before label_gold_min_agreement flags them"}
+    )
     pii_ingest: PiiIngestMode = field(
         default="flag",
         metadata={"help": "PII in a logged prompt (any chat turn) or completion: 'flag' it (stored as written, "
@@ -148,6 +177,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_KINDS:
             raise ValueError(f"Unknown engine: {self.engine!r} (expected one of {ENGINE_KINDS})")
+        if self.swap_mode not in SWAP_MODES:
+            raise ValueError(f"Unknown swap_mode: {self.swap_mode!r} (expected one of {SWAP_MODES})")
+        if self.swap_drain_timeout_s <= 0:
+            raise ValueError(f"swap_drain_timeout_s must be > 0, got {self.swap_drain_timeout_s}")
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"ports must lie in 0..65535, got {self.port} and {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -170,11 +203,21 @@ class ServerConfig:
         if self.label_max_new_tokens < 1 or self.label_lease_seconds <= 0:
             raise ValueError(f"label_max_new_tokens must be >= 1 and label_lease_seconds > 0, got "
                              f"{self.label_max_new_tokens} and {self.label_lease_seconds}")
+        self._check_label_quality()
         if self.pii_ingest not in PII_INGEST_MODES:
             raise ValueError(f"Unknown pii_ingest: {self.pii_ingest!r} (expected one of {PII_INGEST_MODES})")
         from common.pii import check_phone_region  # phonenumbers' import, only where a server is configured
 
         check_phone_region(self.pii_phone_region)
+
+    def _check_label_quality(self) -> None:
+        for name in ("label_overlap_share", "label_gold_share", "label_gold_min_agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in 0..1, got {getattr(self, name)}")
+        if not 2 <= self.label_overlap_labelers <= 5:
+            raise ValueError(f"label_overlap_labelers must lie in 2..5, got {self.label_overlap_labelers}")
+        if self.label_gold_min_tasks < 1:
+            raise ValueError(f"label_gold_min_tasks must be >= 1, got {self.label_gold_min_tasks}")
 
     def _check_rates(self) -> None:
         if self.requests_per_second < 0 or self.tokens_per_minute < 0:

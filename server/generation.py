@@ -59,6 +59,7 @@ class _SampleProgress:
     text: str = ""
     completion_tokens: int = 0
     policy_version: int | None = None
+    version_spans: tuple[tuple[int, int, int], ...] = ()
     first_token_at: float | None = None
     done: bool = False
 
@@ -96,7 +97,7 @@ class _Run:
             completion_tokens=p.completion_tokens, latency_s=now - self.started,
             sampling=sampling_record(self.options),
             ttft_s=None if p.first_token_at is None else p.first_token_at - self.started,
-            purpose=self.purpose)
+            purpose=self.purpose, version_spans=p.version_spans)
 
 
 def sampling_record(options: SamplingOptions) -> dict[str, object]:
@@ -165,6 +166,7 @@ class Sampler:
         p.text += update.text_delta
         p.completion_tokens = update.completion_tokens
         p.policy_version = update.policy_version
+        p.version_spans = tuple((v.version, v.start, v.end) for v in update.version_spans)
         if p.first_token_at is None and update.completion_tokens > 0:
             p.first_token_at = now
         if not update.finished:

@@ -9,6 +9,13 @@ counters). `MetricsInterceptor` counts every RPC by method and status code and t
 it, for every service, including ones registered later (Feedback). Generation-level
 figures (time to first token, tokens, in-flight generations) and swaps are recorded by
 the servicers through the `ServerMetrics` methods.
+
+Labeler quality gauges are set whenever Admin.GetLabelerQuality runs (they show that
+call's figures until the next one; a labeler or group without a figure has no series):
+`rlhf_labeler_pairwise_agreement{labeler}` (agreement with the other labelers on shared
+completion sets), `rlhf_labeler_gold_agreement{labeler}` (with the gold rankings),
+`rlhf_labelers_flagged` and `rlhf_labeler_group_alpha{group}` (Krippendorff's alpha,
+ordinal; group="" is all labelers together).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +68,18 @@ class ServerMetrics:
         self.swap_stall_seconds = Histogram("rlhf_swap_stall_seconds",
                                             "Seconds new requests waited during a swap (drain + load)",
                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.labeler_pairwise = Gauge("rlhf_labeler_pairwise_agreement",
+                                      "Share of strict pairs on shared completion sets where the labeler agrees "
+                                      "with the other labelers (as of the last GetLabelerQuality)",
+                                      ["labeler"], registry=r)
+        self.labeler_gold = Gauge("rlhf_labeler_gold_agreement",
+                                  "Share of the gold rankings' strict pairs the labeler ordered the same way",
+                                  ["labeler"], registry=r)
+        self.labelers_flagged = Gauge("rlhf_labelers_flagged", "Labelers below the gold agreement threshold",
+                                      registry=r)
+        self.group_alpha = Gauge("rlhf_labeler_group_alpha",
+                                 "Krippendorff's alpha (ordinal) of a labeler group on shared completion sets; "
+                                 'group="" is all labelers', ["group"], registry=r)
         self._http: Any = None
 
     @contextlib.contextmanager
@@ -84,6 +103,17 @@ class ServerMetrics:
         self.swaps.labels(result=result).inc()
         if stall_seconds is not None:
             self.swap_stall_seconds.observe(stall_seconds)
+
+    def record_labeler_quality(self, *, pairwise: Mapping[str, float | None], gold: Mapping[str, float | None],
+                               flagged: int, group_alpha: Mapping[str, float | None]) -> None:
+        """Replace the labeler quality gauges with one GetLabelerQuality's figures (None: no series)."""
+        for gauge, values, label in ((self.labeler_pairwise, pairwise, "labeler"), (self.labeler_gold, gold, "labeler"),
+                                     (self.group_alpha, group_alpha, "group")):  # fmt: skip
+            gauge.clear()  # an erased labeler or a group gone must not linger
+            for name, value in values.items():
+                if value is not None:
+                    gauge.labels(**{label: name}).set(value)
+        self.labelers_flagged.set(flagged)
 
     def serve_http(self, host: str, port: int, *, certfile: Path | None = None, keyfile: Path | None = None) -> None:
         """Expose /metrics on host:port (0: do nothing); HTTPS with `certfile`/`keyfile` (the

@@ -57,6 +57,8 @@ class SwapOutcome:
     drain_seconds: float = 0.0
     load_seconds: float = 0.0
     verify_seconds: float = 0.0
+    swap_mode: str = "drain"
+    continued_requests: int = 0  # in flight across the reload, recorded with both versions
 
 
 async def startup_policy(
@@ -132,7 +134,8 @@ class PolicySwitcher:
                 await self._refuse(version, str(e))
                 raise SwapRefused(f"policy v{version} could not be loaded, still serving v{current}: {e}") from e
             outcome = SwapOutcome(result.previous_version, version, result.stall_seconds, time.perf_counter() - started,
-                                  result.drain_seconds, result.load_seconds, verify_seconds)  # fmt: skip
+                                  result.drain_seconds, result.load_seconds, verify_seconds,
+                                  result.mode, result.continued_requests)  # fmt: skip
             serve = set_policy_status(version, "serving")
             await self._store.write(serve if record is None else _together(serve, record(outcome)))
         self._metrics.record_swap("ok", result.stall_seconds)

@@ -211,6 +211,29 @@ def greedy_reference(model_dir: Path, prompts: Sequence[str], max_new_tokens: in
     return replies
 
 
+def greedy_token_ids(model_dir: Path, prompts: Sequence[str], max_new_tokens: int,
+                     prefixes: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """transformers' greedy token ids for each prompt (one user turn, chat template),
+    continuing after `prefixes[prompt]` (token ids already generated) when given: the ids
+    returned are the prefix followed by the continuation, `max_new_tokens` in all."""
+    import torch
+
+    from common.chat import render_chat_ids
+    from common.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
+    out_ids = {}
+    for prompt in prompts:
+        prefix = list((prefixes or {}).get(prompt, []))
+        ids = torch.tensor([render_chat_ids(tokenizer, [{"role": "user", "content": prompt}]) + prefix])
+        left = max_new_tokens - len(prefix)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=left, pad_token_id=tokenizer.pad_token_id) if left > 0 else ids
+        out_ids[prompt] = prefix + out[0, ids.shape[1]:].tolist()
+    return out_ids
+
+
 def tiny_model(seed: int) -> Path:
     """The tiny test Llama with weights from `seed` (cached in the data dir)."""
     from common import paths
@@ -248,6 +271,7 @@ class StreamResult:
     text: str
     version: int
     started_after_swap: bool
+    spans: tuple[tuple[int, int, int], ...] = ()  # (version, start, end) when two versions made it
 
 
 @dataclass
@@ -288,8 +312,9 @@ async def swap_under_load(target: str, user_key: str, admin_key: str, prompts: S
                     run.failures.append(f"client {i}: {e.code().name}: {e.details()}")
                     return
                 (text, final), = join_stream(events).values()
+                spans = tuple((s.policy_version, s.start_token, s.end_token) for s in final.version_spans)
                 run.results.append(StreamResult(i, prompt, events[0].prompt_id, text,
-                                                final.policy_version, after))
+                                                final.policy_version, after, spans))
                 if k == 1:
                     first_done += 1
                     if first_done == clients:

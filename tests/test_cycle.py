@@ -267,6 +267,28 @@ def test_split_cycle_data_selects_new_train_prompts_and_maps_rankings_by_split()
     assert held.counts()["comparisons_held_out"] == 1 and held.counts()["comparisons_val"] == 0
 
 
+def test_a_held_out_ranking_of_a_set_the_reward_model_trained_on_does_not_measure_it() -> None:
+    """A shared (or gold) labeling task gives one completion set to several labelers: when a
+    training labeler ranked it on the train split, the held-out labeler's ranking of the same
+    set would score the reward model on data it trained on, so it is left out; the held-out
+    ranking of a set no training labeler ranked stays."""
+    from common.store.records import Completion, Ranking
+
+    user = users_in("train", 1)[0]
+    prompts = [prompt_row("shared", user, "shared one", 5.0), prompt_row("own", user, "own one", 6.0)]
+    completions = {c: Completion(c, p, 0, 0, f"text {c}", "stop", 1, 1, {}, 0.1, None, "serve", 7.0)
+                   for p, cs in (("shared", ("s1", "s2")), ("own", ("o1", "o2"))) for c in cs}
+    rankings = [Ranking("rA", "shared", "alice", "A", None, [["s1"], ["s2"]], 2, "label", 8.0),
+                Ranking("rB", "shared", "bob", "B", None, [["s2"], ["s1"]], 2, "label", 9.0),
+                Ranking("rB2", "own", "bob", "B", None, [["o1"], ["o2"]], 2, "label", 9.0)]
+    kept = [PromptRecord(p.id, p.user_id, p.text, p.created_at, "train") for p in prompts]
+    data = split_cycle_data(StoreRows(prompts, completions, rankings, []), kept, since=0.0, until=20.0,
+                            max_ppo_prompts=0, ppo_sources=["traffic"], eval_splits=["val"], max_eval_prompts=None,
+                            held_out_groups=["B"])  # fmt: skip
+    assert [c.prompt_id for c in data.comparisons["train"]] == ["shared"]
+    assert [c.prompt_id for c in data.held_out_comparisons] == ["own"]
+
+
 # ---------------------------------------------------------------------------- gate
 
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from server.engines import EngineError, create_engine, default_engine_kind
+from server.engines import EngineError, VersionSpan, create_engine, default_engine_kind
 from server.engines.base import Engine, GenerationUpdate, SamplingOptions, SwapResult
 
 T = TypeVar("T")
@@ -37,9 +37,11 @@ T = TypeVar("T")
 # different greedy texts on seeds 0 and 1, with wide logit margins (module docstring).
 PROMPTS = ("Once upon a time", "The quick brown fox", "Write a poem about the sea.", "Say hello.")
 GREEDY_TOKENS = 32
+# Both engines swap in "drain" mode here (one version per sample); vLLM's "keep" mode is
+# tested through the server in tests/test_server_vllm.py.
 ENGINE_KWARGS: dict[str, dict[str, Any]] = {
     "hf": {"max_batch_size": 8},
-    "vllm": {"max_model_len": 512, "max_num_seqs": 16},
+    "vllm": {"max_model_len": 512, "max_num_seqs": 16, "swap_mode": "drain"},
 }
 
 
@@ -494,6 +496,9 @@ def test_create_engine_picks_the_kind_and_explains_a_missing_vllm(
     assert default_engine_kind() == ("vllm" if engines.vllm_available() else "hf")
     with pytest.raises(ValueError, match="Unknown engine kind"):
         create_engine("tgi", tiny_model_dir, 3)  # type: ignore[arg-type]
+    assert create_engine("hf", tiny_model_dir, 3, swap_mode="auto").swap_mode == "drain"
+    with pytest.raises(ValueError, match="the HF engine swaps by 'drain' only"):
+        create_engine("hf", tiny_model_dir, 3, swap_mode="keep")
     monkeypatch.setattr(engines, "vllm_available", lambda: False)
     assert default_engine_kind() == "hf"
     with pytest.raises(EngineError, match=r"pip install -e '\.\[cpu\]'"):
@@ -544,11 +549,19 @@ def test_a_greedy_vllm_delta_fans_out_to_every_sample() -> None:
     # temperature 0: vLLM ran one sample, standing for all three
     assert [(u.index, u.text_delta, u.completion_tokens, u.policy_version, u.finished)
             for u in greedy_updates] == [(0, "hi", 2, 5, False), (1, "hi", 2, 5, False), (2, "hi", 2, 5, False)]
-    last = SimpleNamespace(index=1, text="!", token_ids=[9], finish_reason="length")
+    one_version = [SimpleNamespace(version="5", start=0, end=3)]
+    last = SimpleNamespace(index=1, text="!", token_ids=[9], finish_reason="length", weight_versions=one_version)
     (update,) = fan_out_delta(last, SamplingOptions(n=3, temperature=1.0), 5, tokens)  # type: ignore[arg-type]
     # sampled: the delta is sample 1's alone; its count goes 2 -> 3
     assert (update.index, update.completion_tokens, update.finished, update.finish_reason) == (1, 3, True, "length")
+    assert (update.policy_version, update.version_spans) == (5, ())
     assert tokens == [2, 3, 2]
+    # A sample that spanned a swap ("keep" mode): its record takes vLLM's spans, and its
+    # version is its first token's, whatever the request started with.
+    spans = [SimpleNamespace(version="5", start=0, end=2), SimpleNamespace(version="6", start=2, end=4)]
+    mixed = SimpleNamespace(index=2, text=".", token_ids=[3], finish_reason="stop", weight_versions=spans)
+    (update,) = fan_out_delta(mixed, SamplingOptions(n=3, temperature=1.0), 4, tokens)  # type: ignore[arg-type]
+    assert (update.policy_version, update.version_spans) == (5, (VersionSpan(5, 0, 2), VersionSpan(6, 2, 4)))
 
 
 def test_the_header_reader_agrees_with_safetensors(tiny_model_dir: Path) -> None:

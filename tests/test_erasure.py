@@ -40,6 +40,7 @@ from common.store import (
     erase_user,
     lease_task,
     record_idempotent,
+    set_gold_ranking,
     set_train_opt_out,
     user_id_sha256,
 )
@@ -78,9 +79,10 @@ class Seeded:
 
 
 def seed(store: Store) -> Seeded:
-    """The victim as a user (2 prompts, ranked, demonstrated and rated by LABELER) and as a
-    labeler (ranks, demonstrates, rates OTHER's prompt), with a task, idempotency records
-    (theirs, and LABELER's leased task naming the victim's prompt) and audit rows."""
+    """The victim as a user (2 prompts, ranked, demonstrated and rated by LABELER, one of
+    them a gold task) and as a labeler (ranks, demonstrates, rates OTHER's prompt), with a
+    task, idempotency records (theirs, and LABELER's leased task naming the victim's
+    prompt) and audit rows; OTHER's prompt is a gold task too."""
     for user, role in [(VICTIM, "user"), (VICTIM, "labeler"), (OTHER, "user"), (LABELER, "labeler"), (ADMIN, "admin")]:
         store.write_sync(add_api_key(user, role, hash_api_key(generate_api_key())))  # type: ignore[arg-type]
     victim_prompts, victim_completions = [], []
@@ -100,6 +102,8 @@ def seed(store: Store) -> Seeded:
     store.write_sync(add_demonstration(other.id, VICTIM, VICTIM_DEMO))
     store.write_sync(add_rating(other_ids[0], VICTIM, 3, comment=VICTIM_COMMENT))
     store.write_sync(lease_task(other.id, VICTIM, other_ids, 600))
+    store.write_sync(set_gold_ranking(victim_prompts[0], [[victim_completions[1]], [victim_completions[0]]], ADMIN))
+    store.write_sync(set_gold_ranking(other.id, [[other_ids[0]], [other_ids[1]]], ADMIN))  # stays
     task = store.write_sync(lease_task(victim_prompts[1], LABELER, victim_completions[2:], 600))
     answer = json.dumps({"task_id": task.id, "prompt_id": victim_prompts[1], "prompt_text": VICTIM_PROMPTS[1]})
     store.write_sync(record_idempotent(LABELER, "rlhf.v1.Feedback/NextComparison", "lease-1", "sha", answer.encode()))
@@ -164,10 +168,11 @@ def test_erasure_leaves_no_row_naming_the_user_or_their_text(seeded_store: tuple
     # Deleted: 2 prompts x 2 completions; rankings: the labeler's 2 of the victim's prompts + the
     # victim's 1; demonstrations 2 + 1; ratings 2 + 1; tasks: the victim's lease and the
     # labeler's lease of the victim's prompt; idempotency: the victim's record and the
-    # labeler's lease record that names the victim's prompt; 2 keys, 1 user row.
+    # labeler's lease record that names the victim's prompt; 2 keys, 1 user row; the gold
+    # ranking of the victim's prompt (it names erased completions).
     assert erasure.rows_deleted == {"prompts": 2, "completions": 4, "rankings": 3, "demonstrations": 3,
                                     "ratings": 3, "comparison_tasks": 2, "idempotency": 2, "api_keys": 2,
-                                    "users": 1}
+                                    "users": 1, "gold_rankings": 1}
     assert erasure.audit_rows_pseudonymised == 2
     # The other user's data and the labeler's ranking of it stay, with its idempotency record.
     with sqlite3.connect(store.path) as conn:
@@ -175,6 +180,7 @@ def test_erasure_leaves_no_row_naming_the_user_or_their_text(seeded_store: tuple
         assert other == (2,)
         assert conn.execute("SELECT id FROM rankings").fetchall() == [(seeded.other_ranking,)]
         assert conn.execute("SELECT request_id FROM idempotency").fetchall() == [("rank-1",)]
+        assert conn.execute("SELECT prompt_id FROM gold_rankings").fetchall() == [(seeded.other_prompt,)]
         audit_rows = conn.execute("SELECT user_id, action, detail_json FROM audit ORDER BY id").fetchall()
     pseudonym = "sha256:" + hashlib.sha256(VICTIM.encode()).hexdigest()
     assert audit_rows[0][0] == pseudonym and pseudonym in audit_rows[0][2]
@@ -183,6 +189,13 @@ def test_erasure_leaves_no_row_naming_the_user_or_their_text(seeded_store: tuple
     assert (who, action) == (ADMIN, "user.erased")
     assert json.loads(detail) == {"user_id_sha256": user_id_sha256(VICTIM), "erased_by": ADMIN,
                                   "rows_deleted": erasure.rows_deleted, "audit_rows_pseudonymised": 2}
+
+
+def test_erasing_an_operator_removes_the_gold_rankings_they_set(seeded_store: tuple[Store, Seeded]) -> None:
+    store, seeded = seeded_store  # ADMIN set both gold rankings (seed)
+    erasure = store.write_sync(erase_user(ADMIN, erased_by="another-admin"))
+    assert erasure.rows_deleted["gold_rankings"] == 2
+    assert found(store.path, [ADMIN]) == []
 
 
 def test_the_store_file_and_the_next_snapshot_hold_none_of_it(tmp_path: Path) -> None:

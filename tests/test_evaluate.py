@@ -163,14 +163,18 @@ def test_accuracy_by_group_version_separates_the_policies_that_sampled():
         Comparison(user_turn("a"), ("x", "y"), (0, 1), labeler_group="B", policy_versions=(3, 3)),
         Comparison(user_turn("b"), ("x", "y"), (0, 1), labeler_group="B", policy_versions=(0, 0)),
         Comparison(user_turn("c"), ("x", "y"), (0, 1), labeler_group="B", policy_versions=(0, 3)),
+        Comparison(user_turn("d"), ("x", "y"), (0, 1), labeler_group="B", policy_versions=(None, None)),
         Comparison(user_turn("d"), ("x", "y"), (0, 1), labeler_group="A"),
     ]
-    scores = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])]
+    scores = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
+              torch.tensor([1.0, 0.0])]
     result = accuracy_by_group(scores, comparisons)
     by_version = result["by_group_version"]
     assert by_version["B"]["3"]["accuracy"] == 1.0 and by_version["B"]["0"]["accuracy"] == 0.0
-    assert by_version["B"]["mixed"]["num_pairs"] == 1 and by_version["A"]["unknown"]["accuracy"] == 1.0
-    assert result["by_group"]["B"]["accuracy"] == pytest.approx(2 / 3)
+    # (0, 3): two versions; (None, None): each completion spans a hot swap. Both are "mixed".
+    assert by_version["B"]["mixed"]["num_pairs"] == 2 and by_version["B"]["mixed"]["accuracy"] == 0.5
+    assert by_version["A"]["unknown"]["accuracy"] == 1.0
+    assert result["by_group"]["B"]["accuracy"] == pytest.approx(2 / 4)
 
 
 def test_ptx_eval_loss_is_the_token_mean_nll(tiny):

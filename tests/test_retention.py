@@ -20,10 +20,12 @@ from common.store import (
     add_prompt,
     add_ranking,
     add_rating,
+    decline_task,
     lease_task,
     prune_in_batches,
     record_idempotent,
     release_task,
+    set_gold_ranking,
 )
 from trainer.loop_config import RetentionConfig, TrainerConfig
 from trainer.maintenance import kept_splits, prune_old_data
@@ -74,6 +76,11 @@ def fill(store: Store) -> None:
     store.write_sync(add_demonstration(i, "lab", "the answer", now=OLD))  # so must the task naming them
     task = store.write_sync(lease_task(i, "lab", i_ids, lease_s=60, now=OLD))
     store.write_sync(release_task(task.id, now=OLD + 1))
+    j, (j0, j1, _, _) = log(store, TRAIN, "j-gold", 4, OLD)
+    store.write_sync(set_gold_ranking(j, [[j1], [j0]], "ops", now=OLD))  # labelers are scored against it
+    k, (k0, k1, _) = log(store, TRAIN, "k-declined-task", 3, OLD)
+    task = store.write_sync(lease_task(k, "lab", [k0, k1], lease_s=NOW, now=OLD))
+    store.write_sync(decline_task(task.id, "lab", "none_acceptable", now=OLD + 1))  # a verdict on k0 and k1
     log(store, TRAIN, "h-new", 2, NEW)
     for request, at in (("old", OLD), ("new", NEW)):
         store.write_sync(record_idempotent(TRAIN, "rlhf.v1.Inference/Generate", request, "x", b"text", now=at))
@@ -81,10 +88,12 @@ def fill(store: Store) -> None:
 
 # What the rule keeps of fill(): prompts, and completions by text.
 KEPT_PROMPTS = {"b-ranked", "c-demonstrated", "d-rated", "e-live-task", "g-val", "h-new",
-                "i-demonstrated-expired-task"}
+                "i-demonstrated-expired-task", "j-gold", "k-declined-task"}
 KEPT_COMPLETIONS = {"b-ranked/0", "b-ranked/1",  # ranked (b-ranked/2 is not)
                     "d-rated/0",  # rated
                     "e-live-task/0", "e-live-task/1",  # named by the live lease
+                    "j-gold/0", "j-gold/1",  # named by the gold ranking
+                    "k-declined-task/0", "k-declined-task/1",  # named by the declined task
                     "g-val/0", "g-val/1", "h-new/0", "h-new/1"}
 
 
@@ -108,10 +117,11 @@ def test_old_unused_rows_go_and_everything_else_stays(store: Store, batch_rows: 
 
     assert texts(store, "prompts") == KEPT_PROMPTS
     assert texts(store, "completions") == KEPT_COMPLETIONS
-    # a-unused/0,1, b-ranked/2, c-demonstrated/0, d-rated/1, e-live-task/2, f-expired-task/0,1, i-.../0,1
-    assert report.deleted == {"completions": 10, "prompts": 2, "comparison_tasks": 2, "idempotency": 1}
-    statuses = store.read_sync(lambda db: [r[0] for r in db.execute("SELECT status FROM comparison_tasks")])
-    assert statuses == ["leased"]  # the expired tasks of f and i went with their completions
+    # a-unused/0,1, b-ranked/2, c-demonstrated/0, d-rated/1, e-live-task/2, f-expired-task/0,1, i-.../0,1,
+    # j-gold/2,3, k-declined-task/2
+    assert report.deleted == {"completions": 13, "prompts": 2, "comparison_tasks": 2, "idempotency": 1}
+    statuses = store.read_sync(lambda db: [r[0] for r in db.execute("SELECT status FROM comparison_tasks ORDER BY rowid")])
+    assert statuses == ["leased", "declined"]  # the expired tasks of f and i went with their completions
     assert store.read_sync(lambda db: [r[0] for r in db.execute("SELECT request_id FROM idempotency")]) == ["new"]
     check_consistent(store)
 
@@ -135,15 +145,15 @@ def test_each_op_scans_at_most_batch_rows(store: Store) -> None:
 
     prune_in_batches(write, CUTOFF, ["val", "test"], batch_rows=2)
     assert steps and max(s.scanned for s in steps) <= 2
-    # the 17 old completions and 8 old prompts are each scanned once, then the 1 old idempotency record
-    assert sum(s.scanned for s in steps) == 17 + 8 + 1
+    # the 24 old completions and 10 old prompts are each scanned once, then the 1 old idempotency record
+    assert sum(s.scanned for s in steps) == 24 + 10 + 1
     assert texts(store, "prompts") == KEPT_PROMPTS
 
 
 def test_retention_off_prunes_nothing_and_the_evaluation_splits_are_always_kept(store: Store) -> None:
     fill(store)
     assert prune_old_data(store, RetentionConfig(), eval_splits=["val"], now=NOW) is None
-    assert len(texts(store, "prompts")) == 9
+    assert len(texts(store, "prompts")) == 11
     retention = RetentionConfig(max_age_days=30, keep_splits=[])
     assert kept_splits(retention, ["val"]) == ["val"]
     report = prune_old_data(store, retention, eval_splits=["val"], now=NOW)

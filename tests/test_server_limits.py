@@ -106,6 +106,12 @@ def test_concurrency_limiter_counts_per_key_and_frees_slots() -> None:
     ({"grace_seconds": -1}, "grace_seconds must be >= 0"),
     ({"label_k": 10}, "label_k must lie in 4..9"),
     ({"label_k": 3}, "label_k must lie in 4..9"),
+    ({"label_overlap_share": 1.5}, "label_overlap_share must lie in 0..1, got 1.5"),
+    ({"label_gold_share": -0.1}, "label_gold_share must lie in 0..1"),
+    ({"label_gold_min_agreement": 2}, "label_gold_min_agreement must lie in 0..1"),
+    ({"label_overlap_labelers": 1}, "label_overlap_labelers must lie in 2..5, got 1"),
+    ({"label_overlap_labelers": 6}, "label_overlap_labelers must lie in 2..5"),
+    ({"label_gold_min_tasks": 0}, "label_gold_min_tasks must be >= 1"),
     ({"requests_per_second": -1}, "requests_per_second and tokens_per_minute must be >= 0"),
     ({"request_burst": 0}, "request_burst must be >= 1"),
     # 512 x 9 = 4608 tokens: the largest request would never fit a smaller bucket.

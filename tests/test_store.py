@@ -75,7 +75,7 @@ from common.store import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_TABLES = {
     "users", "api_keys", "prompts", "completions", "comparison_tasks", "rankings",
-    "demonstrations", "ratings", "policies", "cycles", "idempotency", "audit",
+    "demonstrations", "ratings", "policies", "cycles", "idempotency", "audit", "gold_rankings",
 }  # fmt: skip
 
 
@@ -136,15 +136,16 @@ def test_new_file_is_created_at_the_latest_version_in_wal_mode(tmp_path: Path) -
 def _seed_old_store(db: Database, version: int) -> None:
     """Rows that the schema at `version` can hold, written with plain SQL of that time."""
     sql = db.conn.execute
-    sql("INSERT INTO users VALUES ('u1', 1.0, NULL)")
+    sql("INSERT INTO users (id, created_at, labeler_group) VALUES ('u1', 1.0, NULL)")  # later versions add columns
     sql("INSERT INTO api_keys VALUES ('k1', 'hash1', 'u1', 'admin', NULL, 1.0, NULL, 'ops')")
     sql(
         "INSERT INTO prompts VALUES "
         "('p1', 'u1', 'Hi', NULL, 'traffic', 'train', 'hi', 0, NULL, NULL, 2.0)"
     )
     for i in range(2):
-        sql(f"INSERT INTO completions VALUES ('c{i}', 'p1', {i}, 0, 'out{i}', 'stop', 2, 3, "
-            "'{}', 0.5, NULL, 'label', 3.0)")  # fmt: skip
+        sql(f"INSERT INTO completions (id, prompt_id, idx, policy_version, text, finish_reason, prompt_tokens, "
+            f"completion_tokens, sampling_json, latency_s, ttft_s, purpose, created_at) VALUES ('c{i}', 'p1', {i}, 0, "
+            f"'out{i}', 'stop', 2, 3, '{{}}', 0.5, NULL, 'label', 3.0)")  # fmt: skip
     sql(
         "INSERT INTO rankings (id, prompt_id, labeler_id, labeler_group, ranking_json, k, source,"
         " created_at) VALUES ('r1', 'p1', 'lab', 'g1', '[[\"c1\"],[\"c0\"]]', 2, 'label', 4.0)"
@@ -214,6 +215,80 @@ def test_each_older_version_migrates_forward_keeping_rows(tmp_path: Path, old_ve
             1, 1, 2, 1, 1, 1,
         )  # fmt: skip
         assert store.read_sync(lambda db: db.execute("PRAGMA foreign_key_check").fetchall()) == []
+        if old_version >= 2:  # v6 rebuilt comparison_tasks: the row, and the ranking's reference to it, stay
+            task = store.read_sync(get_task("task1"))
+            assert (task.status, task.completion_ids, task.expires_at) == ("submitted", ["c0", "c1"], 66.0)
+            assert (task.shown_at, task.decline_reason, task.decline_comment) == (None, None, "")
+
+
+def _seed_v5_queue(db: Database) -> None:
+    """Tasks in each status a v5 store knows, two answered by rankings, plus the rows they name."""
+    sql = db.conn.execute
+    sql("INSERT INTO prompts VALUES ('p1', 'u1', 'Hi', NULL, 'traffic', 'train', 'hi', 0, NULL, NULL, 2.0)")
+    for i in range(4):
+        sql(f"INSERT INTO completions (id, prompt_id, idx, policy_version, text, finish_reason, prompt_tokens, "
+            f"completion_tokens, latency_s, purpose, created_at) VALUES ('c{i}', 'p1', {i}, 0, 'out', 'stop', 2, 3, "
+            "0.5, 'label', 3.0)")  # fmt: skip
+    ids = '["c0","c1","c2","c3"]'
+    for task, status in [("t-leased", "leased"), ("t-done1", "submitted"), ("t-done2", "submitted"),
+                         ("t-expired", "expired")]:  # fmt: skip
+        sql("INSERT INTO comparison_tasks VALUES (?, 'p1', 'lab', 4, ?, ?, 6.0, 66.0)", [task, ids, status])
+    for ranking, task in [("r1", "t-done1"), ("r2", "t-done2")]:
+        sql("INSERT INTO rankings (id, prompt_id, labeler_id, ranking_json, k, source, created_at, task_id) "
+            "VALUES (?, 'p1', 'lab', '[[\"c0\"],[\"c1\",\"c2\",\"c3\"]]', 4, 'label', 7.0, ?)", [ranking, task])
+
+
+def test_v6_rebuilds_comparison_tasks_keeping_rows_indexes_and_the_rankings_reference(tmp_path: Path) -> None:
+    path = tmp_path / "v5.db"
+    old = raw_db(path)
+    migrate(old, target=5)
+    _seed_v5_queue(old)
+    old_indexes = {r[0] for r in old.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'comparison_tasks' AND sql IS NOT NULL")}
+    old.close()
+    with Store(path) as store:
+        tasks = {t: store.read_sync(get_task(t)) for t in ("t-leased", "t-done1", "t-done2", "t-expired")}
+        assert {t: task.status for t, task in tasks.items()} == {
+            "t-leased": "leased", "t-done1": "submitted", "t-done2": "submitted", "t-expired": "expired"}
+        assert all(task.completion_ids == ["c0", "c1", "c2", "c3"] and task.shown_at is None for task in tasks.values())
+        indexes = store.read_sync(lambda db: {r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'comparison_tasks' AND sql IS NOT NULL")})
+        assert indexes == old_indexes == {"comparison_tasks_by_status", "comparison_tasks_by_labeler",
+                                          "comparison_tasks_by_prompt"}
+        rankings_sql = store.read_sync(lambda db: db.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'rankings'").fetchone()[0])
+        assert "REFERENCES comparison_tasks(id)" in rankings_sql  # not the v6 build table's name
+        assert "comparison_tasks_v6" not in store.read_sync(table_names)
+        # The reference is enforced against the rebuilt table...
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            store.write_sync(lambda db: db.execute("UPDATE rankings SET task_id = 'no-such-task' WHERE id = 'r1'"))
+        # ...and its new CHECKs: 'declined' needs a reason, a reason needs 'declined'.
+        store.write_sync(lambda db: db.execute(
+            "UPDATE comparison_tasks SET status = 'declined', decline_reason = 'skipped' WHERE id = 't-leased'"))
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            store.write_sync(lambda db: db.execute("UPDATE comparison_tasks SET status = 'declined' WHERE id = 't-expired'"))
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            store.write_sync(lambda db: db.execute(
+                "UPDATE comparison_tasks SET decline_reason = 'bored' WHERE id = 't-leased'"))
+    raw = raw_db(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+    assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_a_migration_step_that_breaks_a_reference_is_refused(tmp_path: Path) -> None:
+    """Foreign keys are off while a step runs (a table rebuild needs that), so the step's
+    result is checked before it commits."""
+    db = raw_db(tmp_path / "s.db")
+    migrate(db, target=5)
+    _seed_v5_queue(db)
+
+    def drops_the_tasks(db: Database) -> None:
+        db.execute("DELETE FROM comparison_tasks")
+
+    with pytest.raises(SchemaError, match="reference is missing"):
+        migrate(db, migrations=(*MIGRATIONS[:5], drops_the_tasks))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert db.execute("SELECT COUNT(*) FROM comparison_tasks").fetchone()[0] == 4  # rolled back
 
 
 def test_a_failing_migration_step_leaves_the_previous_version(tmp_path: Path) -> None:

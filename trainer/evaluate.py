@@ -91,11 +91,12 @@ def accuracy_by_group(per_comparison_scores: Sequence[torch.Tensor], comparisons
 
 
 def sampled_by(comparison: Comparison) -> str:
-    """The policy version that sampled all of a comparison's completions, as text."""
+    """The policy version that sampled all of a comparison's completions, as text; "mixed"
+    when they come from several, or one of them from two (None: across a hot swap)."""
     versions = set(comparison.policy_versions or ())
     if not versions:
         return "unknown"
-    return str(versions.pop()) if len(versions) == 1 else "mixed"
+    return str(versions.pop()) if len(versions) == 1 and None not in versions else "mixed"
 
 
 def pairwise_accuracy(rm: Scorer, tokenizer: Any, comparisons: Sequence[Comparison], batch_size: int = 16) -> dict:

@@ -48,7 +48,8 @@ class Comparison:
     # Per completion: did the policy stop (EOS) or hit its token budget? None: all stopped.
     # The RM sees a cut completion without EOS, as PPO's rollouts are scored.
     stopped: tuple[bool, ...] | None = None
-    policy_versions: tuple[int, ...] | None = None  # which policy sampled each completion, when known
+    # which policy sampled each completion, when known (None: two versions, across a hot swap)
+    policy_versions: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.completions) != len(self.ranks):

@@ -12,7 +12,9 @@ records of ``trainer.data``, by split:
 - held-out labelers' comparisons (``held_out_groups``, the paper's held-out labelers): never
   trained on, whatever their split; they only measure how well the reward models generalise
   to people whose judgements they never saw. Their demonstrations train nothing either
-  (neither SFT nor the reward models' bias);
+  (neither SFT nor the reward models' bias). A held-out ranking of a completion set that a
+  training labeler ranked too (a shared or gold labeling task) is left out of them: the
+  reward model trained on that very set, so it would not measure generalisation;
 - evaluation prompts: the prompts of ``eval_splits`` (never train), oldest first.
 
 Users who opted out of training (``users.train_opt_out``) are left out at the read, with
@@ -142,17 +144,25 @@ def split_cycle_data(
     held_out = held_out[:max_eval_prompts] if max_eval_prompts is not None else held_out
 
     comparisons = _comparisons(rows, messages)
+    training = _by_split([c for c in comparisons if c.labeler_group not in held_out_groups], split_of)
+    trained_sets = {_completion_set(c) for c in training.get("train", [])}
     data = CycleData(
         ppo_prompts=[PromptExample(k.id, messages[k.id]) for k in newest],
         eval_prompts=[PromptExample(k.id, messages[k.id]) for k in held_out],
-        comparisons=_by_split([c for c in comparisons if c.labeler_group not in held_out_groups], split_of),
+        comparisons=training,
         demonstrations=_by_split(_demonstrations(rows, messages, held_out_groups), split_of),
-        held_out_comparisons=[c for c in comparisons if c.labeler_group in held_out_groups],
+        held_out_comparisons=[c for c in comparisons if c.labeler_group in held_out_groups
+                              and _completion_set(c) not in trained_sets],
     )
     used_demos = sorted(d.id for d in rows.demonstrations if split_of.get(d.prompt_id) in ("train", "val")
                         and d.labeler_group not in held_out_groups)
     data.demonstrations_sha256 = hashlib.sha256("\n".join(used_demos).encode()).hexdigest() if used_demos else ""
     return data
+
+
+def _completion_set(c: Comparison) -> tuple[str, tuple[str, ...]]:
+    """What a ranking ranked: its prompt and its completions' texts, in any order."""
+    return c.prompt_id, tuple(sorted(c.completions))
 
 
 def _comparisons(rows: StoreRows, messages: dict[str, Messages]) -> list[Comparison]:
@@ -169,7 +179,7 @@ def _comparisons(rows: StoreRows, messages: dict[str, Messages]) -> list[Compari
             ranks=ranks_from_groups(r.ranking, ids), labeler_group=r.labeler_group or "",
             labeler_id=r.labeler_id, prompt_id=r.prompt_id,
             stopped=tuple(c.finish_reason == "stop" for c in completions),
-            policy_versions=tuple(c.policy_version for c in completions)))
+            policy_versions=tuple(None if c.mixed_versions else c.policy_version for c in completions)))
     return out
 
 

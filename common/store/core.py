@@ -50,6 +50,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlite_utils import Database
 
+from common.identity import unit_interval_hash
 from common.paths import fsync_path
 from common.store.errors import SchemaError, StoreClosedError, StoreError
 from common.store.records import WriterStats
@@ -119,6 +120,8 @@ class Store:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # The labeling queue's shared prompts (ops/labeling.py): sha256 of an id in [0, 1).
+        conn.create_function("rlhf_unit_hash", 1, unit_interval_hash, deterministic=True)
         return conn
 
     def _connect_writer(self) -> Database:

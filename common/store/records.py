@@ -19,7 +19,9 @@ from common.identity import Identity, Role, Split
 PromptSource = Literal["traffic", "label", "demonstration", "import"]
 FinishReason = Literal["stop", "length", "abort"]
 CompletionPurpose = Literal["serve", "label"]
-TaskStatus = Literal["leased", "submitted", "expired"]
+TaskStatus = Literal["leased", "submitted", "expired", "declined"]
+DeclineReason = Literal["skipped", "none_acceptable"]
+DECLINE_REASONS: tuple[str, ...] = ("skipped", "none_acceptable")
 FeedbackSource = Literal["label", "import"]
 PolicyStatus = Literal["candidate", "serving", "rejected", "retired"]
 CycleState = Literal["queued", "running", "promoted", "rejected", "skipped", "failed"]
@@ -112,6 +114,9 @@ class NewCompletion:
     id: str | None = None
     has_pii: bool = False  # flagged at ingest (common.pii); `text` is then redacted in "redact" mode
     redacted_text: str | None = None
+    # [version, start, end) token spans when a hot swap made this sample with two versions
+    # (`policy_version` is then the first span's); empty when one version made it all.
+    version_spans: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,11 +136,22 @@ class Completion:
     created_at: float
     has_pii: bool = False  # flagged at ingest (common.pii, the detector hygiene uses too)
     redacted_text: str | None = None
+    version_spans: list[list[int]] | None = None  # [[version, start, end], ...]; None: one version
+
+    @property
+    def mixed_versions(self) -> bool:
+        """Produced by two policy versions (a swap in "keep" mode): never one version's sample."""
+        return bool(self.version_spans)
 
 
 @dataclass(frozen=True)
 class ComparisonTask:
-    """A labeling lease: rank `completion_ids` of `prompt_id` before `expires_at`."""
+    """A labeling lease: rank `completion_ids` of `prompt_id` before `expires_at`.
+
+    `shown_at`: when the completions reached the labeler (None while they are sampled, and
+    for tasks older than schema v6). A declined task carries its `decline_reason`
+    ('skipped': no judgement; 'none_acceptable': a verdict on the completions, never a
+    ranking, so nothing trains on it), the labeler's comment and when."""
 
     id: str
     prompt_id: str
@@ -145,6 +161,10 @@ class ComparisonTask:
     status: TaskStatus
     created_at: float
     expires_at: float
+    shown_at: float | None = None
+    decline_reason: DeclineReason | None = None
+    decline_comment: str = ""
+    declined_at: float | None = None
 
     def is_live(self, now: float) -> bool:
         """Still answerable: leased and not past its expiry (swept or not)."""
@@ -164,6 +184,64 @@ class Ranking:
     k: int
     source: FeedbackSource
     created_at: float
+
+
+@dataclass(frozen=True)
+class GoldRanking:
+    """The operator's ranking of `completion_ids` (sorted) of a prompt: labelers given a
+    task over exactly these completions are scored against it. Not training data."""
+
+    prompt_id: str
+    completion_ids: list[str]
+    ranking: list[list[str]]
+    set_by: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """One ranking a labeler submitted (source 'label'), as labeler quality reads it:
+    `seconds` from its task's shown_at to the ranking (None without a task or a shown_at)."""
+
+    labeler_id: str
+    labeler_group: str | None
+    prompt_id: str
+    ranking: list[list[str]]
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class LabelerWork:
+    """What labeler quality reads from the store: every labeling ranking, the declined
+    tasks per labeler, each labeler's group from their users row, and the gold rankings."""
+
+    rankings: list[LabelRecord]
+    declined: dict[str, int]
+    groups: dict[str, str | None]
+    gold: list[GoldRanking]
+
+
+@dataclass(frozen=True)
+class VersionRatingCounts:
+    """Ratings of one policy version's completions: how many, their mean Likert score and
+    how many set each flag (name -> count)."""
+
+    policy_version: int
+    ratings: int
+    mean_overall: float
+    flag_counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LabelerDay:
+    """A labeler's work since `since` (unix seconds), and the prompts waiting for them
+    (counted up to a cap)."""
+
+    rankings: int
+    declines: int
+    demonstrations: int
+    ratings: int
+    queue_waiting: int
 
 
 @dataclass(frozen=True)
@@ -275,6 +353,7 @@ class Stats:
     policies: int
     cycles: int
     prompts_by_split: dict[str, int]
+    mixed_version_completions: int = 0  # produced by two versions (a swap in "keep" mode)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,20 @@ History:
   v4  The users' data: a user's "do not train on my data" setting (`users.train_opt_out`),
       completions flagged for PII at ingest like prompts (`has_pii`, `redacted_text`), and
       the indexes that erasure (by labeler) and retention (by age) read.
+  v5  Truthful versions across a hot swap: a completion that two policy versions
+      produced (swap mode "keep") keeps its tokens' versions (`version_spans_json`, NULL
+      when one version made them all), with a partial index for counting and skipping them.
+  v6  Labeler quality: a task may be declined (status 'declined', with `decline_reason`
+      'skipped' | 'none_acceptable', `decline_comment`, `declined_at`) and records when
+      its completions reached the labeler (`shown_at`: time per task is the ranking's
+      created_at minus it); `gold_rankings` holds the operator's ranking of a prompt's
+      completions, against which labelers are scored. SQLite cannot alter a CHECK, so
+      comparison_tasks is rebuilt the documented way (new table, copy, drop, rename,
+      indexes again), with foreign keys off for the step (`_apply_step`) so that
+      rankings.task_id keeps naming the table.
+
+Foreign keys are off while a step runs and checked (`PRAGMA foreign_key_check`) before it
+commits: a step may rebuild a table other tables reference, which SQLite allows only so.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from collections.abc import Callable, Sequence
 
 from sqlite_utils import Database
 
-from common.store.errors import SchemaTooNewError
+from common.store.errors import SchemaError, SchemaTooNewError
 
 Migration = Callable[[Database], None]
 
@@ -223,7 +237,58 @@ def _v4_users_data(db: Database) -> None:
     db.executescript(_V4_USERS_DATA)
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_core, _v2_queue_retries_audit, _v3_cycle_liveness, _v4_users_data)
+_V5_VERSION_SPANS = """
+ALTER TABLE completions ADD COLUMN version_spans_json TEXT;
+CREATE INDEX completions_mixed_versions ON completions(prompt_id) WHERE version_spans_json IS NOT NULL;
+"""
+
+
+def _v5_version_spans(db: Database) -> None:
+    db.executescript(_V5_VERSION_SPANS)
+
+
+_V6_LABELER_QUALITY = """
+CREATE TABLE comparison_tasks_v6 (
+    id TEXT PRIMARY KEY,
+    prompt_id TEXT NOT NULL REFERENCES prompts(id),
+    labeler_id TEXT NOT NULL,
+    k INTEGER NOT NULL CHECK (k >= 2),
+    completion_ids_json TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('leased', 'submitted', 'expired', 'declined')),
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    shown_at REAL,
+    decline_reason TEXT CHECK (decline_reason IN ('skipped', 'none_acceptable')),
+    decline_comment TEXT NOT NULL DEFAULT '',
+    declined_at REAL,
+    CHECK ((status = 'declined') = (decline_reason IS NOT NULL))
+);
+INSERT INTO comparison_tasks_v6 (id, prompt_id, labeler_id, k, completion_ids_json, status, created_at, expires_at)
+    SELECT id, prompt_id, labeler_id, k, completion_ids_json, status, created_at, expires_at FROM comparison_tasks;
+DROP TABLE comparison_tasks;
+ALTER TABLE comparison_tasks_v6 RENAME TO comparison_tasks;
+CREATE INDEX comparison_tasks_by_status ON comparison_tasks(status, expires_at);
+CREATE INDEX comparison_tasks_by_labeler ON comparison_tasks(labeler_id, created_at);
+CREATE INDEX comparison_tasks_by_prompt ON comparison_tasks(prompt_id);
+CREATE TABLE gold_rankings (
+    prompt_id TEXT PRIMARY KEY REFERENCES prompts(id),
+    completion_ids_json TEXT NOT NULL,
+    ranking_json TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX gold_rankings_by_setter ON gold_rankings(set_by);
+"""
+
+
+def _v6_labeler_quality(db: Database) -> None:
+    db.executescript(_V6_LABELER_QUALITY)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _v1_core, _v2_queue_retries_audit, _v3_cycle_liveness, _v4_users_data, _v5_version_spans,
+    _v6_labeler_quality,
+)
 LATEST_VERSION = len(MIGRATIONS)
 
 
@@ -263,13 +328,25 @@ def migrate(
 
 
 def _apply_step(db: Database, step: Migration, version: int, known: int, where: str) -> None:
-    """Run one migration step and set user_version to `version`, atomically."""
+    """Run one migration step and set user_version to `version`, atomically.
+
+    Foreign keys are off during the step (SQLite ignores the pragma inside a transaction,
+    so it is set before BEGIN) and checked before COMMIT: SQLite's way to rebuild a table
+    that others reference (v6), harmless for the others. Only a violation the step made
+    refuses it (rows an old file already held are not this step's to judge)."""
+    enforced = db.conn.execute("PRAGMA foreign_keys").fetchone()[0]
+    db.conn.execute("PRAGMA foreign_keys = OFF")
     db.conn.execute("BEGIN IMMEDIATE")
     try:
         current = schema_version(db)
         check_not_newer(current, known, where)
         if current < version:
+            before = set(db.conn.execute("PRAGMA foreign_key_check").fetchall())
             step(db)
+            broken = set(db.conn.execute("PRAGMA foreign_key_check").fetchall()) - before
+            if broken:
+                raise SchemaError(f"migration to v{version} of {where} left rows whose reference is missing: "
+                                  f"{sorted(broken)[:3]}")
             # PRAGMA values cannot be bound; `version` is an int we computed.
             db.conn.execute(f"PRAGMA user_version = {int(version)}")
         db.conn.execute("COMMIT")
@@ -277,3 +354,5 @@ def _apply_step(db: Database, step: Migration, version: int, known: int, where: 
         if db.conn.in_transaction:
             db.conn.execute("ROLLBACK")
         raise
+    finally:
+        db.conn.execute(f"PRAGMA foreign_keys = {int(enforced)}")

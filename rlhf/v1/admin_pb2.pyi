@@ -3,6 +3,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from rlhf.v1 import common_pb2 as _common_pb2
+from rlhf.v1 import feedback_pb2 as _feedback_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -50,16 +51,20 @@ class SwapPolicyRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SwapPolicyResponse(_message.Message):
-    __slots__ = ("previous_version", "version", "stall_seconds", "total_seconds")
+    __slots__ = ("previous_version", "version", "stall_seconds", "total_seconds", "swap_mode", "continued_requests")
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_MODE_FIELD_NUMBER: _ClassVar[int]
+    CONTINUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     previous_version: int
     version: int
     stall_seconds: float
     total_seconds: float
-    def __init__(self, previous_version: _Optional[int] = ..., version: _Optional[int] = ..., stall_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    swap_mode: str
+    continued_requests: int
+    def __init__(self, previous_version: _Optional[int] = ..., version: _Optional[int] = ..., stall_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., swap_mode: _Optional[str] = ..., continued_requests: _Optional[int] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("request_id", "version")
@@ -134,7 +139,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("serving_version", "users", "prompts", "completions", "rankings", "demonstrations", "ratings", "policies", "cycles", "prompts_by_split")
+    __slots__ = ("serving_version", "users", "prompts", "completions", "rankings", "demonstrations", "ratings", "policies", "cycles", "prompts_by_split", "mixed_version_completions")
     class PromptsBySplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +157,7 @@ class Stats(_message.Message):
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     CYCLES_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_BY_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    MIXED_VERSION_COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     serving_version: int
     users: int
     prompts: int
@@ -162,7 +168,8 @@ class Stats(_message.Message):
     policies: int
     cycles: int
     prompts_by_split: _containers.ScalarMap[str, int]
-    def __init__(self, serving_version: _Optional[int] = ..., users: _Optional[int] = ..., prompts: _Optional[int] = ..., completions: _Optional[int] = ..., rankings: _Optional[int] = ..., demonstrations: _Optional[int] = ..., ratings: _Optional[int] = ..., policies: _Optional[int] = ..., cycles: _Optional[int] = ..., prompts_by_split: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    mixed_version_completions: int
+    def __init__(self, serving_version: _Optional[int] = ..., users: _Optional[int] = ..., prompts: _Optional[int] = ..., completions: _Optional[int] = ..., rankings: _Optional[int] = ..., demonstrations: _Optional[int] = ..., ratings: _Optional[int] = ..., policies: _Optional[int] = ..., cycles: _Optional[int] = ..., prompts_by_split: _Optional[_Mapping[str, int]] = ..., mixed_version_completions: _Optional[int] = ...) -> None: ...
 
 class EraseUserRequest(_message.Message):
     __slots__ = ("request_id", "user_id")
@@ -208,3 +215,116 @@ class SetTrainingOptOutResponse(_message.Message):
     train_opt_out: bool
     changed: bool
     def __init__(self, train_opt_out: _Optional[bool] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class SetGoldRankingRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_id", "ranking")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_id: str
+    ranking: _containers.RepeatedCompositeFieldContainer[_feedback_pb2.RankGroup]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., ranking: _Optional[_Iterable[_Union[_feedback_pb2.RankGroup, _Mapping]]] = ...) -> None: ...
+
+class SetGoldRankingResponse(_message.Message):
+    __slots__ = ("prompt_id", "comparisons", "replaced")
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    prompt_id: str
+    comparisons: int
+    replaced: bool
+    def __init__(self, prompt_id: _Optional[str] = ..., comparisons: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
+
+class GetLabelerQualityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LabelerStats(_message.Message):
+    __slots__ = ("labeler_id", "labeler_group", "tasks_done", "tasks_declined", "median_seconds_per_task", "shared_tasks", "pairwise_agreement", "gold_tasks", "gold_agreement", "flagged", "flag_reason")
+    LABELER_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DECLINED_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_SECONDS_PER_TASK_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TASKS_FIELD_NUMBER: _ClassVar[int]
+    PAIRWISE_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    GOLD_TASKS_FIELD_NUMBER: _ClassVar[int]
+    GOLD_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    FLAG_REASON_FIELD_NUMBER: _ClassVar[int]
+    labeler_id: str
+    labeler_group: str
+    tasks_done: int
+    tasks_declined: int
+    median_seconds_per_task: float
+    shared_tasks: int
+    pairwise_agreement: float
+    gold_tasks: int
+    gold_agreement: float
+    flagged: bool
+    flag_reason: str
+    def __init__(self, labeler_id: _Optional[str] = ..., labeler_group: _Optional[str] = ..., tasks_done: _Optional[int] = ..., tasks_declined: _Optional[int] = ..., median_seconds_per_task: _Optional[float] = ..., shared_tasks: _Optional[int] = ..., pairwise_agreement: _Optional[float] = ..., gold_tasks: _Optional[int] = ..., gold_agreement: _Optional[float] = ..., flagged: _Optional[bool] = ..., flag_reason: _Optional[str] = ...) -> None: ...
+
+class GroupAgreement(_message.Message):
+    __slots__ = ("labeler_group", "labelers", "shared_tasks", "pairs", "pairwise_agreement", "krippendorff_alpha")
+    LABELER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    LABELERS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TASKS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PAIRWISE_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    KRIPPENDORFF_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    labeler_group: str
+    labelers: int
+    shared_tasks: int
+    pairs: int
+    pairwise_agreement: float
+    krippendorff_alpha: float
+    def __init__(self, labeler_group: _Optional[str] = ..., labelers: _Optional[int] = ..., shared_tasks: _Optional[int] = ..., pairs: _Optional[int] = ..., pairwise_agreement: _Optional[float] = ..., krippendorff_alpha: _Optional[float] = ...) -> None: ...
+
+class LabelerQuality(_message.Message):
+    __slots__ = ("labelers", "groups", "overall", "overlap_share", "gold_share", "gold_min_agreement", "gold_min_tasks")
+    LABELERS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    OVERALL_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_SHARE_FIELD_NUMBER: _ClassVar[int]
+    GOLD_SHARE_FIELD_NUMBER: _ClassVar[int]
+    GOLD_MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    GOLD_MIN_TASKS_FIELD_NUMBER: _ClassVar[int]
+    labelers: _containers.RepeatedCompositeFieldContainer[LabelerStats]
+    groups: _containers.RepeatedCompositeFieldContainer[GroupAgreement]
+    overall: GroupAgreement
+    overlap_share: float
+    gold_share: float
+    gold_min_agreement: float
+    gold_min_tasks: int
+    def __init__(self, labelers: _Optional[_Iterable[_Union[LabelerStats, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupAgreement, _Mapping]]] = ..., overall: _Optional[_Union[GroupAgreement, _Mapping]] = ..., overlap_share: _Optional[float] = ..., gold_share: _Optional[float] = ..., gold_min_agreement: _Optional[float] = ..., gold_min_tasks: _Optional[int] = ...) -> None: ...
+
+class GetRatingsReportRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VersionRatings(_message.Message):
+    __slots__ = ("policy_version", "ratings", "mean_overall", "flag_share")
+    class FlagShareEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RATINGS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_OVERALL_FIELD_NUMBER: _ClassVar[int]
+    FLAG_SHARE_FIELD_NUMBER: _ClassVar[int]
+    policy_version: int
+    ratings: int
+    mean_overall: float
+    flag_share: _containers.ScalarMap[str, float]
+    def __init__(self, policy_version: _Optional[int] = ..., ratings: _Optional[int] = ..., mean_overall: _Optional[float] = ..., flag_share: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class RatingsReport(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionRatings]
+    def __init__(self, versions: _Optional[_Iterable[_Union[VersionRatings, _Mapping]]] = ...) -> None: ...

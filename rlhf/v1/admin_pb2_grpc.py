@@ -80,6 +80,21 @@ class AdminStub:
                 request_serializer=rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutResponse.FromString,
                 _registered_method=True)
+        self.SetGoldRanking = channel.unary_unary(
+                '/rlhf.v1.Admin/SetGoldRanking',
+                request_serializer=rlhf_dot_v1_dot_admin__pb2.SetGoldRankingRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_admin__pb2.SetGoldRankingResponse.FromString,
+                _registered_method=True)
+        self.GetLabelerQuality = channel.unary_unary(
+                '/rlhf.v1.Admin/GetLabelerQuality',
+                request_serializer=rlhf_dot_v1_dot_admin__pb2.GetLabelerQualityRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_admin__pb2.LabelerQuality.FromString,
+                _registered_method=True)
+        self.GetRatingsReport = channel.unary_unary(
+                '/rlhf.v1.Admin/GetRatingsReport',
+                request_serializer=rlhf_dot_v1_dot_admin__pb2.GetRatingsReportRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_admin__pb2.RatingsReport.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -135,8 +150,9 @@ class AdminServicer:
 
     def EraseUser(self, request, context):
         """Erase a user: delete their prompts, completions, labeling work (rankings,
-        demonstrations, ratings, comparison tasks), the feedback of others on their
-        completions, their idempotency records, keys and user row, in one transaction; audit
+        demonstrations, ratings, comparison tasks, the gold rankings they set), the feedback
+        of others on their completions (gold rankings of them included), their idempotency
+        records, keys and user row, in one transaction; audit
         rows naming them keep only sha256(user id). Idempotent: erasing an erased user answers
         the first erasure again. An id nothing names is NOT_FOUND; an admin cannot erase itself.
         """
@@ -149,6 +165,32 @@ class AdminServicer:
         and their own labeling work never train; they are served as usual. The one Admin RPC
         open to every role: a user or labeler may set it for their own user id only; an admin
         for anyone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetGoldRanking(self, request, context):
+        """Make a prompt's completions a gold task: the operator's own ranking of them, against
+        which labelers given the task are scored (a share of tasks, `label_gold_share`).
+        Setting it again for the same prompt replaces it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLabelerQuality(self, request, context):
+        """Labeler quality: per labeler, work done, time per task, agreement with the other
+        labelers on shared tasks and with gold tasks; per labeler group and overall, pairwise
+        agreement and Krippendorff's alpha (ordinal) on the shared tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRatingsReport(self, request, context):
+        """The labelers' ratings per policy version (the paper's Fig. 4): mean Likert score and
+        the share of each metadata flag.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +243,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetTrainingOptOut,
                     request_deserializer=rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutResponse.SerializeToString,
+            ),
+            'SetGoldRanking': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetGoldRanking,
+                    request_deserializer=rlhf_dot_v1_dot_admin__pb2.SetGoldRankingRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_admin__pb2.SetGoldRankingResponse.SerializeToString,
+            ),
+            'GetLabelerQuality': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLabelerQuality,
+                    request_deserializer=rlhf_dot_v1_dot_admin__pb2.GetLabelerQualityRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_admin__pb2.LabelerQuality.SerializeToString,
+            ),
+            'GetRatingsReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRatingsReport,
+                    request_deserializer=rlhf_dot_v1_dot_admin__pb2.GetRatingsReportRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_admin__pb2.RatingsReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +503,87 @@ class Admin:
             '/rlhf.v1.Admin/SetTrainingOptOut',
             rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutRequest.SerializeToString,
             rlhf_dot_v1_dot_admin__pb2.SetTrainingOptOutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetGoldRanking(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.Admin/SetGoldRanking',
+            rlhf_dot_v1_dot_admin__pb2.SetGoldRankingRequest.SerializeToString,
+            rlhf_dot_v1_dot_admin__pb2.SetGoldRankingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLabelerQuality(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.Admin/GetLabelerQuality',
+            rlhf_dot_v1_dot_admin__pb2.GetLabelerQualityRequest.SerializeToString,
+            rlhf_dot_v1_dot_admin__pb2.LabelerQuality.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRatingsReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.Admin/GetRatingsReport',
+            rlhf_dot_v1_dot_admin__pb2.GetRatingsReportRequest.SerializeToString,
+            rlhf_dot_v1_dot_admin__pb2.RatingsReport.FromString,
             options,
             channel_credentials,
             insecure,

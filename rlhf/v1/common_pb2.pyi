@@ -66,7 +66,7 @@ class SamplingParams(_message.Message):
     def __init__(self, n: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("completion_id", "index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "policy_version")
+    __slots__ = ("completion_id", "index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "policy_version", "version_spans")
     COMPLETION_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class Completion(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_SPANS_FIELD_NUMBER: _ClassVar[int]
     completion_id: str
     index: int
     text: str
@@ -81,7 +82,18 @@ class Completion(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     policy_version: int
-    def __init__(self, completion_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
+    version_spans: _containers.RepeatedCompositeFieldContainer[VersionSpan]
+    def __init__(self, completion_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., policy_version: _Optional[int] = ..., version_spans: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ...) -> None: ...
+
+class VersionSpan(_message.Message):
+    __slots__ = ("policy_version", "start_token", "end_token")
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    START_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    END_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    policy_version: int
+    start_token: int
+    end_token: int
+    def __init__(self, policy_version: _Optional[int] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("version", "path", "parent_version", "status", "created_at", "cycle_id", "metrics_json")

@@ -4,12 +4,22 @@ import datetime
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from rlhf.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DeclineReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECLINE_REASON_UNSPECIFIED: _ClassVar[DeclineReason]
+    SKIPPED: _ClassVar[DeclineReason]
+    NONE_ACCEPTABLE: _ClassVar[DeclineReason]
+DECLINE_REASON_UNSPECIFIED: DeclineReason
+SKIPPED: DeclineReason
+NONE_ACCEPTABLE: DeclineReason
 
 class NextComparisonRequest(_message.Message):
     __slots__ = ("k", "request_id")
@@ -126,3 +136,47 @@ class SubmitRatingResponse(_message.Message):
     RATING_ID_FIELD_NUMBER: _ClassVar[int]
     rating_id: str
     def __init__(self, rating_id: _Optional[str] = ...) -> None: ...
+
+class DeclineTaskRequest(_message.Message):
+    __slots__ = ("request_id", "task_id", "reason", "comment")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    task_id: str
+    reason: DeclineReason
+    comment: str
+    def __init__(self, request_id: _Optional[str] = ..., task_id: _Optional[str] = ..., reason: _Optional[_Union[DeclineReason, str]] = ..., comment: _Optional[str] = ...) -> None: ...
+
+class DeclineTaskResponse(_message.Message):
+    __slots__ = ("task_id", "reason")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    reason: DeclineReason
+    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[_Union[DeclineReason, str]] = ...) -> None: ...
+
+class GetProgressRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("user_id", "role", "labeler_group", "ranked_today", "declined_today", "demonstrations_today", "ratings_today", "queue_waiting")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABELER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANKED_TODAY_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_TODAY_FIELD_NUMBER: _ClassVar[int]
+    DEMONSTRATIONS_TODAY_FIELD_NUMBER: _ClassVar[int]
+    RATINGS_TODAY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    role: str
+    labeler_group: str
+    ranked_today: int
+    declined_today: int
+    demonstrations_today: int
+    ratings_today: int
+    queue_waiting: int
+    def __init__(self, user_id: _Optional[str] = ..., role: _Optional[str] = ..., labeler_group: _Optional[str] = ..., ranked_today: _Optional[int] = ..., declined_today: _Optional[int] = ..., demonstrations_today: _Optional[int] = ..., ratings_today: _Optional[int] = ..., queue_waiting: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,16 @@ class FeedbackStub:
                 request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitRatingRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitRatingResponse.FromString,
                 _registered_method=True)
+        self.DeclineTask = channel.unary_unary(
+                '/rlhf.v1.Feedback/DeclineTask',
+                request_serializer=rlhf_dot_v1_dot_feedback__pb2.DeclineTaskRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_feedback__pb2.DeclineTaskResponse.FromString,
+                _registered_method=True)
+        self.GetProgress = channel.unary_unary(
+                '/rlhf.v1.Feedback/GetProgress',
+                request_serializer=rlhf_dot_v1_dot_feedback__pb2.GetProgressRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_feedback__pb2.Progress.FromString,
+                _registered_method=True)
 
 
 class FeedbackServicer:
@@ -88,6 +98,22 @@ class FeedbackServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineTask(self, request, context):
+        """Close a leased task without ranking it: skipped (no judgement), or none of its
+        completions is acceptable (stored as the task's verdict; no ranking, so the reward
+        model does not train on it). The prompt is not given to this labeler again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProgress(self, request, context):
+        """Who the caller is and their progress: work done today (UTC) and prompts waiting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +136,16 @@ def add_FeedbackServicer_to_server(servicer, server):
                     servicer.SubmitRating,
                     request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitRatingRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitRatingResponse.SerializeToString,
+            ),
+            'DeclineTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineTask,
+                    request_deserializer=rlhf_dot_v1_dot_feedback__pb2.DeclineTaskRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_feedback__pb2.DeclineTaskResponse.SerializeToString,
+            ),
+            'GetProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProgress,
+                    request_deserializer=rlhf_dot_v1_dot_feedback__pb2.GetProgressRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_feedback__pb2.Progress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +256,60 @@ class Feedback:
             '/rlhf.v1.Feedback/SubmitRating',
             rlhf_dot_v1_dot_feedback__pb2.SubmitRatingRequest.SerializeToString,
             rlhf_dot_v1_dot_feedback__pb2.SubmitRatingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.Feedback/DeclineTask',
+            rlhf_dot_v1_dot_feedback__pb2.DeclineTaskRequest.SerializeToString,
+            rlhf_dot_v1_dot_feedback__pb2.DeclineTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.Feedback/GetProgress',
+            rlhf_dot_v1_dot_feedback__pb2.GetProgressRequest.SerializeToString,
+            rlhf_dot_v1_dot_feedback__pb2.Progress.FromString,
             options,
             channel_credentials,
             insecure,

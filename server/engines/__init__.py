@@ -17,7 +17,9 @@ from server.engines.base import (
     GenerationUpdate,
     SamplingOptions,
     SwapGate,
+    SwapMode,
     SwapResult,
+    VersionSpan,
 )
 
 EngineKind = Literal["vllm", "hf"]
@@ -30,7 +32,9 @@ __all__ = [
     "GenerationUpdate",
     "SamplingOptions",
     "SwapGate",
+    "SwapMode",
     "SwapResult",
+    "VersionSpan",
     "create_engine",
     "default_engine_kind",
     "vllm_available",

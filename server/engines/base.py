@@ -3,11 +3,18 @@
 Engines know nothing of gRPC or the store. Two implementations (vllm.py, hf.py) are
 chosen at start-up by `server.engines.create_engine`.
 
-Version consistency: every completion must be produced by ONE policy version. Both
-engines get that the same way, with `SwapGate`: a generation holds the gate for its whole
-life; a swap closes the gate to new generations, waits for the running ones to drain,
-loads the new weights, then reopens. New requests wait (the "stall") instead of failing,
-and the version they are tagged with is read after the gate lets them in.
+Versions. Every completion records the policy version(s) that produced its tokens. How
+a swap treats requests in flight is the engine's `swap_mode` (`SWAP_MODES`):
+- "drain": a generation holds `SwapGate` for its whole life; a swap closes the gate to
+  new generations, waits for the running ones to finish on the old weights, loads the new
+  ones, then reopens. Every completion is one version; new requests wait the whole drain
+  (the "stall"). The drain is bounded (`drain_timeout_s`): past it the engine does what
+  its docstring says (vLLM: continues the rest as in "keep"; HF: keeps waiting, and logs).
+- "keep" (vLLM only): the scheduler pauses with in-flight requests frozen, the weights are
+  reloaded, and the frozen requests continue on the new weights; the stall is the reload.
+  A request that spans the swap is recorded with its `version_spans` (the tokens each
+  version produced) and counted as mixed; it is never taken for one version's sample.
+"auto" is the fastest mode that keeps every record truthful: "keep" on vLLM, "drain" on HF.
 """
 
 from __future__ import annotations
@@ -21,6 +28,17 @@ from pathlib import Path
 from typing import AsyncIterator, Literal, Sequence
 
 FinishReason = Literal["stop", "length", "abort"]
+SwapMode = Literal["drain", "keep"]
+SWAP_MODES: tuple[str, ...] = ("auto", "drain", "keep")
+
+
+@dataclass(frozen=True)
+class VersionSpan:
+    """Output tokens [start, end) of a sample were produced by policy `version`."""
+
+    version: int
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,10 @@ class GenerationUpdate:
     `text_delta` is the text produced since this sample's previous update. The sample's
     last update has `finished=True`, its `finish_reason`, and the final token counts; the
     concatenated deltas of a sample equal its final text.
+
+    `policy_version` is the version serving when the request started; on the last update
+    it is the version of the sample's first token, and `version_spans` lists each
+    version's tokens when more than one version produced the sample (empty otherwise).
     """
 
     index: int
@@ -50,6 +72,7 @@ class GenerationUpdate:
     policy_version: int
     finished: bool = False
     finish_reason: FinishReason | None = None
+    version_spans: tuple[VersionSpan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,7 +81,9 @@ class SwapResult:
     version: int
     drain_seconds: float  # waiting for in-flight generations to finish on the old weights
     load_seconds: float  # loading the new weights
-    stall_seconds: float  # how long the gate was closed to new requests (drain + load)
+    stall_seconds: float  # how long new requests could not start (drain + load)
+    mode: SwapMode = "drain"
+    continued_requests: int = 0  # in flight across the reload, continued on the new weights
 
 
 class EngineError(RuntimeError):
@@ -89,15 +114,22 @@ class SwapGate:
                 self._active -= 1
                 self._cond.notify_all()
 
+    async def drained(self) -> None:
+        """Wait until no generation holds the gate (inside `swap`, after its bound passed)."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._active == 0)
+
     @contextlib.asynccontextmanager
-    async def swap(self) -> AsyncIterator[float]:
-        """Close the gate, wait for the drain; yields the drain time in seconds."""
+    async def swap(self, drain_timeout_s: float | None = None) -> AsyncIterator[float]:
+        """Close the gate, wait for the drain (at most `drain_timeout_s`: then the caller
+        goes on with `active` generations still in flight); yields the drain time in seconds."""
         async with self._cond:
             await self._cond.wait_for(lambda: not self._swapping)
             self._swapping = True
             start = time.perf_counter()
             try:
-                await self._cond.wait_for(lambda: self._active == 0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._cond.wait_for(lambda: self._active == 0), drain_timeout_s)
             except BaseException:
                 # A swap cancelled while draining must reopen the gate, or it stays shut.
                 self._swapping = False
@@ -147,7 +179,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def swap(self, checkpoint_dir: Path, version: int) -> SwapResult:
-        """Drain, load the (already verified) checkpoint, serve it as `version`. On a load
+        """Load the (already verified) checkpoint and serve it as `version`, treating the
+        requests in flight as the engine's swap mode says (module docstring). On a load
         failure the old weights keep serving and EngineError is raised."""
 
     @abc.abstractmethod

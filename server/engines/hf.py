@@ -305,11 +305,20 @@ class HFEngine(Engine):
         max_batch_size: int = 8,
         dtype: str | None = None,
         device: str | None = None,
+        swap_mode: str = "auto",
+        drain_timeout_s: float = 30.0,
     ) -> None:
+        """swap_mode: this engine swaps by "drain" only ("auto" = drain): its batches run
+        whole in a worker thread and cannot be frozen and continued on new weights. Past
+        `drain_timeout_s` a swap logs that it is still waiting and keeps waiting."""
+        if swap_mode not in ("auto", "drain"):
+            raise ValueError(f"swap_mode {swap_mode!r}: the HF engine swaps by 'drain' only (keep needs the vLLM engine)")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._initial = (Path(checkpoint_dir), version)
         self._max_batch_size = max_batch_size
+        self.swap_mode = "drain"
+        self._drain_timeout_s = drain_timeout_s
         self._dtype = dtype
         self._device = device
         self._policy: _Policy | None = None
@@ -483,7 +492,13 @@ class HFEngine(Engine):
                 raise EngineError(f"loading {checkpoint_dir} failed, still serving v{current.version}: {e}") from e
             load_seconds = time.perf_counter() - started
             closed = time.perf_counter()
-            async with self._gate.swap() as drain_seconds:
+            async with self._gate.swap(self._drain_timeout_s) as drain_seconds:
+                if self._gate.active:
+                    log.warning("swap v%d -> v%d: %d generations still running after the %.0f s drain bound; "
+                                "waiting for them (the HF engine cannot continue them on new weights)",
+                                current.version, version, self._gate.active, self._drain_timeout_s)  # fmt: skip
+                    await self._gate.drained()
+                    drain_seconds = time.perf_counter() - closed
                 self._policy = _Policy(model, version, checkpoint_dir)
             stall_seconds = time.perf_counter() - closed
         log.info("swapped v%d -> v%d (drain %.2f s, load %.2f s)", current.version, version, drain_seconds, load_seconds)

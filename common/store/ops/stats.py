@@ -25,9 +25,10 @@ def stats() -> Op[Stats]:
         for row in db.query("SELECT split, COUNT(*) AS n FROM prompts GROUP BY split"):
             by_split[row["split"]] = row["n"]
         serving = serving_policy()(db)
+        mixed = db.conn.execute("SELECT COUNT(*) FROM completions WHERE version_spans_json IS NOT NULL").fetchone()[0]
         return Stats(
             serving_version=None if serving is None else serving.version,
-            prompts_by_split=by_split,
+            prompts_by_split=by_split, mixed_version_completions=mixed,
             **counts,
         )
 
