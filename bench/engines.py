@@ -255,7 +255,8 @@ def vllm_engine_figures(model_dir: Path, new_dir: Path, prompts: Sequence[str],
     from server.engines.vllm import VLLMEngine
 
     async def measure() -> dict[str, Any]:
-        engine = VLLMEngine(model_dir, 1, max_model_len=2048, max_num_seqs=CONCURRENCY)
+        # The drain mode: this section measures the drain (bench.swap compares the modes).
+        engine = VLLMEngine(model_dir, 1, max_model_len=2048, max_num_seqs=CONCURRENCY, swap_mode="drain")
         await engine.start()
         try:
             ids = chat_prompt_ids(model_dir, prompts)

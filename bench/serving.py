@@ -10,11 +10,11 @@
    - transformers `generate`, one prompt at a time (the naive baseline), goal: >= 3x.
    Greedy fp32 everywhere, so all generate the same tokens; tokens/s counts them.
 2. Time to first token seen by the clients during the throughput run: p50 and p99.
-3. A hot swap under load: the 16 clients keep streaming; once all are mid-stream the
-   admin calls SwapPolicy. Reported: the stall (new requests waiting while the engine
-   drained and reloaded), the call's duration, the time until a client received the
-   first token of the new version, failed requests, and requests whose tokens came from
-   two versions (must be 0).
+3. A hot swap under load, in the server's default swap mode (`keep` on vLLM): the 16
+   clients keep streaming; once all are mid-stream the admin calls SwapPolicy. Reported:
+   the server's stall, the call's duration, the time until a client received the first
+   token of the new version, failed requests (must be 0), and completions whose tokens
+   came from two versions (recorded as such; `bench.swap` compares the modes).
 
 For the throughput run the clients live in a child process (real clients run elsewhere;
 in the server's own interpreter they would compete for its GIL); the swap run keeps them
@@ -97,6 +97,7 @@ async def stream_one(client: Any, prompt: str, max_tokens: int,
         request.first_token_of.setdefault(event.policy_version, now)
         if event.HasField("completion"):
             request.tokens += event.completion.completion_tokens
+            request.versions.update(s.policy_version for s in event.completion.version_spans)
     request.finished = time.perf_counter()
     return request
 
@@ -178,6 +179,7 @@ async def swap_under_load(target: str, key: str, prompts: Sequence[str], max_tok
     first_new = min((r.first_token_of[new_version] for r in requests if new_version in r.first_token_of),
                     default=float("nan"))
     return {
+        "swap_mode": swap["response"].swap_mode,
         "stall_s": swap["response"].stall_seconds,
         "swap_call_s": swap["returned"] - swap["called"],
         "server_total_s": swap["response"].total_seconds,
@@ -289,7 +291,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"p99 {server['ttft_p99_s']:.3f} s",
         f"- engine start-up: server {r['server']['startup_s']:.1f} s, offline `LLM` {offline['startup_s']:.1f} s",
         "",
-        f"Hot swap under load ({r['clients']} clients streaming; in-flight requests finish on the old version):",
+        f"Hot swap under load ({r['clients']} clients streaming; swap mode {swap['swap_mode']}):",
         "",
         "| stall (new requests waited) | SwapPolicy call | new version's first token after the call | "
         "requests | failed | mixed versions |",

@@ -7,7 +7,8 @@ the admin calls SwapPolicy (v1: the same weights, so a reload costs what a real 
 Reported per mode:
 
 - stall: the longest wait for a first token of a request sent while the SwapPolicy call
-  ran (a probe sends one every PROBE_EVERY_S during the call), beside the median time to
+  ran (a probe sends one every PROBE_EVERY_S during the call, MAX_PROBES at most; the
+  engine has room for them beside the clients' requests), beside the median time to
   first token before the swap and the server's own figure (how long new requests could
   not start); and the freeze: the longest pause between two tokens of a stream that was
   running when the call came (what a user in the middle of an answer felt);
@@ -39,7 +40,11 @@ from bench.serving import publish_versions
 CLIENTS = 16
 MAX_TOKENS = 128
 SHORT_BOUND_S = 2.0  # the drain bound of the "drain-bounded" run
-PROBE_EVERY_S = 0.1  # new requests sent while the SwapPolicy call runs
+PROBE_EVERY_S = 0.5  # new requests sent while the SwapPolicy call runs ...
+MAX_PROBES = 8  # ... at most this many
+# The engine runs up to 2 x CLIENTS sequences: a probe finds a free slot, so its wait is
+# the swap's, not a queue behind the 16 clients' requests.
+MAX_NUM_SEQS = 2 * CLIENTS
 MODES: dict[str, tuple[str, float]] = {  # run name -> (swap_mode, drain bound in seconds)
     "drain": ("drain", 30.0),
     "keep": ("keep", 30.0),
@@ -111,7 +116,7 @@ async def swap_once(target: str, key: str, max_tokens: int) -> dict[str, Any]:
             window["called"] = time.perf_counter()
             call = asyncio.ensure_future(admin.swap_policy(1, timeout=600))
             probes, k = [], 0
-            while not call.done():  # new requests arriving while the swap runs
+            while not call.done() and k < MAX_PROBES:  # new requests arriving while the swap runs
                 probes.append(asyncio.ensure_future(probe(admin, PROMPTS[k % len(PROMPTS)])))
                 k += 1
                 await asyncio.wait([call], timeout=PROBE_EVERY_S)
@@ -141,6 +146,7 @@ async def swap_once(target: str, key: str, max_tokens: int) -> dict[str, Any]:
         "swap_mode": response.swap_mode,
         "requests": len(seen),
         "failures": len(failures),
+        "failure_examples": failures[:3],
         "mixed_version_completions": sum(s.mixed for s in seen),
     }
 
@@ -158,10 +164,11 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
             publish_versions(model_dir, tmp / "checkpoints", store)
             key = generate_api_key()
             store.write_sync(add_api_key("bench", "admin", hash_api_key(key)))
+            # No per-key limit in the way: the probes and the clients share one key.
             config = ServerConfig(port=0, engine="vllm", store_path=tmp / "store.sqlite", swap_mode=swap_mode,
                                   swap_drain_timeout_s=drain_bound_s, checkpoints_root=tmp / "checkpoints",
-                                  max_concurrent_per_key=64)  # fmt: skip
-            engine = create_engine("vllm", tmp / "checkpoints" / "v0", 0, max_model_len=2048, max_num_seqs=CLIENTS,
+                                  max_concurrent_per_key=1024, tokens_per_minute=0, requests_per_second=0)  # fmt: skip
+            engine = create_engine("vllm", tmp / "checkpoints" / "v0", 0, max_model_len=2048, max_num_seqs=MAX_NUM_SEQS,
                                    swap_mode=swap_mode, drain_timeout_s=drain_bound_s)  # fmt: skip
             running = await build_server(config, engine, store)
             await running.start()
@@ -177,9 +184,10 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
         return asyncio.run(measure(Path(tmp)))
 
 
-def run(modes: list[str], max_tokens: int = MAX_TOKENS, model_dir: Path | None = None) -> dict[str, Any]:
+def run(modes: list[str] | None = None, max_tokens: int = MAX_TOKENS, model_dir: Path | None = None) -> dict[str, Any]:
     from common.models import ensure_embedded_model
 
+    modes = list(MODES) if modes is None else modes
     model_dir = Path(model_dir) if model_dir else ensure_embedded_model()
     results = {}
     for name in modes:

@@ -271,7 +271,7 @@ def test_rollback_goes_back_to_the_version_served_before(stack: WebStack) -> Non
     fields = form_after(admin.get("/admin/policies").text, 'id="rollback"')
     question = admin.post("/admin/policies/rollback", data=fields)
     assert question.status_code == 200
-    assert "Roll back from v1 to the version that served before it?" in question.text
+    assert "Roll back from v1 to v0?" in question.text
     assert serving(stack) == 1
     answer = admin.post("/admin/policies/rollback/confirm", data=form_after(question.text, 'id="confirm"'))
     assert answer.status_code == 200 and "Now serving <strong>v0</strong> (was v1)." in answer.text

@@ -242,8 +242,12 @@ def policies_view(policies: Sequence[common_pb2.Policy]) -> dict[str, Any]:
     served before (retired: Rollback returns to the one whose serving ended last)."""
     rows = [policy_row(p) for p in policies]
     serving = next((r for r in rows if r["status"] == "serving"), None)
+    # Rollback's default, as the server picks it: the non-serving policy that started serving last.
+    served = [p for p in policies if p.HasField("serving_since") and status_name(p.status) != "serving"]
+    latest = max(served, key=lambda p: p.serving_since.ToNanoseconds(), default=None)
     return {
         "rows": rows, "serving": serving, "served_before": [r for r in rows if r["status"] == "retired"],
+        "rollback_to": None if latest is None else f"v{latest.version}",
         "figures": [(header, meaning) for header, meaning, _ in POLICY_FIGURES],
     }  # fmt: skip
 

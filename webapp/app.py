@@ -690,15 +690,14 @@ class WebApp:
             return problem if isinstance(problem, Response) else self._swap_outcome(
                 session, "Rollback not asked", problem.status, problem=problem.message)
         serving = view["serving"]["name"] if view["serving"] else "the version serving now"
-        before = ", ".join(r["name"] for r in view["served_before"]) or "none"
+        target = view["rollback_to"] or "the version that served before it"
         details = [
-            f"The server picks the version whose serving ended last (served before: {before}); the result page "
-            "names it.",
+            f"Rollback serves the version that started serving last before {serving}: {target}.",
             "In-flight requests are not cut off (see a swap); the checkpoint is verified first, and if it is refused "
             f"{serving} keeps serving.",
         ]  # fmt: skip
         return render("policy_confirm.html", session=session, current="/admin/policies", heading="Roll back",
-                      question=f"Roll back from {serving} to the version that served before it?", details=details,
+                      question=f"Roll back from {serving} to {target}?", details=details,
                       action="/admin/policies/rollback/confirm", request_id=request_id, version=None,
                       confirm_label="Roll back")  # fmt: skip
 

@@ -26,17 +26,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/common.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"\xa5\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe5\x01\n\nCompletion\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12+\n\rversion_spans\x18\x08 \x03(\x0b\x32\x14.rlhf.v1.VersionSpan\"M\n\x0bVersionSpan\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x13\n\x0bstart_token\x18\x02 \x01(\r\x12\x11\n\tend_token\x18\x03 \x01(\r\"\xe8\x01\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x1b\n\x0eparent_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.PolicyStatus\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x08\x63ycle_id\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x14\n\x0cmetrics_json\x18\x07 \x01(\tB\x11\n\x0f_parent_versionB\x0b\n\t_cycle_id*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x9c\x01\n\x0cPolicyStatus\x12\x1d\n\x19POLICY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17POLICY_STATUS_CANDIDATE\x10\x01\x12\x19\n\x15POLICY_STATUS_SERVING\x10\x02\x12\x1a\n\x16POLICY_STATUS_REJECTED\x10\x03\x12\x19\n\x15POLICY_STATUS_RETIRED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/common.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"\xa5\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe5\x01\n\nCompletion\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12+\n\rversion_spans\x18\x08 \x03(\x0b\x32\x14.rlhf.v1.VersionSpan\"M\n\x0bVersionSpan\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x13\n\x0bstart_token\x18\x02 \x01(\r\x12\x11\n\tend_token\x18\x03 \x01(\r\"\x9b\x02\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x1b\n\x0eparent_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.PolicyStatus\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x08\x63ycle_id\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x14\n\x0cmetrics_json\x18\x07 \x01(\t\x12\x31\n\rserving_since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x11\n\x0f_parent_versionB\x0b\n\t_cycle_id*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x9c\x01\n\x0cPolicyStatus\x12\x1d\n\x19POLICY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17POLICY_STATUS_CANDIDATE\x10\x01\x12\x19\n\x15POLICY_STATUS_SERVING\x10\x02\x12\x1a\n\x16POLICY_STATUS_REJECTED\x10\x03\x12\x19\n\x15POLICY_STATUS_RETIRED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=882
-  _globals['_FINISHREASON']._serialized_end=1002
-  _globals['_POLICYSTATUS']._serialized_start=1005
-  _globals['_POLICYSTATUS']._serialized_end=1161
+  _globals['_FINISHREASON']._serialized_start=933
+  _globals['_FINISHREASON']._serialized_end=1053
+  _globals['_POLICYSTATUS']._serialized_start=1056
+  _globals['_POLICYSTATUS']._serialized_end=1212
   _globals['_CHATMESSAGE']._serialized_start=66
   _globals['_CHATMESSAGE']._serialized_end=110
   _globals['_CHATMESSAGES']._serialized_start=112
@@ -48,5 +48,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONSPAN']._serialized_start=568
   _globals['_VERSIONSPAN']._serialized_end=645
   _globals['_POLICY']._serialized_start=648
-  _globals['_POLICY']._serialized_end=880
+  _globals['_POLICY']._serialized_end=931
 # @@protoc_insertion_point(module_scope)

@@ -96,7 +96,7 @@ class VersionSpan(_message.Message):
     def __init__(self, policy_version: _Optional[int] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("version", "path", "parent_version", "status", "created_at", "cycle_id", "metrics_json")
+    __slots__ = ("version", "path", "parent_version", "status", "created_at", "cycle_id", "metrics_json", "serving_since")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class Policy(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CYCLE_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SERVING_SINCE_FIELD_NUMBER: _ClassVar[int]
     version: int
     path: str
     parent_version: int
@@ -111,4 +112,5 @@ class Policy(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     cycle_id: int
     metrics_json: str
-    def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., parent_version: _Optional[int] = ..., status: _Optional[_Union[PolicyStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cycle_id: _Optional[int] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+    serving_since: _timestamp_pb2.Timestamp
+    def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., parent_version: _Optional[int] = ..., status: _Optional[_Union[PolicyStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cycle_id: _Optional[int] = ..., metrics_json: _Optional[str] = ..., serving_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

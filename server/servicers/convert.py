@@ -59,7 +59,7 @@ def policy(p: store.Policy) -> common_pb2.Policy:
     return common_pb2.Policy(
         version=p.version, path=p.path, parent_version=p.parent_version,
         status=POLICY_STATUSES[p.status], created_at=timestamp(p.created_at),
-        cycle_id=p.cycle_id, metrics_json=_json(p.metrics),
+        cycle_id=p.cycle_id, metrics_json=_json(p.metrics), serving_since=timestamp(p.serving_since),
     )
 
 
