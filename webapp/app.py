@@ -32,17 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import jinja2
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clients.client import AsyncRlhfClient
 from rlhf.v1 import admin_pb2, common_pb2, feedback_pb2
@@ -61,6 +59,8 @@ from webapp.forms import (
     read_label_form,
     rpc_request_id,
 )
+from webapp.middleware import BodyLimit, SecurityHeaders
+from webapp.pages import render, render_error
 from webapp.problems import Code, Problem, explain, utc_time
 from webapp.sessions import LoginTokens, Session, SessionStore
 
@@ -80,125 +80,6 @@ LOGIN_REASONS = {
 }
 NOT_A_LABELER = ("This key is not a labeler's: it has the user role, which may query the model but not label. "
                  "Ask an operator for a labeler key (rlhf keys create --role labeler).")
-SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
-                                 b"object-src 'none'"),
-    (b"x-frame-options", b"DENY"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-]
-
-
-# ---------------------------------------------------------------- middleware
-
-
-class SecurityHeaders:
-    """Adds the security headers to every response, static files and errors included."""
-
-    def __init__(self, app: ASGIApp, https: bool = False) -> None:
-        self.app = app
-        self.headers = SECURITY_HEADERS + ([(b"strict-transport-security", b"max-age=31536000")] if https else [])
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + self.headers
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """Refuses a request body over `max_bytes` with a 413 page before any handler reads
-    it: by its Content-Length, or while it streams in. The body is drained first (up to
-    16x the limit), so the client reads the answer instead of a reset connection."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, int(declared))
-            return
-        received, started = 0, False
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await self._refuse(scope, receive, send, received)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
-        drained, more = 0, True
-        while more and drained <= 16 * self.max_bytes:
-            message = await receive()
-            drained += len(message.get("body", b""))
-            more = message.get("more_body", False) and message["type"] == "http.request"
-        size = max(size, drained)
-        page = render_error(413, "The form is too large",
-                            f"The form sent {size:,} bytes; this web app accepts at most {self.max_bytes:,} bytes "
-                            f"({self.max_bytes // 1024} KiB). Nothing was stored. A demonstration may hold at most "
-                            f"{MAX_DEMONSTRATION_CHARS:,} characters and a note {MAX_COMMENT_CHARS:,}: shorten it, "
-                            "go back and submit again.")  # fmt: skip
-        await page(scope, receive, send)
-
-
-# ---------------------------------------------------------------- templates
-
-_TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined,
-    trim_blocks=True, lstrip_blocks=True)  # fmt: skip
-NO_STORE = {"cache-control": "no-store"}
-ADMIN_PAGES = [("/admin", "Admin"), ("/admin/cycles", "Cycles"), ("/admin/policies", "Policies")]
-
-
-def nav_links(role: str) -> list[tuple[str, str]]:
-    """The header's links: the labeling page for everyone, the admin pages for admins."""
-    return [("/label", "Label")] + (ADMIN_PAGES if role == "admin" else [])
-
-
-_TEMPLATES.globals["nav_links"] = nav_links
-
-
-def render(template: str, status: int = 200, **context: Any) -> HTMLResponse:
-    context.setdefault("session", None)
-    context.setdefault("current", "")  # the page's own path: its header link is marked
-    return HTMLResponse(_TEMPLATES.get_template(template).render(**context), status_code=status, headers=NO_STORE)
-
-
-def render_error(status: int, title: str, message: str, session: Session | None = None,
-                 link: tuple[str, str] = ("/label", "Back to labeling")) -> HTMLResponse:  # fmt: skip
-    return render("error.html", status, title=title, message=message, link=link, session=session)
-
-
 class Guidelines:
     """The operator's Markdown file (or the built-in one), rendered with raw HTML off and
     re-read when the file changes."""
