@@ -6,10 +6,19 @@ A checkpoint is a folder `<root>/vN/` holding full model weights (safetensors),
     {"format": 1, "version": N, "parent_version": int | null, "created_at": iso8601,
      "cycle_id": int | null, "base_model": str,
      "files": {relpath: {"sha256": hex, "bytes": int}}, "metrics": {...},
-     "snapshot": {"sha256": hex, "taken_at": float, "watermark": float, "counts": {...}} | null}
+     "snapshot": {"sha256": hex, "taken_at": float, "watermark": float, "counts": {...}} | null,
+     "adapter": {"path": "adapter", "base_version": int, "base_weights_sha256": hex} | null}
 
 `snapshot` names the store snapshot the version was trained on (absent in manifests
 written before it existed; readers treat absent as null, and older readers ignore it).
+
+`adapter`: a policy trained as LoRA adapters on an SFT base keeps its adapters too, in
+the PEFT folder `<vN>/adapter/` (adapter_config.json, adapter_model.safetensors), beside
+the merged full weights. The server's "adapter" swap mode loads them next to the policy
+it serves instead of reloading the whole model (`server/engines/vllm.py`). They apply to
+exactly one base: checkpoint `v<base_version>` under the same root, whose weight files'
+digest (`weights_digest`) must equal `base_weights_sha256` (`adapter_of` checks it).
+Absent in older manifests (= null).
 
 Publishing is atomic: the writer fills `vN.tmp/`, hashes it, writes the manifest,
 fsyncs every file and directory, then renames `vN.tmp` to `vN` and fsyncs the root.
@@ -70,6 +79,7 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
     snapshot: dict[str, Any] | None = None  # the store snapshot it trained on (None: unknown)
+    adapter: dict[str, Any] | None = None  # its LoRA adapters and their base (module docstring)
 
     def to_json(self) -> str:
         """Serialise with sorted keys so equal manifests are equal bytes."""
@@ -84,7 +94,7 @@ class Manifest:
                    created_at=str(raw["created_at"]), cycle_id=_opt_int(raw["cycle_id"]),
                    base_model=str(raw["base_model"]), files=files,
                    metrics=dict(raw.get("metrics") or {}), format=_int(raw["format"]),
-                   snapshot=_opt_dict(raw.get("snapshot")))
+                   snapshot=_opt_dict(raw.get("snapshot")), adapter=_opt_dict(raw.get("adapter")))
 
 
 def _int(value: Any) -> int:
@@ -245,6 +255,66 @@ def verify_checkpoint(path: Path) -> Manifest:
     return manifest
 
 
+# ---------------------------------------------------------------- LoRA adapters and their base
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's save_pretrained
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A checkpoint's LoRA adapters and the base checkpoint they apply to."""
+
+    adapter_dir: Path
+    base_version: int
+    base_dir: Path
+    base_weights_sha256: str
+
+
+def weights_digest(manifest: Manifest) -> str:
+    """One sha256 over a checkpoint's weight files (name and content hash, sorted): which
+    exact weights an adapter was trained on."""
+    digest = hashlib.sha256()
+    for rel, record in sorted(manifest.files.items()):
+        if rel.endswith(WEIGHT_SUFFIXES) and "/" not in rel:  # the full model, not an adapter subfolder
+            digest.update(f"{rel}\0{record.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def adapter_record(base_dir: Path, adapter_subdir: str = "adapter") -> dict[str, Any]:
+    """The manifest's `adapter` entry for adapters trained on the checkpoint `base_dir`."""
+    base = read_manifest(Path(base_dir))
+    return {"path": adapter_subdir, "base_version": base.version, "base_weights_sha256": weights_digest(base)}
+
+
+def adapter_of(checkpoint_dir: Path, manifest: Manifest | None = None) -> AdapterRef | None:
+    """The checkpoint's adapters and their base, or None when it has none; CheckpointError
+    when the base is gone or holds other weights than the adapters were trained on.
+    Reads manifests only: `verify_checkpoint` each folder to check the files' hashes."""
+    checkpoint_dir = Path(checkpoint_dir)
+    manifest = manifest or read_manifest(checkpoint_dir)
+    if manifest.adapter is None:
+        return None
+    record = manifest.adapter
+    base_dir = checkpoint_path(checkpoint_dir.parent, int(record["base_version"]))
+    try:
+        base = read_manifest(base_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"{checkpoint_dir}: its adapters' base v{record['base_version']} is unreadable: {e}") from e
+    if weights_digest(base) != record["base_weights_sha256"]:
+        raise CheckpointError(f"{checkpoint_dir}: its adapters were trained on other weights than {base_dir} holds")
+    return AdapterRef(checkpoint_dir / record["path"], base.version, base_dir, record["base_weights_sha256"])
+
+
+def _check_adapter_record(record: dict[str, Any]) -> dict[str, Any]:
+    if set(record) != {"path", "base_version", "base_weights_sha256"}:
+        raise ValueError(f"adapter record needs path, base_version, base_weights_sha256; got {sorted(record)}")
+    path = str(record["path"])
+    if not path or "/" in path or path.startswith("."):
+        raise ValueError(f"adapter path must be one plain subfolder name, got {path!r}")
+    return {"path": path, "base_version": _int(record["base_version"]),
+            "base_weights_sha256": str(record["base_weights_sha256"])}
+
+
 # ---------------------------------------------------------------- writing
 
 def write_checkpoint(
@@ -257,20 +327,23 @@ def write_checkpoint(
     base_model: str,
     metrics: dict[str, Any] | None = None,
     snapshot: dict[str, Any] | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> Path:
     """Publish checkpoint `version` under `root` atomically and return its folder.
 
     `save_fn(tmp_dir)` writes the model files, e.g.
     `lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d))`.
     `snapshot` records the store snapshot the weights were trained on (its sha256, time,
-    watermark and row counts).
+    watermark and row counts). `adapter` ({"path", "base_version", "base_weights_sha256"})
+    says `save_fn` also wrote the policy's LoRA adapters to that subfolder (module docstring).
     An existing `vN/` is refused; a leftover `vN.tmp/` from a crashed writer is removed.
     """
     root = Path(root)
     final = checkpoint_path(root, version)
     metrics = dict(metrics or {})
     snapshot = None if snapshot is None else dict(snapshot)
-    json.dumps([metrics, snapshot])  # fail before the expensive save if they are not JSON
+    adapter = None if adapter is None else _check_adapter_record(dict(adapter))
+    json.dumps([metrics, snapshot, adapter])  # fail before the expensive save if they are not JSON
     with _write_lock(root):
         if final.exists():
             raise CheckpointError(f"{final}: already exists; versions are never overwritten")
@@ -282,7 +355,7 @@ def write_checkpoint(
             _fill_checkpoint(tmp, save_fn, Manifest(
                 version=version, parent_version=parent_version, cycle_id=cycle_id,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                base_model=base_model, files={}, metrics=metrics, snapshot=snapshot))
+                base_model=base_model, files={}, metrics=metrics, snapshot=snapshot, adapter=adapter))
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -299,6 +372,11 @@ def _fill_checkpoint(tmp: Path, save_fn: Callable[[Path], object], manifest: Man
     manifest.files = hash_tree(tmp)
     if not any(rel.endswith(WEIGHT_SUFFIXES) for rel in manifest.files):
         raise CheckpointError(f"{tmp}: save_fn wrote no weight file")
+    if manifest.adapter is not None:
+        adapter_dir = tmp / manifest.adapter["path"]
+        missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{adapter_dir}: the manifest names adapters, but {missing} are missing")
     (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     fsync_tree(tmp)
 

@@ -105,8 +105,8 @@ def test_the_manifest_names_the_store_snapshot_and_reads_without_one(tmp_path: P
     raw = json.loads((path / "manifest.json").read_text())
     # what readers before the field read is unchanged: the same format and keys, one key more
     assert raw["format"] == 1 and raw["snapshot"] == snapshot
-    assert set(raw) - {"snapshot"} == {"format", "version", "parent_version", "created_at", "cycle_id",
-                                       "base_model", "files", "metrics"}
+    assert set(raw) - {"snapshot", "adapter"} == {"format", "version", "parent_version", "created_at", "cycle_id",
+                                                  "base_model", "files", "metrics"}
     del raw["snapshot"]  # a manifest written before the field
     (path / "manifest.json").write_text(json.dumps(raw))
     assert ck.verify_checkpoint(path).snapshot is None
@@ -114,6 +114,45 @@ def test_the_manifest_names_the_store_snapshot_and_reads_without_one(tmp_path: P
     with pytest.raises(CheckpointError, match="garbled"):
         ck.verify_checkpoint(path)
     assert json.loads((publish(tmp_path, 2) / "manifest.json").read_text())["snapshot"] is None
+
+
+def _save_with_adapter(d: Path) -> None:
+    fake_save(d)
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter_config.json").write_text('{"r": 4}')
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(b"lora-weights")
+
+
+def test_an_adapter_names_its_base_and_is_refused_on_other_weights(tmp_path: Path) -> None:
+    base = publish(tmp_path, 1)
+    record = ck.adapter_record(base)
+    assert record == {"path": "adapter", "base_version": 1,
+                      "base_weights_sha256": ck.weights_digest(ck.read_manifest(base))}
+    child = ck.write_checkpoint(tmp_path, 2, _save_with_adapter, parent_version=1, cycle_id=3, base_model="x",
+                                adapter=record)
+    ref = ck.adapter_of(child)
+    assert (ref.base_version, ref.base_dir, ref.adapter_dir) == (1, base, child / "adapter")
+    assert ck.verify_checkpoint(child).adapter == record  # the adapter files are hashed like the rest
+    assert ck.adapter_of(base) is None
+    # The digest covers the full model's weight files only, so the child's own adapter does not change it,
+    # while any other weights in the base folder do.
+    assert ck.weights_digest(ck.read_manifest(child)) == ck.weights_digest(ck.read_manifest(base))
+    manifest = ck.read_manifest(base)
+    manifest.files["model.safetensors"] = ck.FileRecord("00" * 32, 1)
+    (base / "manifest.json").write_text(manifest.to_json())
+    with pytest.raises(CheckpointError, match="other weights"):
+        ck.adapter_of(child)
+
+
+def test_an_adapter_record_without_its_files_or_with_a_bad_path_is_refused(tmp_path: Path) -> None:
+    record = ck.adapter_record(publish(tmp_path, 1))
+    with pytest.raises(CheckpointError, match="missing"):
+        ck.write_checkpoint(tmp_path, 2, fake_save, parent_version=1, cycle_id=3, base_model="x", adapter=record)
+    for bad in ({**record, "path": "../v1"}, {**record, "extra": 1}, {**record, "base_version": "1"}):
+        with pytest.raises((ValueError, TypeError)):
+            ck.write_checkpoint(tmp_path, 2, _save_with_adapter, parent_version=1, cycle_id=3, base_model="x",
+                                adapter=bad)
+    assert ck.list_checkpoints(tmp_path) == [1]
 
 
 # ---------------------------------------------------------------- tampering is caught
