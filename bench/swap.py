@@ -1,9 +1,13 @@
 """A hot swap under 16 streaming clients, once per swap mode, on the embedded model.
 
-For each mode (`drain`, `keep`, and `drain` with a short bound, which shows what the
-bound does) a fresh server (vLLM engine, real store, real auth) serves v0; 16 clients
-stream greedy requests of MAX_TOKENS tokens in a loop; once every client is mid-stream
-the admin calls SwapPolicy (v1: the same weights, so a reload costs what a real one does).
+For each mode (`drain`, `keep`, `drain` with a short bound, which shows what the bound
+does, and `adapter`) a fresh server (vLLM engine, real store, real auth) serves v0; 16
+clients stream greedy requests of MAX_TOKENS tokens in a loop; once every client is
+mid-stream the admin calls SwapPolicy (v1: the same weights, so a reload costs what a
+real one does). In `adapter` mode the server serves a LoRA policy (adapters of rank 16
+on every linear layer of the base, the shape PPO's lora mode trains) and swaps to
+another one on the same base; the tokens per second the clients got over the run show
+what serving through adapters costs against the other modes' full weights.
 Reported per mode:
 
 - stall: the longest wait for a first token of a request sent while the SwapPolicy call
@@ -49,8 +53,11 @@ MODES: dict[str, tuple[str, float]] = {  # run name -> (swap_mode, drain bound i
     "drain": ("drain", 30.0),
     "keep": ("keep", 30.0),
     "drain-bounded": ("drain", SHORT_BOUND_S),
+    "adapter": ("adapter", 30.0),
 }
-GOALS_S = {"keep": 1.5}  # issue 17: keep's stall <= 1.5 s with 16 streams of 128 tokens
+GOALS_S = {"keep": 1.5, "adapter": 0.5}  # issue 17: stalls with 16 streams of 128 tokens
+LORA_RANK = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -79,9 +86,49 @@ async def stream(client: Any, prompt: str, max_tokens: int, mid_stream: asyncio.
     return seen
 
 
-async def swap_once(target: str, key: str, max_tokens: int) -> dict[str, Any]:
-    """CLIENTS clients loop; when all are mid-stream the admin swaps to v1; each client
-    stops after one request sent after the call returned."""
+def publish_lora_policy(root: Path, store: Any, version: int, base_version: int, seed: int,
+                        rank: int = LORA_RANK, targets: tuple[str, ...] = LORA_TARGETS, b_std: float | None = None,
+                        status: str = "candidate") -> Path:
+    """Publish, as checkpoint vN, a policy made of LoRA adapters (random, from `seed`) on the
+    checkpoint `v<base_version>`: the adapters in `adapter/` with their base named in the
+    manifest, and the merged full weights beside them (what PPO's lora mode publishes);
+    record it in `store` with `status`. `b_std`: the spread of the random B matrices
+    (default 0.05 / sqrt(rank))."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from common.checkpoints import ADAPTER_DIR, adapter_record, checkpoint_path, write_checkpoint
+    from common.models import load_causal_lm, load_tokenizer
+    from common.store import add_policy
+
+    base_dir = checkpoint_path(root, base_version)
+    torch.manual_seed(seed)
+    model = get_peft_model(load_causal_lm(base_dir), LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                target_modules=list(targets)))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero (no change): random B makes another policy
+            param.data.normal_(0.0, 0.05 / rank**0.5 if b_std is None else b_std)
+
+    def save(d: Path) -> None:
+        model.save_pretrained(d / ADAPTER_DIR)
+        model.merge_and_unload().save_pretrained(d)
+        load_tokenizer(base_dir).save_pretrained(d)
+
+    path = write_checkpoint(root, version, save, parent_version=base_version, cycle_id=None,
+                            base_model=read_base_model(base_dir), adapter=adapter_record(base_dir))
+    store.write_sync(add_policy(version, str(path), parent_version=base_version, status=status))
+    return path
+
+
+def read_base_model(checkpoint_dir: Path) -> str:
+    from common.checkpoints import read_manifest
+
+    return read_manifest(checkpoint_dir).base_model
+
+
+async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1) -> dict[str, Any]:
+    """CLIENTS clients loop; when all are mid-stream the admin swaps to `new_version`; each
+    client stops after one request sent after the call returned."""
     import grpc
 
     from clients.client import AsyncRlhfClient
@@ -114,7 +161,7 @@ async def swap_once(target: str, key: str, max_tokens: int) -> dict[str, Any]:
         async with AsyncRlhfClient(target, key) as admin:
             await asyncio.gather(*(e.wait() for e in mid_stream))
             window["called"] = time.perf_counter()
-            call = asyncio.ensure_future(admin.swap_policy(1, timeout=600))
+            call = asyncio.ensure_future(admin.swap_policy(new_version, timeout=600))
             probes, k = [], 0
             while not call.done() and k < MAX_PROBES:  # new requests arriving while the swap runs
                 probes.append(asyncio.ensure_future(probe(admin, PROMPTS[k % len(PROMPTS)])))
@@ -134,7 +181,11 @@ async def swap_once(target: str, key: str, max_tokens: int) -> dict[str, Any]:
     freeze = max((b - a for s in running for a, b in zip([s.sent, *s.token_times], [*s.token_times, s.done])
                   if b > called and a < returned), default=0.0)  # fmt: skip
     after_tokens = [t for s in seen for t in s.token_times if t > returned]
+    run_s = max(s.done for s in seen) - min(s.sent for s in seen)
     return {
+        # Streamed deltas (a token each) per second over the whole run, swap included: what
+        # the clients got, to set beside the other modes.
+        "tokens_per_s": sum(len(s.token_times) for s in seen) / run_s,
         "stall_s": max((s.first_token - s.sent for s in during), default=float("nan")),  # type: ignore[operator]
         "requests_sent_during_swap": len(during),
         "freeze_s": freeze,
@@ -162,19 +213,24 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
         store = Store(tmp / "store.sqlite")
         try:
             publish_versions(model_dir, tmp / "checkpoints", store)
+            serve, swap_to = 0, 1
+            if swap_mode == "adapter":  # a LoRA policy serves (v2), another on the same base comes (v3)
+                serve, swap_to = 2, 3
+                publish_lora_policy(tmp / "checkpoints", store, 2, base_version=0, seed=2, status="serving")
+                publish_lora_policy(tmp / "checkpoints", store, 3, base_version=0, seed=3)
             key = generate_api_key()
             store.write_sync(add_api_key("bench", "admin", hash_api_key(key)))
             # No per-key limit in the way: the probes and the clients share one key.
             config = ServerConfig(port=0, engine="vllm", store_path=tmp / "store.sqlite", swap_mode=swap_mode,
                                   swap_drain_timeout_s=drain_bound_s, checkpoints_root=tmp / "checkpoints",
                                   max_concurrent_per_key=1024, tokens_per_minute=0, requests_per_second=0)  # fmt: skip
-            engine = create_engine("vllm", tmp / "checkpoints" / "v0", 0, max_model_len=2048, max_num_seqs=MAX_NUM_SEQS,
-                                   swap_mode=swap_mode, drain_timeout_s=drain_bound_s)  # fmt: skip
+            engine = create_engine("vllm", tmp / "checkpoints" / f"v{serve}", serve, max_model_len=2048,
+                                   max_num_seqs=MAX_NUM_SEQS, swap_mode=swap_mode, drain_timeout_s=drain_bound_s)
             running = await build_server(config, engine, store)
             await running.start()
             await running.load_engine()
             try:
-                return await swap_once(running.target, key, max_tokens)
+                return await swap_once(running.target, key, max_tokens, swap_to)
             finally:
                 await running.stop(5)
         finally:
@@ -209,7 +265,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {name} (bound {m['drain_bound_s']:g} s) | {m['stall_s']:.2f} s{verdict} ({m['requests_sent_during_swap']} "
             f"sent) | {m['ttft_before_p50_s']:.2f} s | {m['freeze_s']:.2f} s | "
             f"{m['server_stall_s']:.2f} s | {m['first_token_after_call_s']:.2f} s | {m['swap_call_s']:.2f} s | "
-            f"{m['requests']} | {m['failures']} | {m['mixed_version_completions']} ({m['continued_requests']} continued) |")
+            f"{m['requests']} | {m['failures']} | {m['mixed_version_completions']} ({m['continued_requests']} continued) | "
+            f"{m['tokens_per_s']:.0f} |")
     return "\n".join([
         f"`python -m bench.swap`: {r['model']}, fp32, vLLM engine on this CPU; {r['clients']} clients stream greedy "
         f"requests of {r['max_tokens']} tokens in a loop; SwapPolicy is called once all are mid-stream. Load "
@@ -217,8 +274,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "| mode | stall: longest first-token wait of a request sent during the swap | median first-token wait "
         "before it | freeze: longest pause inside a running stream | server's stall | first token after the call | "
-        "SwapPolicy call | requests | failed | mixed-version completions |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "SwapPolicy call | requests | failed | mixed-version completions | tokens/s over the run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
     ])
 

@@ -257,6 +257,7 @@ def verify_checkpoint(path: Path) -> Manifest:
 
 # ---------------------------------------------------------------- LoRA adapters and their base
 
+ADAPTER_DIR = "adapter"  # a checkpoint's (and a training output's) subfolder for its LoRA adapters
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's save_pretrained
 
 
@@ -280,7 +281,7 @@ def weights_digest(manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
-def adapter_record(base_dir: Path, adapter_subdir: str = "adapter") -> dict[str, Any]:
+def adapter_record(base_dir: Path, adapter_subdir: str = ADAPTER_DIR) -> dict[str, Any]:
     """The manifest's `adapter` entry for adapters trained on the checkpoint `base_dir`."""
     base = read_manifest(Path(base_dir))
     return {"path": adapter_subdir, "base_version": base.version, "base_weights_sha256": weights_digest(base)}

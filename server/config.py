@@ -83,7 +83,9 @@ class ServerConfig:
         default="auto",
         metadata={"help": "how a hot swap treats requests in flight: 'drain' (they finish on the old weights; new "
                           "requests wait), 'keep' (vLLM: they freeze, then continue on the new weights, recorded "
-                          "with both versions; the stall is the reload), 'auto' (keep on vLLM, drain on HF)"},
+                          "with both versions; the stall is the reload), 'adapter' (vLLM: a policy trained as LoRA "
+                          "adapters on the served base is loaded beside the current one, nothing waits or mixes; "
+                          "other checkpoints drain; costs throughput), 'auto' (keep on vLLM, drain on HF)"},
     )
     swap_drain_timeout_s: float = field(
         default=30.0, metadata={"help": "the longest a 'drain' swap waits; requests still running then continue "

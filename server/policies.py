@@ -5,7 +5,8 @@ the base model is published as checkpoint v0 (`common.checkpoints.init_v0`) and 
 as serving. A restarted server therefore serves the last promoted version.
 
 Swaps (`PolicySwitcher`): look the version up in the store, VERIFY its checkpoint
-(manifest, sizes, hashes) before the engine touches it, let the engine drain and load,
+(manifest, sizes, hashes; in "adapter" mode its adapters' base checkpoint too) before the
+engine touches it, let the engine drain and load,
 then record the change (old → retired, new → serving, serving_since). A checkpoint
 that fails verification or loading is marked rejected and the old version keeps
 serving. One swap at a time.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from common.checkpoints import CheckpointError, init_v0, verify_checkpoint
+from common.checkpoints import CheckpointError, adapter_of, init_v0, verify_checkpoint
 from common.store import (
     Op,
     Policy,
@@ -59,6 +60,7 @@ class SwapOutcome:
     verify_seconds: float = 0.0
     swap_mode: str = "drain"
     continued_requests: int = 0  # in flight across the reload, recorded with both versions
+    aborted_requests: int = 0  # past the drain bound of a full swap in "adapter" mode
 
 
 async def startup_policy(
@@ -135,7 +137,7 @@ class PolicySwitcher:
                 raise SwapRefused(f"policy v{version} could not be loaded, still serving v{current}: {e}") from e
             outcome = SwapOutcome(result.previous_version, version, result.stall_seconds, time.perf_counter() - started,
                                   result.drain_seconds, result.load_seconds, verify_seconds,
-                                  result.mode, result.continued_requests)  # fmt: skip
+                                  result.mode, result.continued_requests, result.aborted_requests)  # fmt: skip
             serve = set_policy_status(version, "serving")
             await self._store.write(serve if record is None else _together(serve, record(outcome)))
         self._metrics.record_swap("ok", result.stall_seconds)
@@ -162,6 +164,10 @@ class PolicySwitcher:
                 raise CheckpointError(
                     f"{Path(policy.path) / 'manifest.json'}: version {manifest.version}, "
                     f"but the store records this folder as v{policy.version}")
+            if self._engine.swap_mode == "adapter" and manifest.adapter is not None:
+                # The engine may load the adapters' base too: its files are checked as well.
+                adapter = adapter_of(Path(policy.path), manifest)
+                await asyncio.to_thread(verify_checkpoint, adapter.base_dir)
         except CheckpointError as e:
             await self._refuse(policy.version, str(e))
             raise SwapRefused(

@@ -177,6 +177,20 @@ def publish(root: Path, store_path: Path, version: int, model_dir: Path, parent:
     return path
 
 
+def publish_lora_policy(root: Path, store_path: Path, version: int, base_version: int, seed: int,
+                        rank: int = 8) -> Path:
+    """`bench.swap.publish_lora_policy` (LoRA adapters from `seed` on `v<base_version>`,
+    merged weights beside them), recorded as a candidate in the store at `store_path`.
+    The targets and spread are fixed because with them the tiny model's greedy replies to
+    WIDE_MARGIN_PROMPTS end on whole characters (a reply cut inside a UTF-8 sequence
+    decodes with a trailing U+FFFD offline, which the server's detokenizer holds back)."""
+    from bench.swap import publish_lora_policy as publish_adapters
+
+    with Store(store_path) as store:
+        return publish_adapters(root, store, version, base_version, seed, rank=rank,
+                                targets=("q_proj", "v_proj", "up_proj", "down_proj"), b_std=0.05)
+
+
 def _copy_model(src: Path, dst: Path) -> None:
     for path in sorted(p for p in src.iterdir() if p.is_file()):
         if path.name != "rlhf-model.json":

@@ -7,6 +7,7 @@ real server.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from loop_helpers import fill_store, publish_v0, tiny_cycle_config, tiny_trainer_config, users_in
 
-from common.checkpoints import list_checkpoints, verify_checkpoint, write_checkpoint
+from common.checkpoints import adapter_of, list_checkpoints, verify_checkpoint, write_checkpoint
 from common.store import (
     Policy,
     Prompt,
@@ -95,6 +96,7 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     manifest = verify_checkpoint(config.checkpoints_root / "v2")
     assert (manifest.version, manifest.parent_version, manifest.cycle_id) == (2, 1, cycle.id)
     assert manifest.metrics["sft_version"] == 1 and manifest.base_model == "tiny-llama"
+    assert manifest.adapter is None and m["ppo"]["adapter_base_dir"] is None  # full-mode PPO: merged weights only
     # both versions name the store snapshot they trained on (the file is gone with the scratch folder)
     assert manifest.snapshot["sha256"] == m["snapshot"]["sha256"] and len(m["snapshot"]["sha256"]) == 64
     assert verify_checkpoint(config.checkpoints_root / "v1").snapshot == manifest.snapshot
@@ -104,6 +106,30 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     assert sft_version_of(policies[2]) == 1 and policies[1].metrics["kind"] == "sft"
     assert (cycle.base_version, cycle.candidate_version) == (0, 2)
     assert not CycleFolders.of(config.work_dir, cycle.id).root.exists()  # scratch removed
+
+
+def test_lora_cycles_publish_adapters_on_the_sft_reference_and_continue_them(tmp_path: Path,
+                                                                           tiny_model_dir: Path) -> None:
+    cycle_config = tiny_cycle_config()
+    cycle_config.ppo = dataclasses.replace(cycle_config.ppo, train_mode="lora", lora_r=4, lora_alpha=8)
+    config = tiny_trainer_config(tmp_path, cycle=cycle_config)
+    root = config.checkpoints_root
+    with Store(config.store_path) as store:
+        publish_v0(store, root, tiny_model_dir)
+        t0 = time.time() - 600
+        fill_store(store, now=t0)
+        first = run_one(store, config)
+        fill_store(store, now=t0 + 300, demos=0, offset=40)  # new prompts, same demonstrations: no new SFT
+        second = run_one(store, config)
+
+    assert (first.state, second.state) == ("promoted", "promoted"), (first.error, second.error)
+    assert (first.candidate_version, second.candidate_version) == (2, 3) and not second.metrics["sft"]["ran"]
+    # v1 = SFT; v2's adapters were trained fresh on it, v3's continued v2's, on the same base.
+    for version in (2, 3):
+        adapters = adapter_of(root / f"v{version}", verify_checkpoint(root / f"v{version}"))
+        assert adapters is not None and adapters.base_dir.resolve() == (root / "v1").resolve()
+    for cycle in (first, second):
+        assert Path(cycle.metrics["ppo"]["adapter_base_dir"]).resolve() == (root / "v1").resolve()
 
 
 def test_held_out_labelers_train_nothing_at_the_cycle_level(tmp_path: Path, tiny_model_dir: Path) -> None:

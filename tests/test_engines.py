@@ -497,8 +497,9 @@ def test_create_engine_picks_the_kind_and_explains_a_missing_vllm(
     with pytest.raises(ValueError, match="Unknown engine kind"):
         create_engine("tgi", tiny_model_dir, 3)  # type: ignore[arg-type]
     assert create_engine("hf", tiny_model_dir, 3, swap_mode="auto").swap_mode == "drain"
-    with pytest.raises(ValueError, match="the HF engine swaps by 'drain' only"):
-        create_engine("hf", tiny_model_dir, 3, swap_mode="keep")
+    for mode in ("keep", "adapter"):
+        with pytest.raises(ValueError, match="the HF engine swaps by 'drain' only"):
+            create_engine("hf", tiny_model_dir, 3, swap_mode=mode)
     monkeypatch.setattr(engines, "vllm_available", lambda: False)
     assert default_engine_kind() == "hf"
     with pytest.raises(EngineError, match=r"pip install -e '\.\[cpu\]'"):

@@ -16,14 +16,18 @@ and the RM probe ~35 s, each 12-iteration PPO run ~21 s, each fresh-sample evalu
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from torch.testing import assert_close
 
+from common.checkpoints import ADAPTER_FILES, adapter_record, init_v0, write_checkpoint
 from common.models import load_causal_lm, load_tokenizer
 from trainer.config import PPOConfig
 from trainer.corpus import PtxBatcher, load_corpus, split_corpus
@@ -32,6 +36,7 @@ from trainer.examples import PromptExample, user_turn
 from trainer.losses import kl_penalized_rewards, ptx_loss
 from trainer.ppo import (
     Experience,
+    PPOResult,
     build_optimizers,
     compute_advantages,
     evaluate_rollouts,
@@ -344,6 +349,126 @@ def test_lora_mode_trains_adapters_and_saves_merged_weights(tmp_path: Path, tiny
     assert not any("lora" in name for name, _ in saved.named_parameters())
     changed = [n for (n, a), (_, b) in zip(saved.named_parameters(), base.named_parameters()) if not torch.equal(a, b)]
     assert changed and all("proj" in n for n in changed)
+
+
+# ---------------------------------------------------------------------------- LoRA adapters on the SFT reference
+
+# One iteration of 4 two-token rollouts: enough to move the adapters, about a second on CPU.
+ADAPTER_TEST_CONFIG = dict(
+    rollouts_per_iteration=4, iterations=1, max_new_tokens=2, ppo_epochs=1, minibatch_size=4, policy_lr=1e-2,
+    ptx_coef=0.0, seed=0, device="cpu", num_threads=1, lora_r=4, lora_alpha=8,
+)
+TOKENS = torch.tensor([[1, 50, 200, 300, 400, 17]])  # any ids of the tiny vocabulary
+
+
+@dataclass
+class Published:
+    """A checkpoint root whose v0 (the tiny model) is the SFT reference, and an RM on it."""
+
+    root: Path
+    base: Path
+    rm_dir: Path
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Published:
+    tmp = tmp_path_factory.mktemp("published")
+    base = init_v0(tmp / "checkpoints", tiny_model_dir, "tiny-llama")
+    rm_dir = RewardModel.from_pretrained_lm(base, dtype=torch.float32, device=CPU).save(tmp / "rm")
+    return Published(tmp / "checkpoints", base, rm_dir)
+
+
+def small_ppo(start: Path, world: Published, out_dir: Path, train_mode: str = "lora") -> PPOResult:
+    config = PPOConfig(**ADAPTER_TEST_CONFIG, train_mode=train_mode)
+    return train_ppo(start, world.base, world.rm_dir, PROMPTS[:4], config, out_dir, progress=False)
+
+
+def publish_with_adapter(world: Published, version: int, model_dir: Path) -> Path:
+    """``model_dir`` (a PPO output holding adapter/) as checkpoint ``version``, adapters on v0."""
+    return write_checkpoint(world.root, version, lambda d: shutil.copytree(model_dir, d, dirs_exist_ok=True),
+                            parent_version=0, cycle_id=version, base_model="tiny-llama",
+                            adapter=adapter_record(world.base))
+
+
+def merged_adapter(base: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of ``base`` with the adapters in ``adapter_dir`` merged in, as a server would get them."""
+    model = PeftModel.from_pretrained(load_causal_lm(base, dtype=torch.float32, device=CPU), adapter_dir)
+    return model.merge_and_unload().state_dict()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits  # (1, 6, V)
+
+
+def test_lora_ppo_from_the_reference_publishes_adapters_that_merge_to_the_policy(
+        tmp_path: Path, published: Published, one_torch_thread):
+    result = small_ppo(published.base, published, tmp_path / "out")
+
+    assert result.adapter_base_dir == str(published.base)
+    assert all((tmp_path / "out" / "adapter" / name).is_file() for name in ADAPTER_FILES)
+    saved = load_causal_lm(tmp_path / "out", dtype=torch.float32, device=CPU).state_dict()
+    merged = merged_adapter(published.base, tmp_path / "out" / "adapter")
+    assert merged.keys() == saved.keys()
+    for name in saved:
+        assert_close(merged[name], saved[name])
+    # The merged folder is the trained policy, not the base: the adapters moved it.
+    base = load_causal_lm(published.base, dtype=torch.float32, device=CPU).state_dict()
+    assert any(not torch.equal(saved[name], base[name]) for name in saved)
+
+
+def test_lora_ppo_from_a_checkpoint_with_adapters_on_the_reference_continues_them(
+        tmp_path: Path, published: Published, one_torch_thread):
+    small_ppo(published.base, published, tmp_path / "first")
+    start = publish_with_adapter(published, 1, tmp_path / "first")
+    config = PPOConfig(**ADAPTER_TEST_CONFIG, train_mode="lora")
+
+    models = load_models(start, published.base, published.rm_dir, config, CPU, torch.float32)
+
+    # Before any update the policy IS the start checkpoint (base + its saved adapters, not
+    # fresh ones), and the reference is the base under it, not a second model.
+    assert models.adapter_base_dir == published.base and models.reference is None
+    start_logits = logits(load_causal_lm(start, dtype=torch.float32, device=CPU))
+    base_logits = logits(load_causal_lm(published.base, dtype=torch.float32, device=CPU))
+    assert not torch.allclose(start_logits, base_logits, atol=1e-2)  # the first run moved the policy
+    assert_close(logits(models.policy), start_logits, atol=1e-4, rtol=1e-4)  # unmerged vs merged: float error
+    with models.policy.disable_adapter():
+        assert_close(logits(models.policy), base_logits)
+    assert all("lora_" in name for name, p in models.policy.named_parameters() if p.requires_grad)
+
+    result = small_ppo(start, published, tmp_path / "second")
+    assert result.adapter_base_dir == str(published.base)
+    saved = load_causal_lm(tmp_path / "second", dtype=torch.float32, device=CPU).state_dict()
+    merged = merged_adapter(published.base, tmp_path / "second" / "adapter")
+    for name in saved:
+        assert_close(merged[name], saved[name])
+
+
+def test_lora_ppo_puts_fresh_adapters_on_a_start_without_usable_ones(
+        tmp_path: Path, published: Published, caplog: pytest.LogCaptureFixture, one_torch_thread):
+    small_ppo(published.base, published, tmp_path / "first")
+    with_adapter = publish_with_adapter(published, 2, tmp_path / "first")
+    without = shutil.ignore_patterns("adapter")  # the merged weights alone, as a full-mode run publishes them
+    merged_only = write_checkpoint(published.root, 3, lambda d: shutil.copytree(tmp_path / "first", d, ignore=without,
+                                                                                dirs_exist_ok=True),
+                                   parent_version=0, cycle_id=3, base_model="tiny-llama")
+    other_rank = PPOConfig(**{**ADAPTER_TEST_CONFIG, "lora_r": 8}, train_mode="lora")
+    same_rank = PPOConfig(**ADAPTER_TEST_CONFIG, train_mode="lora")
+    caplog.set_level(logging.INFO, logger="trainer.ppo")
+
+    for start, config, why in ((with_adapter, other_rank, "r 4 != 8"), (merged_only, same_rank, "names no adapters")):
+        models = load_models(start, published.base, published.rm_dir, config, CPU, torch.float32)
+        # LoRA on the start weights, held to a separate reference: nothing to publish as an adapter.
+        assert models.adapter_base_dir is None and models.reference is not None
+        assert why in caplog.text
+        with models.policy.disable_adapter():
+            assert_close(logits(models.policy), logits(load_causal_lm(start, dtype=torch.float32, device=CPU)))
+
+
+def test_full_mode_writes_no_adapters(tmp_path: Path, published: Published, one_torch_thread):
+    result = small_ppo(published.base, published, tmp_path / "out", train_mode="full")
+    assert result.adapter_base_dir is None and not (tmp_path / "out" / "adapter").exists()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------- SmolLM2-135M

@@ -3,7 +3,9 @@ one module-scoped server swapping in "drain" mode. Greedy output through gRPC eq
 transformers' offline greedy, streams join into the unary answer, a cancelled stream
 frees its slot, and a hot swap under 16 concurrent streaming clients fails nothing and
 mixes no versions. A second server swaps in "keep" mode: nothing fails, and every
-completion's recorded versions match the weights that made its tokens, token by token."""
+completion's recorded versions match the weights that made its tokens, token by token.
+A third swaps in "adapter" mode: LoRA policies load beside the serving one, and full
+swaps (another base) still serve each version's exact greedy output."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from server_harness import (
     greedy_token_ids,
     join_stream,
     publish,
+    publish_lora_policy,
     server_config,
     swap_under_load,
     tiny_model,
@@ -165,6 +168,67 @@ def test_keep_mode_swap_records_each_tokens_version(tiny_model_dir: Path, tmp_pa
     assert mixed_in_stats == len(mixed)
     print(f"keep mode: {len(run.results)} requests, {len(mixed)} mixed, {run.swap.continued_requests} continued, "
           f"stall {run.swap.stall_seconds:.2f} s")
+
+
+def adapter_engine(checkpoint_dir: Path, version: int):  # noqa: ANN201
+    return vllm_engine(checkpoint_dir, version, swap_mode="adapter")
+
+
+def test_adapter_mode_swaps_lora_policies_without_a_stall(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Swap mode "adapter" under 16 streams: v1 (LoRA adapters on v0) is loaded beside v0;
+    nothing fails, nothing waits (the server's stall is 0), no completion mixes versions,
+    and each reply equals its version's greedy output (v1's: its merged weights, with
+    transformers). Then, one after another: another adapter (v3), a rollback to the base
+    (v0, no adapter), a full swap to another base (v4, seed 1: drained), and back to v1,
+    whose base must be reloaded first. The store records each reply's version."""
+    config = server_config(tmp_path, tiny_model_dir, engine="vllm", max_concurrent_per_key=32, swap_mode="adapter")
+    user_key, _ = create_key(config.store_path, "user", "adapter-user")
+    admin_key, _ = create_key(config.store_path, "admin", "adapter-operator")
+    root = config.checkpoints_root
+    with ServerThread(config, engine_factory=adapter_engine) as server:
+        v1 = publish_lora_policy(root, config.store_path, 1, base_version=0, seed=1)
+        corrupt_weights(publish(root, config.store_path, 2, tiny_model_dir))
+        v3 = publish_lora_policy(root, config.store_path, 3, base_version=0, seed=3)
+        publish(root, config.store_path, 4, tiny_model(1))
+        greedy = {0: greedy_reference(tiny_model_dir, PROMPTS, MAX_NEW), 1: greedy_reference(v1, PROMPTS, MAX_NEW),
+                  3: greedy_reference(v3, PROMPTS, MAX_NEW), 4: greedy_reference(tiny_model(1), PROMPTS, MAX_NEW)}
+        assert greedy[1] != greedy[0] and greedy[3] != greedy[1]  # the adapters make other policies
+        run = asyncio.run(swap_under_load(server.target, user_key, admin_key, PROMPTS, new_version=1,
+                                          corrupt_version=2, clients=16, max_new_tokens=MAX_NEW))
+        replies, swaps = [], []
+        with RlhfClient(server.target, admin_key) as admin:
+            for version in (3, 0, 4, 1):
+                swaps.append(admin.swap_policy(version))
+                for prompt in PROMPTS:
+                    reply = admin.generate(prompt, temperature=0, max_new_tokens=MAX_NEW)
+                    replies.append((version, prompt, reply.policy_version, reply.completions[0].text,
+                                    reply.prompt_id))
+            # Adapters of a rank above the engine's max_lora_rank (16): refused, v1 keeps serving.
+            publish_lora_policy(root, config.store_path, 5, base_version=0, seed=5, rank=32)
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.swap_policy(5)
+            still = admin.generate(PROMPTS[0], temperature=0, max_new_tokens=MAX_NEW)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "vLLM refused the adapters of v5" in refused.value.details(), refused.value.details()
+    assert (still.policy_version, still.completions[0].text) == (1, greedy[1][PROMPTS[0]])
+    assert run.failures == []
+    assert (run.swap.swap_mode, run.swap.stall_seconds, run.swap.continued_requests) == ("adapter", 0.0, 0)
+    assert run.corrupt_error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert all(not r.spans for r in run.results)
+    for r in run.results:
+        assert r.text == greedy[r.version][r.prompt], r
+    assert all(r.version == 1 for r in run.results if r.started_after_swap)
+    assert {r.version for r in run.results} == {0, 1}
+    assert [(s.version, s.swap_mode, s.aborted_requests) for s in swaps] == \
+        [(3, "adapter", 0), (0, "adapter", 0), (4, "drain", 0), (1, "drain", 0)]
+    assert swaps[0].stall_seconds == swaps[1].stall_seconds == 0.0
+    for version, prompt, served, text, _ in replies:
+        assert (served, text) == (version, greedy[version][prompt]), (version, prompt)
+    ids = [r.prompt_id for r in run.results] + [reply[4] for reply in replies]
+    rows = completions_in_store(config.store_path, ids)
+    assert len(rows) == len(ids)
+    assert all(row["text"] == greedy[row["policy_version"]][row["prompt_text"]] and not row["version_spans_json"]
+               for row in rows)
 
 
 def _wait_until(condition, attempts: int = 600) -> None:  # noqa: ANN001

@@ -19,7 +19,8 @@
   gate       promote only within the bounds of ``GateConfig`` (the judge's own accuracy on
              rankings it never saw among them); else "rejected"
   publish    ``common.checkpoints.write_checkpoint`` (write aside, fsync, rename, hashes),
-             then the store's policies table (candidate)
+             with PPO's LoRA adapters and their base (the SFT reference) in the manifest when
+             it trained them on that reference; then the store's policies table (candidate)
   swap       ``Admin.SwapPolicy`` on the running server (or, with no server configured,
              the store alone: ``StoreSwapper``)
   record     retention (``prune_checkpoints``), then the cycle's final state
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.checkpoints import sha256_file
+from common.checkpoints import ADAPTER_DIR, adapter_record, sha256_file
 from common.store import (
     ConflictError,
     Cycle,
@@ -208,6 +209,11 @@ class CycleFolders:
         """The PPO candidate checkpoint."""
         return self.root / "ppo"
 
+    @property
+    def ppo_adapter(self) -> Path:
+        """The candidate's LoRA adapters alone, when PPO wrote them (``trainer.ppo.save_policy``)."""
+        return self.ppo / ADAPTER_DIR
+
 
 def run_cycle(cycle: Cycle, ctx: CycleContext) -> Cycle:
     """Run a claimed (running) cycle to its final state and record it; returns the final row.
@@ -281,7 +287,7 @@ def cycle_recipe(cycle_id: int, ctx: CycleContext, stage: StageLog, work: CycleF
                     **{k: evaluation[k] for k in ("judge_win_rate", "kl_to_sft", "ptx_regression")}}
         candidate = publish_policy(ctx.store, ctx.config.checkpoints_root, cycle_id, work.ppo,
                                    parent=lineage.start_version, metrics=recorded, hook=ctx.hook,
-                                   snapshot=snap.manifest_record())
+                                   snapshot=snap.manifest_record(), adapter=ppo_adapter_record(lineage, work))
         m.update(version=candidate.version, path=candidate.path)
     with stage("swap") as m:
         m.update(swap_to(ctx.store, ctx.swapper, cycle_id, candidate.version))
@@ -480,6 +486,13 @@ def run_ppo(lineage: Lineage, data: CycleData, cfg: CycleConfig, work: CycleFold
     summary["num_prompts"] = len(data.ppo_prompts)
     summary["last"] = result.history[-1] if result.history else {}
     return summary
+
+
+def ppo_adapter_record(lineage: Lineage, work: CycleFolders) -> dict[str, Any] | None:
+    """The candidate's manifest record of the LoRA adapters PPO wrote beside its merged weights
+    (None: it wrote none). PPO writes them only when they sit on the SFT reference it was
+    given (``trainer.ppo.load_lora_policy``), so that checkpoint is their base."""
+    return adapter_record(lineage.reference_dir) if work.ppo_adapter.is_dir() else None
 
 
 def evaluate_against_serving(serving: Policy, lineage: Lineage, data: CycleData, cfg: CycleConfig,

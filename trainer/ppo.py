@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import random
 import resource
 import time
@@ -68,13 +69,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from common.checkpoints import ADAPTER_DIR, CheckpointError, adapter_of
 from common.models import load_causal_lm, load_tokenizer, resolve_dtype
 from trainer.config import PPOConfig
 from trainer.corpus import PtxBatch, PtxBatcher, load_corpus, split_corpus
 from trainer.data import SequenceBatch, pack_sequences
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, seed_everything
 from trainer.examples import PromptExample
-from trainer.lora import add_lora
+from trainer.lora import add_lora, load_lora, saved_lora_mismatch
 from trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -92,6 +94,9 @@ from trainer.losses import (
 from trainer.reward_model import RewardModel
 from trainer.rollout import HFRolloutGenerator, RolloutGenerator, Rollouts
 
+log = logging.getLogger(__name__)
+
+
 # ---------------------------------------------------------------------------- models
 
 
@@ -106,28 +111,91 @@ class PPOModels:
     tokenizer: Any
     device: torch.device
     autocast_dtype: torch.dtype  # for the trained models' forwards
+    adapter_base_dir: Path | None  # the reference folder when the policy's adapters sit on it (else None)
 
 
 def load_models(policy_dir: Path | str, ref_dir: Path | str, rm_dir: Path | str, config: PPOConfig,
                 device: torch.device, dtype: torch.dtype) -> PPOModels:
-    """Policy (fp32, trained), reference and RM (``dtype``, frozen), value model (fp32 copy of the RM)."""
+    """Policy (fp32, trained), reference and RM (``dtype``, frozen), value model (fp32 copy of the RM).
+
+    When the policy's LoRA adapters sit on the reference (``load_lora_policy``), the reference
+    is the policy with its adapters disabled, not a second model in memory.
+    """
     tokenizer = load_tokenizer(policy_dir, padding_side="right")
-    policy = load_causal_lm(policy_dir, dtype=torch.float32, device=device)
-    share_reference = config.train_mode == "lora" and Path(ref_dir).resolve() == Path(policy_dir).resolve()
-    reference = None if share_reference else freeze(load_causal_lm(ref_dir, dtype=dtype, device=device))
+    if config.train_mode == "lora":
+        policy, adapter_base_dir = load_lora_policy(policy_dir, ref_dir, config, device)
+    else:
+        policy, adapter_base_dir = load_causal_lm(policy_dir, dtype=torch.float32, device=device), None
+    reference = None if adapter_base_dir is not None else freeze(load_causal_lm(ref_dir, dtype=dtype, device=device))
     reward_model = freeze(RewardModel.load(rm_dir, dtype=dtype, device=device))
     check_same_vocabulary(tokenizer, reward_model.tokenizer, rm_dir)
     value_model = copy.deepcopy(reward_model).float()  # on CUDA: from bf16-rounded RM weights
     value_model.requires_grad_(True)
     if config.train_mode == "lora":
-        lora = {"r": config.lora_r, "alpha": config.lora_alpha, "targets": config.lora_targets}
-        policy = add_lora(policy, **lora, task_type="CAUSAL_LM")
-        value_model.backbone = add_lora(value_model.backbone, **lora)
+        value_model.backbone = add_lora(value_model.backbone, **lora_shape(config))
         value_model.head.requires_grad_(True)
     # Dropout stays off (eval mode) so old and new log-probs come from the same function.
     policy.eval()
     value_model.eval()
-    return PPOModels(policy, reference, reward_model, value_model, tokenizer, device, dtype)
+    return PPOModels(policy, reference, reward_model, value_model, tokenizer, device, dtype, adapter_base_dir)
+
+
+def lora_shape(config: PPOConfig) -> dict[str, Any]:
+    """``add_lora``'s keyword arguments for the policy's and value model's adapters."""
+    return {"r": config.lora_r, "alpha": config.lora_alpha, "targets": config.lora_targets}
+
+
+def load_lora_policy(policy_dir: Path | str, ref_dir: Path | str, config: PPOConfig,
+                     device: torch.device) -> tuple[torch.nn.Module, Path | None]:
+    """The policy with trainable LoRA adapters, and ``ref_dir`` when they sit on the reference
+    (None: on the start policy's own weights).
+
+    They go on the reference whenever the start policy equals it plus adapters: fresh ones
+    when PPO starts from the reference itself, the saved ones (continued) when it starts
+    from a checkpoint whose adapters were trained on it. Then the KL reference is the base
+    the policy trains on, and the adapters can be published as adapters of that base.
+    Otherwise fresh adapters go on the start weights, and none will be published.
+    """
+    ref_dir = Path(ref_dir)
+    if Path(policy_dir).resolve() == ref_dir.resolve():
+        base = load_causal_lm(ref_dir, dtype=torch.float32, device=device)
+        return add_lora(base, **lora_shape(config), task_type="CAUSAL_LM"), ref_dir
+    adapter_dir = saved_adapters_on(policy_dir, ref_dir)
+    policy = None if adapter_dir is None else continue_saved_adapters(adapter_dir, ref_dir, config, device)
+    if policy is not None:
+        return policy, ref_dir
+    start = load_causal_lm(policy_dir, dtype=torch.float32, device=device)
+    return add_lora(start, **lora_shape(config), task_type="CAUSAL_LM"), None
+
+
+def saved_adapters_on(policy_dir: Path | str, ref_dir: Path) -> Path | None:
+    """The adapters of checkpoint ``policy_dir`` when they were trained on ``ref_dir``; None
+    (logged why) when it has none, or none on that base."""
+    try:
+        saved = adapter_of(Path(policy_dir))
+    except CheckpointError as e:
+        return _no_adapters_on_reference(policy_dir, str(e))
+    if saved is None:
+        return _no_adapters_on_reference(policy_dir, "its manifest names no adapters")
+    if saved.base_dir.resolve() != ref_dir.resolve():
+        return _no_adapters_on_reference(policy_dir, f"its adapters sit on {saved.base_dir}, not on the reference")
+    return saved.adapter_dir
+
+
+def continue_saved_adapters(adapter_dir: Path, ref_dir: Path, config: PPOConfig,
+                            device: torch.device) -> torch.nn.Module | None:
+    """The reference with the adapters saved in ``adapter_dir``, trainable; None (logged why)
+    when they have another rank, alpha or targets than ``config`` asks for."""
+    base = load_causal_lm(ref_dir, dtype=torch.float32, device=device)
+    mismatch = saved_lora_mismatch(adapter_dir, base, **lora_shape(config))
+    if mismatch is not None:
+        return _no_adapters_on_reference(adapter_dir.parent, f"its adapters differ from the config: {mismatch}")
+    log.info("lora PPO: continuing the adapters in %s on the reference %s", adapter_dir, ref_dir)
+    return load_lora(base, adapter_dir)
+
+
+def _no_adapters_on_reference(policy_dir: Path | str, why: str) -> None:
+    log.info("lora PPO: fresh adapters on the weights of %s, none published (%s)", policy_dir, why)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -275,7 +343,7 @@ def reference_logprobs(models: PPOModels, input_ids: torch.Tensor, attention_mas
     """log pi_SFT on the label grid. Shape: (B, T) -> (B, T-1)."""
     if models.reference is not None:
         return token_logprobs(models.reference, input_ids, attention_mask, temperature, start=start)
-    with models.policy.disable_adapter():  # lora mode with ref_dir == policy_dir: the base IS the reference
+    with models.policy.disable_adapter():  # the adapters sit on the reference: the base IS it
         return token_logprobs(models.policy, input_ids, attention_mask, temperature, start=start)
 
 
@@ -523,6 +591,7 @@ class PPOResult:
     """What a PPO run did; JSON-serialisable through ``to_dict``."""
 
     out_dir: str
+    adapter_base_dir: str | None  # the base of the adapters in out_dir/adapter (None: none written)
     history: list[dict[str, Any]]
     config: dict[str, Any]
     final_kl_coef: float
@@ -550,7 +619,8 @@ def train_ppo(
 ) -> PPOResult:
     """PPO-ptx from the policy in ``policy_dir`` against the RM in ``rm_dir``, with a KL penalty to
     the frozen reference in ``ref_dir`` (the SFT model); saves the final policy (+ tokenizer) to
-    ``out_dir`` as a HF folder (LoRA adapters merged).
+    ``out_dir`` as a HF folder (LoRA adapters merged), and in lora mode, when the adapters sit
+    on the reference (``load_lora_policy``), the adapters alone to ``out_dir/adapter`` as well.
 
     ``corpus_texts``: the pretraining texts for the ptx term (default: the shipped corpus minus
     its held-out slice). ``rollout_generator``: an engine that samples from the CURRENT policy
@@ -579,11 +649,13 @@ def train_ppo(
             stats["threads"] = threads
             history.append(stats)
             bar.set_postfix(score=f"{stats['rm_score']:.3f}", kl=f"{stats['kl_ref']:.2f}")
-        save_policy(models.policy, models.tokenizer, Path(out_dir))
+        adapter_base_dir = models.adapter_base_dir
+        save_policy(models.policy, models.tokenizer, Path(out_dir), with_adapter=adapter_base_dir is not None)
         if rollout_generator is None:
             generator.close()
     return PPOResult(
-        out_dir=str(out_dir), history=history, config=config.to_dict(), final_kl_coef=kl_controller.value,
+        out_dir=str(out_dir), adapter_base_dir=None if adapter_base_dir is None else str(adapter_base_dir),
+        history=history, config=config.to_dict(), final_kl_coef=kl_controller.value,
         policy_trainable_params=sum(p.numel() for p in trainable_parameters(models.policy)),
         value_trainable_params=sum(p.numel() for p in trainable_parameters(models.value_model)),
         device=str(device), seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(device))
@@ -598,11 +670,15 @@ def build_rollout_generator(models: PPOModels, policy_dir: Path | str, config: P
     return HFRolloutGenerator(models.policy, models.tokenizer, batch_size=config.forward_batch_size)
 
 
-def save_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
-    """Save the policy as a plain HF folder with its tokenizer, LoRA adapters merged in."""
+def save_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path, *, with_adapter: bool = False) -> Path:
+    """Save the policy as a plain HF folder with its tokenizer, LoRA adapters merged in (what the
+    HF engine, evaluation and full swaps load). ``with_adapter``: first save the adapters alone
+    to ``out_dir/adapter`` (PEFT's format), which a server can load beside the policy it serves."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if with_adapter:
+        policy.save_pretrained(out_dir / ADAPTER_DIR)  # before merging: merge_and_unload drops them
     if callable(getattr(policy, "merge_and_unload", None)):
         policy = policy.merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

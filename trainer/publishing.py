@@ -108,10 +108,13 @@ def next_version(store: Store, root: Path) -> int:
 
 
 def publish_policy(store: Store, root: Path, cycle_id: int, model_dir: Path, parent: int, metrics: dict[str, Any],
-                   hook: Hook = no_hook, snapshot: dict[str, Any] | None = None) -> Policy:
+                   hook: Hook = no_hook, snapshot: dict[str, Any] | None = None,
+                   adapter: dict[str, Any] | None = None) -> Policy:
     """Publish ``model_dir`` atomically under ``root`` as the next version and record it as a
     candidate of cycle ``cycle_id`` (``metrics["kind"]``: "sft" or "ppo"); the manifest names
-    the store ``snapshot`` it was trained on (``Snapshot.manifest_record``)."""
+    the store ``snapshot`` it was trained on (``Snapshot.manifest_record``) and, for a policy
+    whose LoRA adapters ``model_dir`` holds too, their ``adapter`` record
+    (``common.checkpoints.adapter_record`` of their base)."""
     version = next_version(store, root)
     base_model = read_manifest(checkpoint_path(root, parent)).base_model
 
@@ -122,7 +125,7 @@ def publish_policy(store: Store, root: Path, cycle_id: int, model_dir: Path, par
         hook(f"{point}:files_written")
 
     path = write_checkpoint(root, version, save, parent_version=parent, cycle_id=cycle_id, base_model=base_model,
-                            metrics=metrics, snapshot=snapshot)
+                            metrics=metrics, snapshot=snapshot, adapter=adapter)
     hook(f"{point}:renamed")
     policy = store.write_sync(add_policy(version, str(path.resolve()), parent_version=parent, cycle_id=cycle_id,
                                          metrics=metrics))

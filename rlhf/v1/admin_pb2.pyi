@@ -51,20 +51,22 @@ class SwapPolicyRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SwapPolicyResponse(_message.Message):
-    __slots__ = ("previous_version", "version", "stall_seconds", "total_seconds", "swap_mode", "continued_requests")
+    __slots__ = ("previous_version", "version", "stall_seconds", "total_seconds", "swap_mode", "continued_requests", "aborted_requests")
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SWAP_MODE_FIELD_NUMBER: _ClassVar[int]
     CONTINUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     previous_version: int
     version: int
     stall_seconds: float
     total_seconds: float
     swap_mode: str
     continued_requests: int
-    def __init__(self, previous_version: _Optional[int] = ..., version: _Optional[int] = ..., stall_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., swap_mode: _Optional[str] = ..., continued_requests: _Optional[int] = ...) -> None: ...
+    aborted_requests: int
+    def __init__(self, previous_version: _Optional[int] = ..., version: _Optional[int] = ..., stall_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., swap_mode: _Optional[str] = ..., continued_requests: _Optional[int] = ..., aborted_requests: _Optional[int] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("request_id", "version")

@@ -14,7 +14,17 @@ a swap treats requests in flight is the engine's `swap_mode` (`SWAP_MODES`):
   reloaded, and the frozen requests continue on the new weights; the stall is the reload.
   A request that spans the swap is recorded with its `version_spans` (the tokens each
   version produced) and counted as mixed; it is never taken for one version's sample.
-"auto" is the fastest mode that keeps every record truthful: "keep" on vLLM, "drain" on HF.
+- "adapter" (vLLM only): the engine serves an SFT base with LoRA adapters on it. A
+  checkpoint whose adapters were trained on the loaded base (its manifest says so,
+  `common.checkpoints.adapter_of`) is swapped in by loading its adapters beside the
+  current ones: new requests use them at once, requests in flight finish on the adapters
+  they started with. Nothing waits and nothing mixes. Any other checkpoint (a new SFT
+  lineage, a policy without adapters) is a full swap by "drain"; requests still running
+  after the drain bound are aborted (their samples end "abort", one version each), as
+  adapters of the old base cannot run on the new one. The price is throughput: LoRA
+  layers run beside every linear layer (docs/BENCHMARKS.md, "Hot swap").
+"auto" is "keep" on vLLM and "drain" on HF: the fastest mode that keeps every record
+truthful at full throughput; "adapter" is chosen explicitly.
 """
 
 from __future__ import annotations
@@ -28,8 +38,8 @@ from pathlib import Path
 from typing import AsyncIterator, Literal, Sequence
 
 FinishReason = Literal["stop", "length", "abort"]
-SwapMode = Literal["drain", "keep"]
-SWAP_MODES: tuple[str, ...] = ("auto", "drain", "keep")
+SwapMode = Literal["drain", "keep", "adapter"]
+SWAP_MODES: tuple[str, ...] = ("auto", "drain", "keep", "adapter")
 
 
 @dataclass(frozen=True)
@@ -82,8 +92,9 @@ class SwapResult:
     drain_seconds: float  # waiting for in-flight generations to finish on the old weights
     load_seconds: float  # loading the new weights
     stall_seconds: float  # how long new requests could not start (drain + load)
-    mode: SwapMode = "drain"
+    mode: SwapMode = "drain"  # what this swap did ("adapter": adapters loaded beside the serving ones)
     continued_requests: int = 0  # in flight across the reload, continued on the new weights
+    aborted_requests: int = 0  # still running past the drain bound of a full swap in "adapter" mode
 
 
 class EngineError(RuntimeError):
@@ -148,6 +159,7 @@ class Engine(abc.ABC):
     """A policy behind an async, streaming generate; swappable at run time."""
 
     name: str  # "vllm" | "hf"
+    swap_mode: SwapMode  # how a swap treats requests in flight (module docstring)
 
     @property
     @abc.abstractmethod

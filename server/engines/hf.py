@@ -312,7 +312,8 @@ class HFEngine(Engine):
         whole in a worker thread and cannot be frozen and continued on new weights. Past
         `drain_timeout_s` a swap logs that it is still waiting and keeps waiting."""
         if swap_mode not in ("auto", "drain"):
-            raise ValueError(f"swap_mode {swap_mode!r}: the HF engine swaps by 'drain' only (keep needs the vLLM engine)")
+            raise ValueError(f"swap_mode {swap_mode!r}: the HF engine swaps by 'drain' only ('keep' and 'adapter' "
+                             "need the vLLM engine: its batches run whole in one thread, on one set of weights)")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._initial = (Path(checkpoint_dir), version)

@@ -27,6 +27,18 @@ A swap reloads the weights IN PLACE, without restarting the engine:
    the new version would produce after its earlier tokens; nothing computed under the old
    weights is reused; then generation resumes (and the gate reopens).
 A reload that still fails reloads the previous checkpoint and raises EngineError.
+
+In "adapter" mode (`server.engines.base`) the engine runs with LoRA on (`enable_lora`) and
+serves a base plus, usually, the adapters of the policy being served:
+- a checkpoint whose adapters were trained on the loaded base is swapped in by vLLM's
+  `add_lora` (tens of ms): new requests carry its `LoRARequest`, the requests in flight
+  keep theirs; an adapter no request uses any more is removed. The base's weights and
+  vLLM's weight version label do not change, so a record's version is the one its
+  request started with (vLLM's spans would name the base);
+- the base itself (a rollback to the SFT policy) is served with no adapter: also instant;
+- anything else is a full swap: drain (bounded; requests past the bound are aborted),
+  reload the new base as above (the checkpoint's adapters' base, or its merged weights),
+  drop every adapter of the old base, load the checkpoint's adapters if it has any.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Literal, Sequence
 
 from common.chat import render_chat_ids
+from common.checkpoints import MANIFEST_NAME, AdapterRef, CheckpointError, adapter_of
 from common.vllm_env import set_vllm_env_defaults
 from server.engines.base import (
     Engine,
@@ -58,6 +71,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.lora.request import LoRARequest
     from vllm.outputs import CompletionOutput
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -101,21 +115,30 @@ class VLLMEngine(Engine):
         enforce_eager: bool | None = None,
         swap_mode: SwapMode | Literal["auto"] = "auto",
         drain_timeout_s: float = 30.0,
+        max_lora_rank: int = 16,
+        max_loras: int = 3,
     ) -> None:
         """dtype None: float32 on CPU (it matches transformers' fp32 greedy exactly),
         bfloat16 on CUDA. enforce_eager None: eager on CPU (the compiled CPU path gave a
         wrong greedy answer and compiles for over a minute), compiled on CUDA.
         gpu_memory_utilization applies to CUDA; on CPU the KV cache is VLLM_CPU_KVCACHE_SPACE
         (`common.vllm_env` sets vLLM's environment here, before vllm is first imported).
-        swap_mode "auto" is "keep" (the module docstring); drain_timeout_s bounds a drain."""
-        if swap_mode not in ("auto", "drain", "keep"):
-            raise ValueError(f"swap_mode {swap_mode!r}: the vLLM engine swaps by 'drain' or 'keep' ('auto' = keep)")
+        swap_mode "auto" is "keep" (the module docstring); drain_timeout_s bounds a drain.
+        max_lora_rank and max_loras ("adapter" mode): the largest adapter rank it accepts, and
+        how many adapters may serve at once (the serving one, the one being replaced while
+        its requests finish, and one spare for a swap that comes before they have)."""
+        if swap_mode not in ("auto", "drain", "keep", "adapter"):
+            raise ValueError(f"swap_mode {swap_mode!r}: the vLLM engine swaps by 'drain', 'keep' or 'adapter' "
+                             "('auto' = keep)")
+        if max_loras < 2:
+            raise ValueError(f"max_loras must be >= 2 (the serving adapter and the one replacing it), got {max_loras}")
         if drain_timeout_s <= 0:
             raise ValueError(f"drain_timeout_s must be > 0, got {drain_timeout_s}")
         set_vllm_env_defaults()
         from vllm.platforms import current_platform
 
-        self._checkpoint_dir = Path(checkpoint_dir).resolve()
+        self._checkpoint_dir = Path(checkpoint_dir).resolve()  # the served policy's checkpoint
+        self._weights_dir = self._checkpoint_dir  # whose full weights are loaded ("adapter": the base)
         self._version = version
         on_cpu = current_platform.is_cpu()
         self._dtype = dtype or ("float32" if on_cpu else "bfloat16")
@@ -125,6 +148,12 @@ class VLLMEngine(Engine):
         self._max_num_seqs = max_num_seqs
         self.swap_mode: SwapMode = "keep" if swap_mode == "auto" else swap_mode
         self._drain_timeout_s = drain_timeout_s
+        self._max_lora_rank = max_lora_rank
+        self._max_loras = max_loras
+        self._adapter: LoRARequest | None = None  # what new requests use ("adapter" mode)
+        self._adapter_users: dict[int, int] = {}  # LoRA id -> requests in flight on it
+        self._loaded_adapters: set[int] = set()
+        self._in_flight: set[str] = set()  # request ids, to abort past a full swap's drain bound
         self._engine: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._gate = SwapGate()
@@ -144,21 +173,29 @@ class VLLMEngine(Engine):
         from common.models import load_tokenizer
 
         started = time.perf_counter()
-        self._tokenizer = await asyncio.to_thread(load_tokenizer, self._checkpoint_dir)
+        adapter = self._adapter_to_serve(self._checkpoint_dir) if self.swap_mode == "adapter" else None
+        if adapter is not None:
+            self._weights_dir = adapter.base_dir.resolve()
+        self._tokenizer = await asyncio.to_thread(load_tokenizer, self._weights_dir)
         self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
         await self._engine.update_weight_version(str(self._version))  # labels every token vLLM reports
+        if adapter is not None:
+            await self._add_adapter(adapter, self._version)
         self.startup_seconds = time.perf_counter() - started
         log.info("vLLM engine ready in %.1f s (%s, %s)", self.startup_seconds, self._checkpoint_dir, self._dtype)
 
     def _engine_args(self) -> AsyncEngineArgs:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        kwargs = {}
+        kwargs: dict[str, object] = {}
         if self._max_num_seqs is not None:
             kwargs["max_num_seqs"] = self._max_num_seqs
+        if self.swap_mode == "adapter":
+            kwargs.update(enable_lora=True, max_lora_rank=self._max_lora_rank, max_loras=self._max_loras,
+                          max_cpu_loras=self._max_loras)
         return AsyncEngineArgs(
-            model=str(self._checkpoint_dir),
-            tokenizer=str(self._checkpoint_dir),
+            model=str(self._weights_dir),
+            tokenizer=str(self._weights_dir),
             dtype=self._dtype,
             max_model_len=self._max_model_len,
             enforce_eager=self._enforce_eager,
@@ -213,31 +250,37 @@ class VLLMEngine(Engine):
         from vllm import TokensPrompt
 
         engine = self._require_engine()
-        # In "drain" mode a generation holds the gate; in "keep" mode a swap never waits for one.
-        async with self._gate.generation() if self.swap_mode == "drain" else contextlib.nullcontext():
-            version = self._version  # the record's version comes from vLLM's spans (fan_out_delta)
-            stream = engine.generate(
-                TokensPrompt(prompt_token_ids=list(prompt_token_ids)), sampling_params(options), request_id
-            )
-            tokens = [0] * options.n
-            unfinished = set(range(options.n))
+        # In "drain" (and "adapter") mode a generation holds the gate; in "keep" mode a swap never waits for one.
+        async with self._gate.generation() if self.swap_mode != "keep" else contextlib.nullcontext():
+            # The record's version: vLLM's spans (fan_out_delta), except in "adapter" mode, where
+            # a request runs on the adapters it started with from its first token to its last.
+            version, adapter = self._version, self._adapter
+            engine_spans = self.swap_mode != "adapter"
+            self._hold(request_id, adapter)
             try:
-                async for output in stream:
-                    for completion in output.outputs:
-                        for update in fan_out_delta(completion, options, version, tokens):
-                            if update.finished:
-                                unfinished.discard(update.index)
-                            yield update
-            except EngineError:
-                raise
-            except Exception as e:
-                raise EngineError(f"request {request_id} failed in vLLM: {e!r}") from e
+                stream = engine.generate(TokensPrompt(prompt_token_ids=list(prompt_token_ids)),
+                                         sampling_params(options), request_id, lora_request=adapter)
+                tokens = [0] * options.n
+                unfinished = set(range(options.n))
+                try:
+                    async for output in stream:
+                        for completion in output.outputs:
+                            for update in fan_out_delta(completion, options, version, tokens, engine_spans):
+                                if update.finished:
+                                    unfinished.discard(update.index)
+                                yield update
+                except EngineError:
+                    raise
+                except Exception as e:
+                    raise EngineError(f"request {request_id} failed in vLLM: {e!r}") from e
+                finally:
+                    # Closing vLLM's stream aborts the request there if it is still running
+                    # (a cancelled consumer), which frees its slot and KV blocks.
+                    await stream.aclose()
+                for index in sorted(unfinished):  # never leave a sample without its last update
+                    yield GenerationUpdate(index, "", tokens[index], version, True, "abort")
             finally:
-                # Closing vLLM's stream aborts the request there if it is still running
-                # (a cancelled consumer), which frees its slot and KV blocks.
-                await stream.aclose()
-            for index in sorted(unfinished):  # never leave a sample without its last update
-                yield GenerationUpdate(index, "", tokens[index], version, True, "abort")
+                await self._release(request_id, adapter)
 
     async def abort(self, request_id: str) -> None:
         """Abort in vLLM; the stream then ends each sample with finish reason "abort"."""
@@ -257,28 +300,136 @@ class VLLMEngine(Engine):
 
     async def _swap(self, checkpoint_dir: Path, version: int) -> SwapResult:
         async with self._swap_lock:
-            # Before anything pauses: a refused checkpoint costs the service nothing.
-            check_swap_compatible(self._checkpoint_dir, checkpoint_dir)
             previous = self._version
+            adapter = self._adapter_to_serve(checkpoint_dir) if self.swap_mode == "adapter" else None
+            if self.swap_mode == "adapter" and self._on_loaded_base(checkpoint_dir, adapter):
+                return await self._swap_adapter(checkpoint_dir, version, adapter)
+            weights_dir = adapter.base_dir.resolve() if adapter is not None else checkpoint_dir
+            # Before anything pauses: a refused checkpoint costs the service nothing.
+            check_swap_compatible(self._weights_dir, weights_dir)
             closed = time.perf_counter()
-            gate = self._gate.swap(self._drain_timeout_s) if self.swap_mode == "drain" else _no_drain()
+            gate = self._gate.swap(self._drain_timeout_s) if self.swap_mode != "keep" else _no_drain()
+            aborted = 0
             async with gate as drain_seconds:
                 engine = self._require_engine()
                 continued = engine.get_num_unfinished_requests()
-                if self.swap_mode == "drain" and continued:
+                if self.swap_mode == "adapter" and continued:
+                    aborted, continued = await self._abort_in_flight(previous, version), 0
+                elif self.swap_mode == "drain" and continued:
                     log.warning("swap v%d -> v%d: %d requests still running after the %.0f s drain bound; "
                                 "they continue on v%d and are recorded with both versions",
                                 previous, version, continued, self._drain_timeout_s, version)  # fmt: skip
                 loading = time.perf_counter()
-                await self._reload_or_restore(checkpoint_dir, version)
+                await self._reload_or_restore(weights_dir, version)
+                self._checkpoint_dir, self._weights_dir, self._version = checkpoint_dir, weights_dir, version
+                if self.swap_mode == "adapter":
+                    await self._replace_adapters(adapter, version)
                 load_seconds = time.perf_counter() - loading
-                self._checkpoint_dir, self._version = checkpoint_dir, version
             stall_seconds = time.perf_counter() - closed
+        mode: SwapMode = "drain" if self.swap_mode == "adapter" else self.swap_mode
         log.info(
-            "swapped v%d -> v%d (%s): drain %.2f s, load %.2f s, stall %.2f s, %d requests continued",
-            previous, version, self.swap_mode, drain_seconds, load_seconds, stall_seconds, continued,
+            "swapped v%d -> v%d (%s): drain %.2f s, load %.2f s, stall %.2f s, %d requests continued, %d aborted",
+            previous, version, mode, drain_seconds, load_seconds, stall_seconds, continued, aborted,
         )
-        return SwapResult(previous, version, drain_seconds, load_seconds, stall_seconds, self.swap_mode, continued)
+        return SwapResult(previous, version, drain_seconds, load_seconds, stall_seconds, mode, continued, aborted)
+
+    # ------------------------------------------------------------ "adapter" mode
+
+    def _adapter_to_serve(self, checkpoint_dir: Path) -> AdapterRef | None:
+        """The checkpoint's adapters and their base, or None (it is served as full weights;
+        so is a plain model folder, which has no manifest)."""
+        if not (checkpoint_dir / MANIFEST_NAME).is_file():
+            return None
+        try:
+            return adapter_of(checkpoint_dir)
+        except CheckpointError as e:
+            raise EngineError(f"cannot serve the adapters of {checkpoint_dir}: {e}") from e
+
+    def _on_loaded_base(self, checkpoint_dir: Path, adapter: AdapterRef | None) -> bool:
+        """Whether serving `checkpoint_dir` needs no reload: its adapters were trained on the
+        loaded weights (`adapter_of` checked the base folder holds the weights they were
+        trained on), or it IS the loaded base (served without adapters)."""
+        if adapter is None:
+            return checkpoint_dir == self._weights_dir
+        return adapter.base_dir.resolve() == self._weights_dir
+
+    async def _swap_adapter(self, checkpoint_dir: Path, version: int, adapter: AdapterRef | None) -> SwapResult:
+        """Serve `version` on the loaded base: load its adapters (or none), switch new requests
+        to them. Requests in flight keep theirs, so new requests wait for nothing."""
+        previous = self._version
+        loading = time.perf_counter()
+        if adapter is not None:
+            await self._add_adapter(adapter, version)
+        else:
+            self._adapter = None
+        self._checkpoint_dir, self._version = checkpoint_dir, version
+        await self._drop_unused_adapters()
+        load_seconds = time.perf_counter() - loading
+        log.info("swapped v%d -> v%d (adapter): adapters loaded in %.3f s, no request waited", previous, version,
+                 load_seconds)
+        return SwapResult(previous, version, 0.0, load_seconds, 0.0, "adapter")
+
+    async def _add_adapter(self, adapter: AdapterRef, version: int) -> None:
+        """Load the adapters into vLLM (so the first request does not pay for it) and make
+        them what new requests use. EngineError when vLLM refuses them (a rank above
+        `max_lora_rank`, modules it cannot adapt)."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(f"v{version}", _lora_id(version), str(adapter.adapter_dir))
+        try:
+            added = await self._require_engine().add_lora(request)
+        except Exception as e:
+            raise EngineError(f"vLLM refused the adapters of v{version} ({adapter.adapter_dir}): {e!r}") from e
+        if not added:
+            raise EngineError(f"vLLM did not load the adapters of v{version} ({adapter.adapter_dir})")
+        self._loaded_adapters.add(request.lora_int_id)
+        self._adapter = request
+
+    async def _replace_adapters(self, adapter: AdapterRef | None, version: int) -> None:
+        """After a full reload: the old base's adapters are void; load the new policy's."""
+        self._adapter = None
+        await self._drop_unused_adapters()
+        if adapter is not None:
+            await self._add_adapter(adapter, version)
+
+    async def _drop_unused_adapters(self) -> None:
+        """Remove from vLLM every adapter that no request in flight uses and that new requests will not."""
+        current = self._adapter.lora_int_id if self._adapter is not None else None
+        for lora_id in sorted(self._loaded_adapters):
+            if lora_id != current and not self._adapter_users.get(lora_id):
+                self._loaded_adapters.discard(lora_id)
+                with contextlib.suppress(Exception):  # vLLM evicts by LRU anyway; this frees memory early
+                    await self._require_engine().remove_lora(lora_id)
+
+    def _hold(self, request_id: str, adapter: LoRARequest | None) -> None:
+        self._in_flight.add(request_id)
+        if adapter is not None:
+            self._adapter_users[adapter.lora_int_id] = self._adapter_users.get(adapter.lora_int_id, 0) + 1
+
+    async def _release(self, request_id: str, adapter: LoRARequest | None) -> None:
+        self._in_flight.discard(request_id)
+        if adapter is None:
+            return
+        left = self._adapter_users[adapter.lora_int_id] - 1
+        if left:
+            self._adapter_users[adapter.lora_int_id] = left
+            return
+        del self._adapter_users[adapter.lora_int_id]
+        if self._engine is not None and (self._adapter is None or self._adapter.lora_int_id != adapter.lora_int_id):
+            await self._drop_unused_adapters()
+
+    async def _abort_in_flight(self, previous: int, version: int) -> int:
+        """A full swap in "adapter" mode, past its drain bound: the requests still running use
+        adapters of the old base, which cannot run on the new one, so they end now ("abort",
+        each sample one version's) rather than continue as no version at all."""
+        running = sorted(self._in_flight)
+        log.warning("swap v%d -> v%d: %d requests still running after the %.0f s drain bound are aborted "
+                    "(the adapters they run on do not fit the new base)",
+                    previous, version, len(running), self._drain_timeout_s)  # fmt: skip
+        for request_id in running:
+            await self._require_engine().abort(request_id)
+        await self._gate.drained()
+        return len(running)
 
     async def _reload_or_restore(self, checkpoint_dir: Path, version: int) -> None:
         """With every request frozen: reload the workers' weights from `checkpoint_dir`,
@@ -299,11 +450,11 @@ class VLLMEngine(Engine):
             await engine.resume_generation()
 
     async def _restore_after(self, error: Exception, failed_dir: Path) -> None:
-        log.error("reloading %s failed (%r); restoring %s", failed_dir, error, self._checkpoint_dir)
+        log.error("reloading %s failed (%r); restoring %s", failed_dir, error, self._weights_dir)
         try:
-            await self._reload_weights(self._checkpoint_dir)
+            await self._reload_weights(self._weights_dir)
         except Exception as restore_error:
-            self._broken = f"restoring {self._checkpoint_dir} failed: {restore_error!r}"
+            self._broken = f"restoring {self._weights_dir} failed: {restore_error!r}"
             raise EngineError(
                 f"reloading {failed_dir} failed ({error!r}) and so did restoring v{self._version}; "
                 "the engine is unhealthy and must be restarted"
@@ -324,14 +475,16 @@ class VLLMEngine(Engine):
 
 
 def fan_out_delta(
-    completion: CompletionOutput, options: SamplingOptions, version: int, tokens: list[int]
+    completion: CompletionOutput, options: SamplingOptions, version: int, tokens: list[int],
+    engine_spans: bool = True,
 ) -> list[GenerationUpdate]:
     """One vLLM delta as GenerationUpdates: one per sample, or n copies when greedy
     (one vLLM sample stands for all n identical greedy samples). Adds the delta's tokens
-    to `tokens`, the running count per sample index."""
+    to `tokens`, the running count per sample index. `engine_spans`: the sample's
+    versions are vLLM's weight version labels (False: every token is `version`'s)."""
     indexes = range(options.n) if options.temperature == 0 else [completion.index]
     finish = _finish_reason(completion.finish_reason)
-    spans = _version_spans(completion) if finish is not None else ()
+    spans = _version_spans(completion) if finish is not None and engine_spans else ()
     if spans:
         version = spans[0].version
     updates = []
@@ -354,6 +507,11 @@ def fan_out_delta(
 def _version_spans(completion: CompletionOutput) -> tuple[VersionSpan, ...]:
     """The versions of a finished sample's tokens, from vLLM's weight version labels."""
     return tuple(VersionSpan(int(s.version), s.start, s.end) for s in completion.weight_versions or ())
+
+
+def _lora_id(version: int) -> int:
+    """vLLM's adapter id for a policy version (ids must be positive)."""
+    return version + 1
 
 
 @contextlib.asynccontextmanager

@@ -80,7 +80,8 @@ def swap_response(outcome: SwapOutcome) -> admin_pb2.SwapPolicyResponse:
     return admin_pb2.SwapPolicyResponse(
         previous_version=outcome.previous_version, version=outcome.version,
         stall_seconds=outcome.stall_seconds, total_seconds=outcome.total_seconds,
-        swap_mode=outcome.swap_mode, continued_requests=outcome.continued_requests)
+        swap_mode=outcome.swap_mode, continued_requests=outcome.continued_requests,
+        aborted_requests=outcome.aborted_requests)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -302,7 +303,7 @@ def _swap_detail(outcome: SwapOutcome) -> dict[str, Any]:
                 stall_seconds=round(outcome.stall_seconds, 4), total_seconds=round(outcome.total_seconds, 4),
                 drain_seconds=round(outcome.drain_seconds, 4), load_seconds=round(outcome.load_seconds, 4),
                 verify_seconds=round(outcome.verify_seconds, 4), swap_mode=outcome.swap_mode,
-                continued_requests=outcome.continued_requests)  # fmt: skip
+                continued_requests=outcome.continued_requests, aborted_requests=outcome.aborted_requests)  # fmt: skip
 
 
 def _check_label_k_and_ties(groups: list[list[str]]) -> None:
