@@ -574,3 +574,34 @@ def test_the_header_reader_agrees_with_safetensors(tiny_model_dir: Path) -> None
         with safe_open(path, "pt") as f:
             expected = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
         assert read_safetensors_header(path) == expected
+
+
+@pytest.mark.vllm
+def test_engine_options_reach_vllm_and_unknown_ones_are_refused(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rlhf serve --engine-option` values reach vLLM's own config (TP and PP 1 on this CPU:
+    the path is what is checked, not the parallelism); a misspelt option, or one the engine
+    sets itself, is refused with its name, and `rlhf serve` exits 2 saying so."""
+    from server.app import main, parse_args
+
+    flags = ["tensor_parallel_size=1", "pipeline_parallel_size=1", "distributed_executor_backend=mp",
+             "max_model_len=512"]
+    _, options = parse_args([arg for flag in flags for arg in ("--engine-option", flag)])
+    assert options == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+                       "distributed_executor_backend": "mp", "max_model_len": 512}
+    engine = create_engine("vllm", tiny_model_dir, 0, **options)
+    vllm_config = engine._engine_args().create_engine_config()  # what AsyncLLM would be built from
+    parallel = vllm_config.parallel_config
+    assert (parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.distributed_executor_backend,
+            vllm_config.model_config.max_model_len) == (1, 1, "mp", 512)
+    with pytest.raises(ValueError, match="unknown engine option 'tensor_paralel_size'"):
+        create_engine("vllm", tiny_model_dir, 0, tensor_paralel_size=2)
+    with pytest.raises(ValueError, match="'model' is set by the vLLM engine itself"):
+        create_engine("vllm", tiny_model_dir, 0, model="elsewhere")
+    with pytest.raises(ValueError, match="the HF engine does not take these options"):
+        create_engine("hf", tiny_model_dir, 0, tensor_parallel_size=1)
+    code = main(["--engine", "vllm", "--port", "0", "--store-path", str(tmp_path / "store.sqlite"),
+                 "--checkpoints-root", str(tmp_path / "checkpoints"), "--base-model-dir", str(tiny_model_dir),
+                 "--base-model-name", "tiny-llama", "--engine-option", "tensor_parralel_size=2"])
+    assert code == 2 and "unknown engine option 'tensor_parralel_size'" in capsys.readouterr().err

@@ -65,7 +65,10 @@ def create_engine(kind: EngineKind, checkpoint_dir: Path | str, version: int, **
     if kind == "hf":
         from server.engines.hf import HFEngine
 
-        return HFEngine(checkpoint_dir, version, **kwargs)
+        try:
+            return HFEngine(checkpoint_dir, version, **kwargs)
+        except TypeError as e:  # an option the HF engine does not have (`rlhf serve --engine-option`)
+            raise ValueError(f"the HF engine does not take these options: {e}") from e
     if kind == "vllm":
         if not vllm_available():
             raise EngineError(VLLM_INSTALL_HINT)

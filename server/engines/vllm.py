@@ -48,7 +48,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Sequence
 
 from common.chat import render_chat_ids
 from common.checkpoints import MANIFEST_NAME, AdapterRef, CheckpointError, adapter_of
@@ -117,6 +117,7 @@ class VLLMEngine(Engine):
         drain_timeout_s: float = 30.0,
         max_lora_rank: int = 16,
         max_loras: int = 3,
+        **vllm_args: Any,
     ) -> None:
         """dtype None: float32 on CPU (it matches transformers' fp32 greedy exactly),
         bfloat16 on CUDA. enforce_eager None: eager on CPU (the compiled CPU path gave a
@@ -126,7 +127,11 @@ class VLLMEngine(Engine):
         swap_mode "auto" is "keep" (the module docstring); drain_timeout_s bounds a drain.
         max_lora_rank and max_loras ("adapter" mode): the largest adapter rank it accepts, and
         how many adapters may serve at once (the serving one, the one being replaced while
-        its requests finish, and one spare for a swap that comes before they have)."""
+        its requests finish, and one spare for a swap that comes before they have).
+        vllm_args: any other field of vLLM's AsyncEngineArgs, passed through as given (e.g.
+        tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend: a swap
+        reloads every worker through `collective_rpc`); ValueError names an unknown one or
+        one this engine sets itself."""
         if swap_mode not in ("auto", "drain", "keep", "adapter"):
             raise ValueError(f"swap_mode {swap_mode!r}: the vLLM engine swaps by 'drain', 'keep' or 'adapter' "
                              "('auto' = keep)")
@@ -136,6 +141,8 @@ class VLLMEngine(Engine):
             raise ValueError(f"drain_timeout_s must be > 0, got {drain_timeout_s}")
         set_vllm_env_defaults()
         from vllm.platforms import current_platform
+
+        self._vllm_args = check_vllm_args(vllm_args)
 
         self._checkpoint_dir = Path(checkpoint_dir).resolve()  # the served policy's checkpoint
         self._weights_dir = self._checkpoint_dir  # whose full weights are loaded ("adapter": the base)
@@ -190,6 +197,7 @@ class VLLMEngine(Engine):
         kwargs: dict[str, object] = {}
         if self._max_num_seqs is not None:
             kwargs["max_num_seqs"] = self._max_num_seqs
+        kwargs.update(self._vllm_args)
         if self.swap_mode == "adapter":
             kwargs.update(enable_lora=True, max_lora_rank=self._max_lora_rank, max_loras=self._max_loras,
                           max_cpu_loras=self._max_loras)
@@ -472,6 +480,31 @@ class VLLMEngine(Engine):
         if self._broken is not None:
             raise EngineError(f"engine unusable: {self._broken}")
         return self._engine
+
+
+# AsyncEngineArgs fields this engine sets from its own options or needs as they are.
+_ENGINE_SET_ARGS = frozenset({"model", "tokenizer", "dtype", "max_model_len", "enforce_eager", "gpu_memory_utilization",
+                              "max_num_seqs", "disable_log_stats", "worker_extension_cls", "enable_lora",
+                              "max_lora_rank", "max_loras", "max_cpu_loras"})
+
+
+def check_vllm_args(vllm_args: dict[str, Any]) -> dict[str, Any]:
+    """The extra engine options, checked against vLLM's own AsyncEngineArgs fields."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for name in vllm_args:
+        if name in _ENGINE_SET_ARGS:
+            raise ValueError(f"engine option {name!r} is set by the vLLM engine itself: use its own option "
+                             "(max_model_len, dtype, gpu_memory_utilization, max_num_seqs, enforce_eager, "
+                             "max_lora_rank, max_loras) or the server config (swap_mode)")
+        if name not in known:
+            raise ValueError(f"unknown engine option {name!r}: the vLLM engine takes its own options and any "
+                             "field of vLLM's AsyncEngineArgs (e.g. tensor_parallel_size, pipeline_parallel_size, "
+                             "distributed_executor_backend)")
+    return dict(vllm_args)
 
 
 def fan_out_delta(
