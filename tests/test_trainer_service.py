@@ -150,7 +150,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
             "authorization", "")))
         if self.fail:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "checkpoint failed verification")
-        return admin_pb2.SwapPolicyResponse(previous_version=0, version=request.version, stall_seconds=0.01)
+        return admin_pb2.SwapPolicyResponse(previous_version=0, version=request.version, stall_seconds=0.01,
+                                            swap_mode="keep", continued_requests=2)
 
 
 @pytest.fixture
@@ -169,7 +170,8 @@ def test_admin_swapper_calls_swap_policy_with_the_admin_key(fake_admin) -> None:
     outcome = AdminSwapper(target, "rlhf_secret", timeout_s=10).swap(3, request_id="cycle-1-swap-v3")
     assert admin.calls == [(3, "cycle-1-swap-v3", "Bearer rlhf_secret")]
     assert outcome == {"via": "admin", "previous_version": 0, "version": 3, "stall_seconds": 0.01,
-                       "total_seconds": 0.0}
+                       "total_seconds": 0.0, "swap_mode": "keep", "continued_requests": 2,
+                       "aborted_requests": 0}
 
 
 def test_a_refused_swap_rejects_the_candidate_and_raises(trainer: TrainerService, fake_admin) -> None:

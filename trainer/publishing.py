@@ -64,7 +64,9 @@ class AdminSwapper:
         with RlhfClient(self.target, self.api_key) as client:
             reply = client.swap_policy(version, request_id=request_id, timeout=self.timeout_s)
         return {"via": "admin", "previous_version": reply.previous_version, "version": reply.version,
-                "stall_seconds": reply.stall_seconds, "total_seconds": reply.total_seconds}
+                "stall_seconds": reply.stall_seconds, "total_seconds": reply.total_seconds,
+                "swap_mode": reply.swap_mode, "continued_requests": reply.continued_requests,
+                "aborted_requests": reply.aborted_requests}
 
 
 class StoreSwapper:
