@@ -30,6 +30,7 @@ BENCHMARKS = [
     ("bench.engine_memory", "vLLM engine memory: the same workload again and again"),
     ("bench.rate_limits", "Per-key limits: other keys' latency while one key floods"),
     ("bench.quiet_wait", "vLLM beside a busy neighbour: spinning vs quiet message-queue waits"),
+    ("bench.distributed", "Data-parallel training steps: ranks x threads on this machine's cores"),
     ("bench.rollouts", "PPO rollouts in the trainer: HF generate vs a weight-synced vLLM engine"),
     ("bench.reward_curve", "Reward model learning curve: accuracy on unseen rankings vs training comparisons"),
 ]

@@ -20,6 +20,11 @@ the policy's language modelling from regressing (the "alignment tax").
 
 All the math lives in ``trainer.losses``; this module moves tensors between models.
 
+Data-parallel under torchrun (``trainer.distributed``): ``ppo_minibatch_step`` takes this
+rank's rows of the minibatch and the trained models as DDP replicas
+(``data_parallel_replicas``); every token-level mean is taken over ALL ranks' tokens, so
+the update equals one process's on the whole minibatch.
+
 Conventions (``trainer.data``): sequences are right-padded prompt ++ response (EOS
 included when the model stopped); every per-token quantity lives on the label grid
 (B, T - 1), where column t is the prediction of token t + 1, and ``mask`` is the response
@@ -61,7 +66,7 @@ import logging
 import random
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +76,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoints import ADAPTER_DIR, CheckpointError, adapter_of
 from common.models import load_causal_lm, load_tokenizer, resolve_dtype
+from trainer import distributed
 from trainer.config import PPOConfig
 from trainer.corpus import PtxBatch, PtxBatcher, load_corpus, split_corpus
 from trainer.data import SequenceBatch, pack_sequences
@@ -327,10 +333,12 @@ def first_response_column(mask: torch.Tensor) -> int:
     return int(mask.argmax(dim=1).min()) if mask.any() else 0
 
 
-def token_values(value_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 response_mask: torch.Tensor) -> torch.Tensor:
-    """V(s_t) on the label grid: the value of the prefix ending at token t. Shape: (B, T) -> (B, T-1)."""
-    return value_model.per_token_values(input_ids, attention_mask, response_mask)[:, :-1].float()
+def token_values(value_model: RewardModel | Callable[..., torch.Tensor], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """V(s_t) on the label grid: the value of the prefix ending at token t. Shape: (B, T) -> (B, T-1).
+    ``value_model``: the model, or its ``per_token_values`` as a DDP replica (``TrainedReplicas``)."""
+    per_token_values = value_model.per_token_values if isinstance(value_model, RewardModel) else value_model
+    return per_token_values(input_ids, attention_mask, response_mask)[:, :-1].float()
 
 
 def response_mask_from_grid(mask: torch.Tensor) -> torch.Tensor:
@@ -440,47 +448,98 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_
     return float(norm)
 
 
+@dataclass
+class TrainedReplicas:
+    """How a PPO step calls the two trained models when several ranks train
+    (``data_parallel_replicas``): each a DDP replica, so their gradients sync across ranks."""
+
+    policy: Callable[..., Any]  # the policy's forward (a causal LM call)
+    values: Callable[..., torch.Tensor]  # the value model's ``per_token_values``
+
+
+def data_parallel_replicas(models: PPOModels) -> TrainedReplicas:
+    """The policy and the value model wrapped for DDP (``trainer.distributed.wrap_ddp``)."""
+    return TrainedReplicas(distributed.wrap_ddp(models.policy),
+                           distributed.wrap_ddp(models.value_model, RewardModel.per_token_values))
+
+
+def _require_replicas(replicas: TrainedReplicas | None) -> None:
+    if replicas is None and distributed.world().distributed:
+        raise ValueError("a data-parallel PPO step needs replicas=data_parallel_replicas(models): "
+                         "gradients would not sync")
+
+
 def policy_step(models: PPOModels, optimizer: torch.optim.Optimizer, mb: Experience, ptx_batch: PtxBatch | None,
-                *, clip_eps: float, ptx_coef: float, temperature: float, max_grad_norm: float | None
-                ) -> dict[str, float]:
-    """loss = clipped PPO surrogate + ptx_coef * pretraining NLL; one optimizer step."""
-    with autocast(models):
-        logprobs = token_logprobs(models.policy, mb.input_ids, mb.attention_mask, temperature,
-                                  start=first_response_column(mb.mask))  # (b, T-1)
-    loss, stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps)
-    loss.backward()  # before the ptx forward: the two graphs never live together
-    out = {"policy_loss": float(loss.detach()), "clip_frac": float(stats.clip_frac),
-           "approx_kl": float(stats.approx_kl), "ratio_mean": float(stats.ratio_mean)}
-    if ptx_batch is not None and ptx_coef > 0:
+                *, clip_eps: float, ptx_coef: float, temperature: float, max_grad_norm: float | None,
+                replicas: TrainedReplicas | None = None) -> dict[str, float]:
+    """loss = clipped PPO surrogate + ptx_coef * pretraining NLL; one optimizer step.
+
+    Data-parallel (``replicas``): ``mb`` and ``ptx_batch`` are this rank's rows of the global
+    minibatch. Both terms are means over ALL ranks' tokens: each rank's token mean is scaled
+    by W * (its tokens / all tokens, all-reduced) before backward (``distributed.loss_scale``),
+    so DDP's average gradient is the single-process one; the statistics are token-weighted
+    over the ranks. The surrogate's backward skips the all-reduce when the ptx backward follows.
+    """
+    _require_replicas(replicas)
+    policy = models.policy if replicas is None else replicas.policy
+    with_ptx = ptx_batch is not None and ptx_coef > 0
+    tokens = {"rl": float(mb.mask.sum()), "ptx": float(ptx_batch.mask.sum()) if with_ptx else 0.0}
+    total = distributed.reduce_sum(tokens)  # the same as ``tokens`` on one process
+    with distributed.gradient_sync(policy, sync=not with_ptx):
         with autocast(models):
-            lm_loss = pretraining_loss(models.policy, ptx_batch.to(models.device))
-        (ptx_coef * lm_loss).backward()
-        out["ptx_loss"] = float(lm_loss.detach())
+            logprobs = token_logprobs(policy, mb.input_ids, mb.attention_mask, temperature,
+                                      start=first_response_column(mb.mask))  # (b, T-1)
+        loss, stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps)
+        _scaled(loss, tokens["rl"], total["rl"]).backward()  # before the ptx forward: the graphs never coexist
+    out = distributed.weighted_means(
+        {"policy_loss": float(loss.detach()), "clip_frac": float(stats.clip_frac),
+         "approx_kl": float(stats.approx_kl), "ratio_mean": float(stats.ratio_mean)}, tokens["rl"], total["rl"])
+    if with_ptx:
+        with distributed.gradient_sync(policy, sync=True):
+            with autocast(models):
+                lm_loss = pretraining_loss(policy, ptx_batch.to(models.device))
+            _scaled(ptx_coef * lm_loss, tokens["ptx"], total["ptx"]).backward()
+        out |= distributed.weighted_means({"ptx_loss": float(lm_loss.detach())}, tokens["ptx"], total["ptx"])
     out["policy_grad_norm"] = clip_and_step(models.policy, optimizer, max_grad_norm)
     return out
 
 
+def _scaled(loss: torch.Tensor, local_tokens: float, total_tokens: float) -> torch.Tensor:
+    """``loss`` as this rank backpropagates it (``distributed.loss_scale``); itself on one process."""
+    scale = distributed.loss_scale(local_tokens, total_tokens)
+    return loss if scale == 1.0 else loss * scale
+
+
 def value_step(models: PPOModels, optimizer: torch.optim.Optimizer, mb: Experience, *, value_clip_eps: float,
-               max_grad_norm: float | None) -> dict[str, float]:
-    """Clipped value loss toward the GAE returns; one optimizer step."""
-    with autocast(models):
-        values = token_values(models.value_model, mb.input_ids, mb.attention_mask,
-                              response_mask_from_grid(mb.mask))  # (b, T-1)
-    loss, stats = value_loss(values, mb.old_values, mb.returns, mb.mask, value_clip_eps)
-    loss.backward()
-    return {"value_loss": float(loss.detach()), "value_clip_frac": float(stats.clip_frac),
-            "value_mean": float(stats.value_mean),
-            "value_grad_norm": clip_and_step(models.value_model, optimizer, max_grad_norm)}
+               max_grad_norm: float | None, replicas: TrainedReplicas | None = None) -> dict[str, float]:
+    """Clipped value loss toward the GAE returns; one optimizer step. Data-parallel
+    (``replicas``): a mean over all ranks' tokens, as in ``policy_step``."""
+    _require_replicas(replicas)
+    tokens = float(mb.mask.sum())
+    total = distributed.reduce_sum({"tokens": tokens})["tokens"]
+    values_of = models.value_model if replicas is None else replicas.values
+    with distributed.gradient_sync(values_of, sync=True):
+        with autocast(models):
+            values = token_values(values_of, mb.input_ids, mb.attention_mask,
+                                  response_mask_from_grid(mb.mask))  # (b, T-1)
+        loss, stats = value_loss(values, mb.old_values, mb.returns, mb.mask, value_clip_eps)
+        _scaled(loss, tokens, total).backward()
+    out = distributed.weighted_means({"value_loss": float(loss.detach()), "value_clip_frac": float(stats.clip_frac),
+                                      "value_mean": float(stats.value_mean)}, tokens, total)
+    out["value_grad_norm"] = clip_and_step(models.value_model, optimizer, max_grad_norm)
+    return out
 
 
 def ppo_minibatch_step(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
-                       mb: Experience, ptx_batch: PtxBatch | None, config: PPOConfig) -> dict[str, float]:
-    """One policy step (with the pretraining mix) and one value step on a minibatch."""
+                       mb: Experience, ptx_batch: PtxBatch | None, config: PPOConfig,
+                       replicas: TrainedReplicas | None = None) -> dict[str, float]:
+    """One policy step (with the pretraining mix) and one value step on a minibatch. Data-parallel:
+    ``replicas`` (``data_parallel_replicas``), and ``mb``/``ptx_batch`` are this rank's rows."""
     policy_optimizer, value_optimizer = optimizers
     stats = policy_step(models, policy_optimizer, mb, ptx_batch, clip_eps=config.clip_eps, ptx_coef=config.ptx_coef,
-                        temperature=config.temperature, max_grad_norm=config.max_grad_norm)
+                        temperature=config.temperature, max_grad_norm=config.max_grad_norm, replicas=replicas)
     stats |= value_step(models, value_optimizer, mb, value_clip_eps=config.value_clip_eps,
-                        max_grad_norm=config.max_grad_norm)
+                        max_grad_norm=config.max_grad_norm, replicas=replicas)
     return stats
 
 

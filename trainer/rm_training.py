@@ -10,6 +10,10 @@ exact, since those layers never change, and an epoch then costs the top layers o
 validation and bias scoring read the same states, and a ``trainer.trunk_cache.TrunkCache``
 passed in keeps them for the next training on the same frozen trunk (the judge, the next cycle).
 
+One optimiser step is ``rm_step``; data-parallel under torchrun (``trainer.distributed``)
+it takes this rank's shard of the step's prompts and the DDP scorer
+(``data_parallel_scorer``) and makes the update one process makes on the whole step.
+
 The model itself, its scoring and its folder format are ``trainer.reward_model``.
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 
 from common.chat import render_chat_ids
 from common.models import resolve_dtype
+from trainer import distributed
 from trainer.config import RMConfig
 from trainer.data import encode_response, pack_sequences
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, seed_everything
@@ -246,27 +251,69 @@ def _train_epoch(rm: RewardModel, items: list[EncodedComparison], optimizer, sch
     rm.train()
     losses, right, pairs = [], 0.0, 0.0
     for start in range(0, len(items), config.batch_size):
-        step = items[start:start + config.batch_size]
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for group in micro_batches(step, config.max_completions_per_step):
-            loss, stats = kway_loss(rm, group, pad_id, config.max_length)
-            # Each prompt weighs the same in the step's mean, whatever micro-batch it sits in.
-            weighted = loss * (len(group) / len(step))
-            weighted.backward()
-            step_loss += float(weighted.detach())
-            right += float(stats.accuracy) * float(stats.num_pairs)
-            pairs += float(stats.num_pairs)
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], config.max_grad_norm)
-        optimizer.step()
+        step = rm_step(rm, items[start:start + config.batch_size], optimizer, pad_token_id=pad_id,
+                       max_length=config.max_length, max_sequences=config.max_completions_per_step,
+                       max_grad_norm=config.max_grad_norm)
         schedule.step()
-        losses.append(step_loss)
+        losses.append(step.loss)
+        right, pairs = right + step.right_pairs, pairs + step.pairs
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+        bar.set_postfix(loss=f"{step.loss:.3f}")
     rm.eval()
     return {"train_loss": sum(losses) / len(losses), "train_accuracy": right / max(pairs, 1.0),
             "steps": len(losses), "lr_end": schedule.get_last_lr()[0]}
+
+
+@dataclass
+class RMStepStats:
+    """One optimiser step's statistics, over all ranks when data-parallel."""
+
+    loss: float  # the mean over the step's prompts of each prompt's K-way loss
+    right_pairs: float  # ordered pairs the (ensemble's mean) score puts in the labeler's order
+    pairs: float  # ordered pairs in the step
+    grad_norm: float  # of the trainable weights, before clipping
+
+
+def rm_step(rm: RewardModel, items: Sequence[EncodedComparison], optimizer: torch.optim.Optimizer, *,
+            pad_token_id: int, max_length: int | None, max_sequences: int, max_grad_norm: float | None,
+            scorer: Callable[..., torch.Tensor] | None = None) -> RMStepStats:
+    """One optimiser step on a step's comparisons: the mean over its P prompts of the K-way loss.
+
+    The prompts go through micro-batches of whole prompts (``micro_batches``: at most
+    ``max_sequences`` completions), each weighted by its share len(group) / P of the prompts,
+    gradients accumulated. Data-parallel (under torchrun, ``trainer.distributed``): ``items``
+    is this rank's shard of the step and ``scorer`` is ``data_parallel_scorer(rm)``; P is
+    all-reduced and each backward scaled by the world size W, since DDP AVERAGES the ranks'
+    gradients: the update is the one a single process makes on the whole step. Only the last
+    micro-batch's backward all-reduces. On one process nothing is scaled or reduced.
+    """
+    if not items:
+        raise ValueError("rm_step got no comparisons: a step needs at least one prompt on every rank")
+    if distributed.world().distributed and scorer is None:
+        raise ValueError("data-parallel rm_step needs scorer=data_parallel_scorer(rm): gradients would not sync")
+    prompts = distributed.reduce_sum({"prompts": len(items)})["prompts"]  # all ranks' (len(items) on one)
+    world_size = distributed.world().size
+    groups = micro_batches(items, max_sequences)
+    optimizer.zero_grad(set_to_none=True)
+    step_loss, right, pairs = 0.0, 0.0, 0.0
+    for i, group in enumerate(groups):
+        with distributed.gradient_sync(scorer, sync=i == len(groups) - 1):
+            loss, stats = kway_loss(rm, group, pad_token_id, max_length, scorer=scorer)
+            # Each prompt weighs the same in the step's mean, whatever micro-batch (or rank) it sits in.
+            weighted = loss * (len(group) / prompts)
+            # DDP averages over the W ranks; W * weighted makes that average the sum over ranks.
+            (weighted * world_size if world_size > 1 else weighted).backward()
+        step_loss += float(weighted.detach())
+        right += float(stats.accuracy) * float(stats.num_pairs)
+        pairs += float(stats.num_pairs)
+    trainable = [p for p in rm.parameters() if p.requires_grad]
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    optimizer.step()
+    totals = distributed.reduce_sum({"loss": step_loss, "right": right, "pairs": pairs})
+    return RMStepStats(totals["loss"], totals["right"], totals["pairs"], float(grad_norm))
 
 
 def normalise_bias(
@@ -398,18 +445,14 @@ def micro_batches(items: Sequence[EncodedComparison], max_sequences: int) -> lis
     return [g for g in groups if g]
 
 
-def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id: int, max_length: int | None):
+def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id: int, max_length: int | None,
+              *, scorer: Callable[..., torch.Tensor] | None = None):
     """The paper's loss for P prompts with ONE forward pass per completion; returns (loss, stats).
-    Items with cached trunk states (``attach_trunk_states``) run the top layers only."""
+    Items with cached trunk states (``attach_trunk_states``) run the top layers only.
+    ``scorer``: ``completion_scores`` as DDP wraps it (``rm_step``); default: called on ``rm``."""
     batch, ranks, valid, index = comparison_batch(items, pad_token_id, max_length)
     device = next(rm.parameters()).device
-    if all(item.trunk is not None for item in items):  # cached trunk: the top layers (or the head) only
-        states = [s for item in items for s in item.trunk]
-        lengths = [len(ids) for item in items for ids in item.completion_ids]
-        flat = rm.scores_from_trunk(states, lengths, items[0].trunk_top_layers, members=True)
-    else:
-        flat = rm(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device),
-                  members=True)
+    flat = scorer(items, batch) if scorer is not None else completion_scores(rm, items, batch)
     # An ensemble's members each train on their own loss (then their mean is the score);
     # the reported statistics are the mean's.
     members = flat if flat.dim() == 2 else flat.unsqueeze(0)  # (M, N)
@@ -418,3 +461,20 @@ def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id:
     losses = [batched_ranking_loss(r, ranks.to(device), valid.to(device))[0] for r in rewards]
     _, stats = batched_ranking_loss(rewards.mean(dim=0), ranks.to(device), valid.to(device))
     return torch.stack(losses).mean(), stats
+
+
+def data_parallel_scorer(rm: RewardModel) -> Callable[..., torch.Tensor]:
+    """``completion_scores`` on ``rm`` as one DDP replica across the ranks (``rm_step``'s ``scorer``)."""
+    return distributed.wrap_ddp(rm, completion_scores)
+
+
+def completion_scores(rm: RewardModel, items: Sequence[EncodedComparison], batch) -> torch.Tensor:
+    """Every completion's score, each ensemble member's: (M, N), or (N,) for a single head.
+    ``batch``: ``comparison_batch(items, ...)``'s, read unless every item has cached trunk states."""
+    device = next(rm.parameters()).device
+    if all(item.trunk is not None for item in items):  # cached trunk: the top layers (or the head) only
+        states = [s for item in items for s in item.trunk]
+        lengths = [len(ids) for item in items for ids in item.completion_ids]
+        return rm.scores_from_trunk(states, lengths, items[0].trunk_top_layers, members=True)
+    return rm(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device),
+              members=True)

@@ -7,6 +7,10 @@ of greedy samples on validation prompts -> save the epoch if it is the best so f
 The paper keeps the epoch with the best RM score, not the best validation loss: validation
 loss overfits after one epoch while RM score and human preference keep improving.
 
+One optimiser step is ``sft_step``; data-parallel under torchrun (``trainer.distributed``) it
+takes this rank's shard of the step and the model as a DDP replica, and its token-level
+mean runs over all ranks' tokens.
+
 Residual dropout, the optimiser and its schedule are ``trainer.torch_parts``' (shared with
 the reward model): the dropout hooks exist only while training, the saved model has none.
 """
@@ -25,6 +29,7 @@ from tqdm.auto import tqdm
 
 from common.chat import render_chat_ids
 from common.models import load_causal_lm, load_tokenizer, resolve_dtype
+from trainer import distributed
 from trainer.config import SFTConfig
 from trainer.data import encode_response, pack_sequences
 from trainer.device import adapt_threads, num_threads, progress_enabled, resolve_device, seed_everything
@@ -185,24 +190,47 @@ def _train_epoch(model, examples, optimizer, schedule, config: SFTConfig, pad_id
         step = examples[start:start + config.batch_size]
         batches = [demo_batch(step[i:i + micro], pad_id, config.max_length).to(device)
                    for i in range(0, len(step), micro)]
-        step_tokens = sum(float(b.response_mask[:, 1:].sum()) for b in batches)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for batch in batches:
-            # Token-level mean over the whole step: weight each micro-batch by its token share.
-            weight = float(batch.response_mask[:, 1:].sum()) / max(step_tokens, 1.0)
-            loss = response_nll(model, batch) * weight
-            loss.backward()
-            step_loss += float(loss.detach())
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
+        step_loss = sft_step(model, batches, optimizer, max_grad_norm=config.max_grad_norm)
         schedule.step()
         step_losses.append(step_loss)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}")
     model.eval()
     return sum(step_losses) / len(step_losses)
+
+
+def sft_step(model: torch.nn.Module, batches: Sequence[Any], optimizer: torch.optim.Optimizer, *,
+             max_grad_norm: float | None, replica: Any | None = None) -> float:
+    """One optimiser step on a step's micro-batches (``demo_batch``es); returns the step's loss:
+    the mean NLL over ALL its response tokens (each micro-batch weighted by its token share).
+
+    Data-parallel (under torchrun, ``trainer.distributed``): ``batches`` are this rank's
+    shard of the step and ``replica`` is ``distributed.wrap_ddp(model)``; the token count is
+    all-reduced and each backward scaled by the world size W, since DDP AVERAGES the ranks'
+    gradients: the update is the one a single process makes on the whole step. Only the last
+    micro-batch's backward all-reduces. On one process nothing is scaled or reduced.
+    """
+    world_size = distributed.world().size
+    if world_size > 1 and replica is None:
+        raise ValueError("a data-parallel sft_step needs replica=distributed.wrap_ddp(model): gradients would not sync")
+    if not batches:
+        raise ValueError("sft_step got no batch: a step needs at least one demonstration on every rank")
+    local_tokens = sum(float(b.response_mask[:, 1:].sum()) for b in batches)
+    step_tokens = distributed.reduce_sum({"tokens": local_tokens})["tokens"]  # all ranks' (local_tokens on one)
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    for i, batch in enumerate(batches):
+        # Token-level mean over the whole step: weight each micro-batch by its token share.
+        weight = float(batch.response_mask[:, 1:].sum()) / max(step_tokens, 1.0)
+        with distributed.gradient_sync(replica, sync=i == len(batches) - 1):
+            loss = response_nll(model if replica is None else replica, batch) * weight
+            # DDP averages over the W ranks; W * loss makes that average the sum over ranks.
+            (loss * world_size if world_size > 1 else loss).backward()
+        step_loss += float(loss.detach())
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return distributed.reduce_sum({"loss": step_loss})["loss"]
 
 
 def _rm_eval_prompts(reward_model, val_prompts, val_demonstrations, limit: int | None) -> list[Messages]:

@@ -1,0 +1,135 @@
+"""The trainer's steps data-parallel under torchrun (trainer.distributed): 2 ranks on gloo make
+the same SFT, RM and PPO updates as one process on the same global batch, and a rank that
+dies or hangs fails the job cleanly.
+
+Each test runs ``tests/distributed_steps.py`` under ``python -m torch.distributed.run``
+(torchrun) with one thread per rank. Measured on 2 cores, OMP_NUM_THREADS=1: the update test
+16 s (two torchruns), the killed rank 5 s, the hung rank 11 s (a 5 s collective timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from trainer import distributed
+
+SCRIPT = Path(__file__).resolve().parent / "distributed_steps.py"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def torchrun(nproc: int, tiny_model_dir: Path, tmp_path: Path, *extra: str, timeout_s: float = 300,
+             env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path, float]:
+    """Run the steps script on ``nproc`` ranks; returns (the finished process, OUT, seconds)."""
+    work = tmp_path / f"work{nproc}"
+    work.mkdir(exist_ok=True)
+    out = tmp_path / f"steps{nproc}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(SCRIPT), "--model", str(tiny_model_dir), "--work", str(work), "--out", str(out), *extra]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return done, out, time.perf_counter() - started
+
+
+def read_run(done: subprocess.CompletedProcess, out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.with_suffix(".json").read_text()), load_file(out.with_suffix(".safetensors"))
+
+
+def assert_no_output(out: Path) -> None:
+    assert not list(out.parent.glob(out.name + ".*")), "a failed run left output behind"
+
+
+# ---------------------------------------------------------------------------- in-process pieces
+
+
+def test_shards_cover_the_batch_once_in_order():
+    for n in (0, 1, 5, 8):
+        for size in (1, 2, 3):
+            shards = [distributed.shard(list(range(n)), distributed.World(rank, size)) for rank in range(size)]
+            assert [x for s in shards for x in s] == list(range(n))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert distributed.shard([0, 1, 2, 3, 4], distributed.World(1, 2)) == [2, 3, 4]
+
+
+def test_one_process_is_a_no_op_world():
+    assert distributed.init_from_env() == distributed.World() == distributed.world()
+    assert distributed.world().is_coordinator and not distributed.world().distributed
+    assert distributed.reduce_sum({"a": 1.5}) == {"a": 1.5}
+    assert distributed.loss_scale(3, 7) == 1.0  # one process: the loss is never rescaled
+    module = torch.nn.Linear(2, 1)
+    assert distributed.wrap_ddp(module) is module
+
+
+def test_loss_scale_makes_the_ddp_average_the_global_mean_gradient(monkeypatch: pytest.MonkeyPatch):
+    """Two ranks hold 1 and 3 of the 4 tokens of a token-level mean loss L = mean(w * x), x = 1..4.
+    dL/dw = mean(x) = 2.5. Rank 0 backpropagates 2 * 1/4 * mean(w * 1), gradient 0.5; rank 1
+    2 * 3/4 * mean(w * (2, 3, 4)), gradient 4.5; DDP's average (0.5 + 4.5) / 2 = 2.5."""
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    grads = []
+    for rank, shard in enumerate([x[:1], x[1:]]):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: distributed.World(rank, 2))
+        w = torch.ones((), requires_grad=True)
+        (distributed.loss_scale(len(shard), len(x)) * (w * shard).mean()).backward()
+        grads.append(w.grad)
+    assert_close(torch.stack(grads), torch.tensor([0.5, 4.5]))
+    assert_close(sum(grads) / 2, x.mean())
+
+
+# ---------------------------------------------------------------------------- torchrun
+
+
+def test_two_ranks_make_the_single_process_update(tiny_model_dir: Path, tmp_path: Path):
+    one, out1, seconds1 = torchrun(1, tiny_model_dir, tmp_path)
+    two, out2, seconds2 = torchrun(2, tiny_model_dir, tmp_path)
+    (result1, weights1), (result2, weights2) = read_run(one, out1), read_run(two, out2)
+    print(f"torchrun: 1 rank {seconds1:.1f} s, 2 ranks {seconds2:.1f} s")
+    assert result1["world_size"] == 1 and result2["world_size"] == 2
+    # Both ranks hold the same weights after every step: DDP kept the replicas in sync.
+    first, second = result2["fingerprints"]
+    assert first == pytest.approx(second, rel=1e-12, abs=1e-12)
+    for stage, stats in result1["stats"].items():
+        assert stats.keys() == result2["stats"][stage].keys()
+        for key, value in stats.items():
+            assert result2["stats"][stage][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (stage, key)
+    stats = result1["stats"]
+    assert stats["ppo"]["clip_frac"] > 0 and stats["ppo"]["value_clip_frac"] > 0  # the clipped branches ran
+    assert stats["rm_head"]["pairs"] == 1 + 2 + 5 + 2 + 1  # K = 2, 3 (one tie), 4 (one tie), 3, 2
+    assert weights1.keys() == weights2.keys()
+    assert {name.split(".")[0] for name in weights1} == {"sft", "rm_head", "rm_top_layers", "policy", "value"}
+    for name, weight in weights1.items():
+        assert_close(weights2[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_a_killed_rank_fails_the_run_cleanly(tiny_model_dir: Path, tmp_path: Path):
+    done, out, seconds = torchrun(2, tiny_model_dir, tmp_path, "--die-rank", "1")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "PeerFailure" in output, output[-3000:]  # the survivor says why it stopped
+    assert "another rank failed" in output or "a peer rank died" in output, output[-3000:]
+    root_cause = output.split("Root Cause")[-1]  # torchrun's summary names the rank that died first
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause), root_cause
+    assert_no_output(out)
+    assert seconds < 120
+
+
+def test_a_hung_rank_times_out_the_collective(tiny_model_dir: Path, tmp_path: Path):
+    done, out, seconds = torchrun(2, tiny_model_dir, tmp_path, "--hang-rank", "1",
+                                  env={distributed.TIMEOUT_ENV: "5"})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "PeerFailure" in output and "a peer rank died, hung past the timeout" in output, output[-3000:]
+    assert_no_output(out)
+    assert seconds < 120  # the 5 s timeout, not the hung rank's hour

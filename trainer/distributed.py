@@ -1,0 +1,278 @@
+"""Data-parallel training across processes and nodes: a thin layer over ``torch.distributed``.
+
+torchrun starts one process per rank and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; ``init_from_env`` joins the process group from them (gloo on CPU, NCCL on
+CUDA). Without them (WORLD_SIZE unset or 1) every function here is a no-op, so the same
+stage code runs in one plain process exactly as before.
+
+The training steps (``trainer.sft.sft_step``, ``trainer.rm_training.rm_step``,
+``trainer.ppo.ppo_minibatch_step``) take this rank's SHARD of a global batch and the
+trained models wrapped by ``wrap_ddp``. Each rank scales its loss so that DDP's gradient
+AVERAGE over the W ranks is the gradient of the GLOBAL batch's loss. With S_r rank r's sum
+over its n_r items (prompts, or tokens for a token-level mean) and N = sum_r n_r
+(all-reduced, so shards may differ in size):
+
+    global loss            L   = sum_r S_r / N
+    rank r computes        l_r = S_r / n_r           (the single-process code, on its shard)
+    rank r backpropagates  W * (n_r / N) * l_r       (1/W) * sum_r grad(W * S_r / N) = grad L
+
+``loss_scale`` is that factor; ``weighted_means`` combines the ranks' l_r into L (and any
+other per-item mean the same way) for reporting. On one process the factor is exactly 1
+and nothing is all-reduced. When a step accumulates several micro-batches, all backward
+passes but the last run under ``no_sync`` (``gradient_sync``: DDP then all-reduces the
+accumulated gradient once), so every rank runs the same number of synchronising backward passes even when
+their shards split into different numbers of micro-batches.
+
+Failure: a rank that dies leaves its peers waiting in a collective. On gloo the peers
+see the closed socket and raise at once; a hung rank (or NCCL) is caught by the process
+group's timeout (``RLHF_DIST_TIMEOUT_S``, default 600 s: longer than a step or a
+checkpoint save should take). ``collective`` turns either into ``PeerFailure``; torchrun
+then stops the other ranks with SIGTERM, which ``init_from_env`` also turns into
+``PeerFailure``, so every rank ends with an error that says a peer failed, and nothing is
+published by a stage that did not finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "RLHF_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+T = TypeVar("T")
+
+# Substrings of the errors gloo and NCCL raise when a peer is gone or late; a collective
+# that fails with one of them failed because of ANOTHER rank, not because of this one's data.
+_PEER_ERRORS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                "timeout", "socket", "nccl communicator was aborted", "connection refused")
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed because another rank died, hung past the timeout or dropped its connection."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of one training job."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # the rank on this node: its GPU index
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Rank 0 writes outputs (checkpoints, results); the others only train."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+# ---------------------------------------------------------------------------- joining and leaving
+
+
+def world() -> World:
+    """This process's rank and the job's size; ``World()`` (rank 0 of 1) outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def timeout_from_env() -> timedelta:
+    """How long a collective waits for a late peer before it fails (``RLHF_DIST_TIMEOUT_S``)."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    seconds = DEFAULT_TIMEOUT_S if raw in (None, "") else float(raw)
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0 seconds, got {raw!r}")
+    return timedelta(seconds=seconds)
+
+
+def init_from_env(device: torch.device | str | None = "auto", timeout: timedelta | None = None) -> World:
+    """Join the process group torchrun describes in the environment; a no-op without one.
+
+    ``device``: where this rank trains (``trainer.device.resolve_device``'s names); CUDA
+    selects NCCL and this rank's GPU (``LOCAL_RANK``), anything else gloo. ``timeout``
+    defaults to ``timeout_from_env()``.
+    Also turns the SIGTERM with which torchrun stops the surviving ranks of a failed job into
+    ``PeerFailure`` (only where SIGTERM still has its default action), so they report why.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if dist.is_initialized():
+        return world()
+    from trainer.device import resolve_device
+
+    device = resolve_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)  # "cuda" now means this rank's GPU
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timeout or timeout_from_env(), rank=int(os.environ["RANK"]),
+                            world_size=size)
+    joined = world()
+    _stop_on_sigterm(joined.rank)
+    log.info("rank %d of %d joined (%s)", joined.rank, joined.size, backend)
+    return joined
+
+
+def _stop_on_sigterm(rank: int) -> None:
+    def stop(signum: int, frame: Any) -> None:
+        raise PeerFailure(f"rank {rank}: stopped by the launcher (SIGTERM): another rank failed, "
+                          "or the job was stopped")
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, stop)
+
+
+def shutdown() -> None:
+    """Leave the process group (when in one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- sharding and DDP
+
+
+def shard_bounds(n: int, of: World | None = None) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous block of ``n`` items; sizes differ by at most 1."""
+    ranks = of or world()
+    return ranks.rank * n // ranks.size, (ranks.rank + 1) * n // ranks.size
+
+
+def shard(items: Sequence[T], of: World | None = None) -> Sequence[T]:
+    """This rank's slice of a global batch (a list, or a tensor's rows): the same on every run."""
+    start, stop = shard_bounds(len(items), of)
+    return items[start:stop]
+
+
+class _Forward(torch.nn.Module):
+    """``fn(module, ...)`` as a module's forward. DDP syncs the gradients of what runs inside
+    the forward of the module it wraps only, and a step may call something else
+    (``RewardModel.per_token_values``, the RM's cached-trunk scoring)."""
+
+    def __init__(self, module: torch.nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.module, *args, **kwargs)
+
+
+def wrap_ddp(module: torch.nn.Module, forward: Callable[..., Any] | None = None, *,
+             find_unused_parameters: bool = False) -> Callable[..., Any]:
+    """What a training step calls instead of ``module`` (or ``forward(module, ...)``): a DDP
+    replica across the ranks, or, on one process, the module (the function) itself.
+
+    The parameters ``module`` trains (``requires_grad``) are synced; on construction DDP
+    copies rank 0's weights and buffers to every rank. Buffers are not re-synced at every forward:
+    they do not change while training (the RM's bias is set after it), and each broadcast
+    would be one more collective per forward.
+    """
+    target = module if forward is None else _Forward(module, forward)
+    if not world().distributed:
+        return target if forward is None else functools.partial(forward, module)
+    from torch.nn.parallel import DistributedDataParallel
+
+    with collective("DDP setup (broadcast of rank 0's weights)"):
+        # device_ids=None: the module is on one device already, and the step moves its inputs
+        return DistributedDataParallel(target, device_ids=None, forward_sync_buffers=False,
+                                       find_unused_parameters=find_unused_parameters)
+
+
+def no_sync(replica: Any) -> contextlib.AbstractContextManager:
+    """Accumulate gradients locally inside the block (DDP's ``no_sync``); a no-op for anything else."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return replica.no_sync() if isinstance(replica, DistributedDataParallel) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def gradient_sync(replica: Any, *, sync: bool) -> Iterator[None]:
+    """Around ONE micro-batch's forward AND backward through ``replica`` (``wrap_ddp``'s): on
+    several ranks its gradients are all-reduced only when ``sync`` (a step's last micro-batch;
+    the others accumulate locally under ``no_sync``, which DDP reads in the forward, hence
+    the forward inside), and a peer's failure meanwhile raises ``PeerFailure``. A no-op on
+    one process."""
+    if not world().distributed:
+        yield
+    elif not sync:
+        with no_sync(replica):
+            yield
+    else:
+        with collective("gradient all-reduce"):
+            yield
+
+
+# ---------------------------------------------------------------------------- reductions
+
+
+@contextlib.contextmanager
+def collective(operation: str) -> Iterator[None]:
+    """Re-raise a failure of the collectives inside as ``PeerFailure`` when a peer caused it."""
+    try:
+        yield
+    except PeerFailure:
+        raise
+    except (RuntimeError, dist.DistError) as e:
+        if not (isinstance(e, dist.DistError) or any(s in str(e).lower() for s in _PEER_ERRORS)):
+            raise
+        raise PeerFailure(f"rank {world().rank}: {operation} failed: a peer rank died, hung past the timeout "
+                          f"or dropped its connection ({type(e).__name__}: {str(e).strip()[:300]})") from e
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the ranks, in ONE all-reduce (float64); unchanged on one process."""
+    if not world().distributed:
+        return dict(values)
+    packed = torch.tensor(list(values.values()), dtype=torch.float64, device=_collective_device())
+    with collective("all-reduce of " + ", ".join(values)):
+        dist.all_reduce(packed)
+    return dict(zip(values, packed.tolist()))
+
+
+def loss_scale(local: float, total: float) -> float:
+    """W * local / total: what a rank multiplies its shard's mean loss by before ``backward``
+    so that DDP's average of the ranks' gradients is the gradient of the global mean (the
+    module docstring). ``local``: this rank's items (or tokens), ``total``: all ranks'. 1 on
+    one process."""
+    ranks = world()
+    if not ranks.distributed:
+        return 1.0
+    return ranks.size * local / total if total > 0 else 0.0
+
+
+def weighted_means(means: dict[str, float], local: float, total: float) -> dict[str, float]:
+    """The global means from the ranks' shard means, each rank weighted by its share
+    ``local / total`` of the items (one all-reduce); the means themselves on one process."""
+    if not world().distributed:
+        return dict(means)
+    share = local / total if total > 0 else 0.0
+    return reduce_sum({key: value * share for key, value in means.items()})
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op on one process)."""
+    if world().distributed:
+        with collective("barrier"):
+            dist.barrier()
