@@ -9,7 +9,7 @@ ENGINE ?= $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo cuda || echo c
 STAMP := $(VENV)/.installed-$(ENGINE)
 export RLHF_DATA_DIR ?= $(CURDIR)/data
 
-.PHONY: all venv model protos demo test test-fast bench clean help
+.PHONY: all venv model protos demo test test-fast bench gpu-check clean help
 all: help
 help:
 	@echo "make demo    set up and run the whole loop on the embedded model"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench   run the benchmarks, writing docs/BENCHMARKS.md"
 	@echo "make model   extract and convert the embedded model (done by demo/test)"
 	@echo "make protos  regenerate the gRPC stubs from protos/"
+	@echo "make gpu-check  the CUDA path (HF engine, SFT, RM, PPO; DDP on NCCL with 2 GPUs): docs/GPU.md"
 
 $(STAMP): pyproject.toml scripts/install_env.sh
 	PYTHON=$(PYTHON) bash scripts/install_env.sh $(ENGINE)
@@ -44,6 +45,10 @@ test-fast: venv
 
 bench: model
 	$(PY) -m bench
+
+# Without a CUDA GPU it says so and exits 0; the tiny model is built by the check itself.
+gpu-check: venv
+	PYTHON=$(PY) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

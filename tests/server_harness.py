@@ -218,7 +218,8 @@ def greedy_reference(model_dir: Path, prompts: Sequence[str], max_new_tokens: in
     model = load_causal_lm(model_dir)
     replies = {}
     for prompt in prompts:
-        ids = torch.tensor([render_chat_ids(tokenizer, [{"role": "user", "content": prompt}])])
+        # on the model's device: load_causal_lm puts it on CUDA when there is one
+        ids = torch.tensor([render_chat_ids(tokenizer, [{"role": "user", "content": prompt}])], device=model.device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         replies[prompt] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -240,7 +241,8 @@ def greedy_token_ids(model_dir: Path, prompts: Sequence[str], max_new_tokens: in
     out_ids = {}
     for prompt in prompts:
         prefix = list((prefixes or {}).get(prompt, []))
-        ids = torch.tensor([render_chat_ids(tokenizer, [{"role": "user", "content": prompt}]) + prefix])
+        ids = torch.tensor([render_chat_ids(tokenizer, [{"role": "user", "content": prompt}]) + prefix],
+                           device=model.device)  # a CUDA model takes CUDA ids
         left = max_new_tokens - len(prefix)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=left, pad_token_id=tokenizer.pad_token_id) if left > 0 else ids

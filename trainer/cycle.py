@@ -79,6 +79,7 @@ from trainer.snapshot_data import CycleData, StoreRows, prompt_records, read_row
 
 if TYPE_CHECKING:
     from trainer.examples import Comparison
+    from trainer.metrics import TrainerMetrics
     from trainer.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class CycleContext:
     hook: Hook = field(default=no_hook)  # called at named points (fault-injection tests)
     # The RMs' frozen-trunk outputs, kept by the trainer process across cycles (None: per training)
     trunk_cache: TrunkCache | None = None
+    metrics: TrainerMetrics | None = None  # the process's Prometheus metrics (None: not exported)
 
     @property
     def cycle_config(self) -> CycleConfig:
@@ -112,10 +114,10 @@ class CycleContext:
 
 class StageLog:
     """``with stages("rm") as metrics:`` records the stage when it starts and its metrics
-    (plus wall and CPU seconds) when it ends, also when it raises."""
+    (plus wall and CPU seconds) when it ends, also when it raises; and both to ``metrics``."""
 
-    def __init__(self, store: Store, cycle_id: int, hook: Hook) -> None:
-        self.store, self.cycle_id, self.hook = store, cycle_id, hook
+    def __init__(self, store: Store, cycle_id: int, hook: Hook, metrics: TrainerMetrics | None = None) -> None:
+        self.store, self.cycle_id, self.hook, self.metrics = store, cycle_id, hook, metrics
         self.current: str | None = None
 
     @contextlib.contextmanager
@@ -123,6 +125,8 @@ class StageLog:
         self.current = name
         self.store.write_sync(update_cycle(self.cycle_id, stage=name, heartbeat=True))
         log.info("cycle %d: %s", self.cycle_id, name)
+        if self.metrics is not None:
+            self.metrics.stage_started(name)
         metrics: dict[str, Any] = {}
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
@@ -137,6 +141,8 @@ class StageLog:
             # CPU seconds of the whole process (all threads): on a shared machine, the
             # figure to budget with (wall time there depends on the neighbours)
             metrics["cpu_seconds"] = round(time.process_time() - cpu_started, 3)
+            if self.metrics is not None:
+                self.metrics.stage_ended(name, metrics)
             self.store.write_sync(update_cycle(self.cycle_id, stage_metrics={name: _jsonable(metrics)}))
 
 
@@ -222,7 +228,7 @@ def run_cycle(cycle: Cycle, ctx: CycleContext) -> Cycle:
     (KeyboardInterrupt, SystemExit) is recorded the same way and re-raised.
     """
     work = CycleFolders.of(ctx.config.work_dir, cycle.id)
-    stages = StageLog(ctx.store, cycle.id, ctx.hook)
+    stages = StageLog(ctx.store, cycle.id, ctx.hook, ctx.metrics)
     try:
         with heartbeat(ctx.store, cycle.id, ctx.config.heartbeat_s):
             state, note = cycle_recipe(cycle.id, ctx, stages, work)
@@ -240,10 +246,13 @@ def run_cycle(cycle: Cycle, ctx: CycleContext) -> Cycle:
             shutil.rmtree(work.root, ignore_errors=True)
     log.info("cycle %d: %s%s", cycle.id, state, f" ({note})" if note else "")
     try:
-        return ctx.store.write_sync(update_cycle(cycle.id, state=state, error=note or None))
+        final = ctx.store.write_sync(update_cycle(cycle.id, state=state, error=note or None))
     except ConflictError:  # marked failed meanwhile (no heartbeat for stale_after_s): that stands
         log.error("cycle %d ended %s, but was already marked failed (heartbeats too late?)", cycle.id, state)
-        return ctx.store.read_sync(get_cycle(cycle.id))
+        final = ctx.store.read_sync(get_cycle(cycle.id))
+    if ctx.metrics is not None:
+        ctx.metrics.cycle_ended(final.state)
+    return final
 
 
 def _describe(exc: BaseException, stage: str | None) -> str:

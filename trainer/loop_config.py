@@ -197,6 +197,12 @@ class TrainerConfig:
                   "own num_threads wins."})
     keep_work_dirs: bool = field(
         default=False, metadata={"help": "Keep a finished cycle's scratch folder (debugging)."})
+    metrics_port: int = field(
+        default=0, metadata={"help": "Prometheus /metrics HTTP port of the trainer (trainer.metrics); 0 = off."})
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address /metrics binds: loopback by default (no authentication); 0.0.0.0 lets other "
+                  "machines scrape it."})
     trunk_cache_mb: float = field(
         default=1024.0,
         metadata={"help": "Memory for the reward models' frozen-trunk outputs kept across cycles "
@@ -220,6 +226,7 @@ class TrainerConfig:
                self.schedule)
         _check(self.keep_last >= 1, "keep_last", "must be >= 1", self.keep_last)
         _check(self.trunk_cache_mb >= 0, "trunk_cache_mb", "must be >= 0", self.trunk_cache_mb)
+        _check(0 <= self.metrics_port <= 65535, "metrics_port", "must lie in 0..65535", self.metrics_port)
         _check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or None",
                self.torch_threads)
         if self.schedule == "cron":

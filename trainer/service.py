@@ -25,6 +25,10 @@ queue never wedges; each cycle then cleans up partial checkpoints itself
 (`trainer.cycle.clean_up_after_crashes`). SIGTERM/SIGINT interrupt the running cycle,
 which is recorded as failed ("interrupted"), and the process exits.
 
+Metrics: ``trainer.metrics.TrainerMetrics`` (cycle states, the current stage and stage
+durations, RM accuracy per labeler group, KL, reward, ptx loss, gate decisions), on their
+own HTTP port when ``metrics_port`` is set (`rlhf trainer --set metrics_port=9101`).
+
 Fault injection (tests): `RLHF_TRAINER_PAUSE_AT=<point>` makes the process stop at a
 hook point (`stage:<name>`, `publish:<sft|ppo>:files_written`, `publish:<sft|ppo>:renamed`)
 and sleep until
@@ -61,6 +65,7 @@ from common.store import (
 from trainer.cycle import CycleContext, run_cycle
 from trainer.loop_config import TrainerConfig, config_to_dict, load_trainer_config_for_cli
 from trainer.maintenance import back_up_store, prune_old_data
+from trainer.metrics import TrainerMetrics
 from trainer.publishing import AdminSwapper, Hook, PolicySwapper, StoreSwapper
 
 log = logging.getLogger(__name__)
@@ -96,11 +101,13 @@ class TrainerService:
     """Claims queued cycles from the store and runs them, one at a time."""
 
     def __init__(self, config: TrainerConfig, store: Store, swapper: PolicySwapper | None = None,
-                 hook: Hook = env_hook) -> None:
+                 hook: Hook = env_hook, metrics: TrainerMetrics | None = None) -> None:
         self.config = config
         self.store = store
         self.swapper = swapper or default_swapper(config, store)
         self.hook = hook
+        # Always recorded (cheap); exported only when metrics_port is set (main).
+        self.metrics = metrics if metrics is not None else TrainerMetrics(config.cycle.data.held_out_groups)
         # Kept across cycles: a cycle's RMs run only its new completions through the frozen trunk.
         self.trunk_cache = None
         if config.trunk_cache_mb > 0:
@@ -138,7 +145,7 @@ class TrainerService:
         finished = []
         self.fail_dead_cycles()
         while (cycle := self.store.write_sync(claim_queued_cycle())) is not None:
-            context = CycleContext(self.store, self.config, self.swapper, self.hook, self.trunk_cache)
+            context = CycleContext(self.store, self.config, self.swapper, self.hook, self.trunk_cache, self.metrics)
             finished.append(run_cycle(cycle, context))
         return finished
 
@@ -263,7 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with Store(config.store_path) as store:
-            return run_service(TrainerService(config, store), once=args.once, trigger=args.trigger)
+            service = TrainerService(config, store)
+            service.metrics.serve_http(config.metrics_host, config.metrics_port)
+            try:
+                return run_service(service, once=args.once, trigger=args.trigger)
+            finally:
+                service.metrics.stop_http()
     except KeyboardInterrupt as stop:
         log.info("stopping (%s)", stop or "interrupt")
         return 0
