@@ -7,6 +7,9 @@
 
 While the trainer trains and swaps, a background client keeps generating: not one request
 may fail, and every reply names the version that produced it (0, then the candidate).
+In the "adapter" case PPO trains LoRA adapters on the cycle's SFT model and the server
+runs in swap mode "adapter": the candidate's adapters (published by the trainer) load on
+their base, and swaps between the base and the candidate then stall nothing.
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from loop_helpers import shipped_texts, tiny_trainer_config, users_in
+from loop_helpers import shipped_texts, tiny_cycle_config, tiny_trainer_config, users_in
 from store_reads import completions_of
 
 from clients.client import RlhfClient
 from clients.simulated_labeler import SimulatedLabeler
+from common.checkpoints import adapter_of
 from common.identity import generate_api_key, hash_api_key
 from common.store import Store, add_api_key, list_policies
 from rlhf.v1 import admin_pb2, common_pb2, feedback_pb2, feedback_pb2_grpc
@@ -107,12 +112,17 @@ class Traffic(threading.Thread):
         self.client.close()
 
 
-@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+@pytest.mark.parametrize("engine, swap_mode", [
+    ("hf", "auto"), pytest.param("vllm", "auto", marks=pytest.mark.vllm),
+    pytest.param("vllm", "adapter", marks=pytest.mark.vllm, id="vllm-adapter")])
 def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
-        engine: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+        engine: str, swap_mode: str, tmp_path: Path, tiny_model_dir: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    config = tiny_trainer_config(tmp_path, server_address=target)
+    cycle = tiny_cycle_config()
+    if swap_mode == "adapter":
+        cycle = replace(cycle, ppo=replace(cycle.ppo, train_mode="lora"))
+    config = tiny_trainer_config(tmp_path, server_address=target, cycle=cycle)
     config_path = tmp_path / "trainer.json"
     config_path.write_text(json.dumps(config_to_dict(config)))
     with Store(config.store_path) as store:
@@ -121,7 +131,8 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
     logs = [server_log, trainer_log]
     server = spawn(["-m", "server.app", "--engine", engine, "--port", str(port), "--store-path",
                     str(config.store_path), "--checkpoints-root", str(config.checkpoints_root), "--base-model-dir",
-                    str(tiny_model_dir), "--base-model-name", "tiny-llama", "--grace-seconds", "5"],
+                    str(tiny_model_dir), "--base-model-name", "tiny-llama", "--grace-seconds", "5",
+                    "--swap-mode", swap_mode],
                    server_log, {})
     trainer = None
     admin = RlhfClient(target, keys["admin"])
@@ -184,6 +195,17 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
             logged = store.read_sync(completions_of(reply.prompt_id))
             assert logged and all(c.policy_version == new for c in logged)
             assert [p.status for p in store.read_sync(list_policies())][0] == "serving"
+        if swap_mode == "adapter":
+            adapters = adapter_of(config.checkpoints_root / f"v{new}")
+            assert adapters is not None and adapters.base_version == 1  # LoRA on the cycle's SFT model
+            # v0 served the full weights: the candidate needed its base loaded first (a drain) ...
+            assert json.loads(cycle.metrics_json)["swap"]["swap_mode"] == "drain"
+            # ... and from then on its base and it swap by adapters alone.
+            swaps = [admin.swap_policy(1, timeout=60), admin.swap_policy(new, timeout=60)]
+            assert [(s.version, s.swap_mode, s.stall_seconds) for s in swaps] == [(1, "adapter", 0.0),
+                                                                                  (new, "adapter", 0.0)]
+            with RlhfClient(target, keys["train-0"]) as user:
+                assert user.generate("And another?", max_new_tokens=4, timeout=60).policy_version == new
     finally:
         admin.close()
         if trainer is not None:
