@@ -181,6 +181,19 @@ def test_ppo_never_gets_the_pii_prompt_and_the_reward_model_trains_on_redacted_c
     assert not any(raw in turns for raw in RAW)
 
 
+def test_sft_never_gets_a_demonstration_of_the_pii_prompt(flagged: Flagged) -> None:
+    env, clean, pii = flagged.env, flagged.clean, flagged.pii
+    with env.feedback() as feedback:
+        for prompt_id in (clean, pii):
+            feedback.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
+                request_id=uuid.uuid4().hex, prompt_id=prompt_id, response="A calm answer."),
+                metadata=bearer(env.labeler_key), timeout=30)
+    demonstrations = [d.prompt_id for split in _cycle_data(env).demonstrations.values() for d in split]
+    assert demonstrations == [clean]  # both stored; only the clean prompt's reaches SFT
+    redacted = {d.prompt_id: d for split in _cycle_data(env, "redact").demonstrations.values() for d in split}
+    assert set(redacted) == {clean, pii} and not any(raw in json.dumps(redacted[pii].messages) for raw in RAW)
+
+
 def test_exports_training_files_leave_out_the_pii_prompt_and_redact_completions(flagged: Flagged) -> None:
     env, clean, pii = flagged.env, flagged.clean, flagged.pii
     pairs = export_records(env.store, "pairs")

@@ -512,11 +512,6 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         return response_type.FromString(outcome.response)
 
 
-# SubmitRanking is the hot path (one call per ranking, all through the single writer):
-# its checks are plain conn.execute calls, one query each (sqlite-utils' query() and the
-# records' from_row cost more than the SQL itself at this size).
-
-
 def _mutation(caller: Caller, name: str, request: Message, ids: dict[str, Any]) -> Mutation:
     """The store's view of a Feedback mutation: who (user, role), which method and ids."""
     return Mutation(caller.user_id, caller.identity.role, f"feedback.{name}", f"{SERVICE}/{name}",

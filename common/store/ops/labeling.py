@@ -282,6 +282,9 @@ def expire_tasks(now: float | None = None) -> Op[int]:
     return op
 
 
+# SubmitRanking is the hot path (one call per ranking, all through the single writer):
+# its checks are plain conn.execute calls, one query each (sqlite-utils' query() and the
+# records' from_row cost more than the SQL itself at this size).
 def _answer_task(db: Database, task_id: str, labeler_id: str, ids: list[str], prompt_id: str, at: float) -> str:
     """Mark a task submitted, or raise why this labeler may not answer it with `ids`
     (exactly its completions; `prompt_id`, when given, must be its prompt); return the
