@@ -35,4 +35,14 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "      install it with: sudo apt-get install -y --no-install-recommends chromium" >&2
   fi
 fi
+# tests/test_deploy.py checks deploy/systemd/ with `systemd-analyze verify` (Debian's systemd
+# package; a minimal image lacks it). Installed when missing and we may; else that test skips.
+if ! command -v systemd-analyze >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
+  else
+    echo "note: systemd-analyze is missing; the systemd units' verify test will skip." >&2
+    echo "      install it with: sudo apt-get install -y --no-install-recommends systemd" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, transformers, grpc, sqlite_utils; print(f'env ready: torch {torch.__version__}, transformers {transformers.__version__}')"
