@@ -26,7 +26,7 @@ BENCHMARKS = [
     ("bench.webapp", "Labeling web app: the page's own latency beyond the lease"),
     ("bench.reward_model", "Reward model: K-way batched step vs naive pairwise"),
     ("bench.serving", "Serving: gRPC server vs offline vLLM and sequential HF; TTFT; swap stall"),
-    ("bench.swap", "Hot swap per mode (drain, keep, a bounded drain) under 16 streams"),
+    ("bench.swap", "Hot swap per mode (drain, keep, keep reusing the KV cache, a bounded drain, adapter) under 16 streams"),
     ("bench.engine_memory", "vLLM engine memory: the same workload again and again"),
     ("bench.rate_limits", "Per-key limits: other keys' latency while one key floods"),
     ("bench.quiet_wait", "vLLM beside a busy neighbour: spinning vs quiet message-queue waits"),

@@ -1,7 +1,8 @@
 """A hot swap under 16 streaming clients, once per swap mode, on the embedded model.
 
-For each mode (`drain`, `keep`, `drain` with a short bound, which shows what the bound
-does, and `adapter`) a fresh server (vLLM engine, real store, real auth) serves v0; 16
+For each mode (`drain`, `keep`, `keep` reusing the frozen requests' KV cache
+(`keep_kv="reuse"`), `drain` with a short bound, which shows what the bound does, and
+`adapter`) a fresh server (vLLM engine, real store, real auth) serves v0; 16
 clients stream greedy requests of MAX_TOKENS tokens in a loop; once every client is
 mid-stream the admin calls SwapPolicy (v1: the same weights, so a reload costs what a
 real one does). In `adapter` mode the server serves a LoRA policy (adapters of rank 16
@@ -23,7 +24,7 @@ Reported per mode:
 
 A benchmark, not a test: its figures depend on the machine and its load (printed).
 
-    python -m bench.swap [--max-tokens N] [--modes drain,keep,drain-bounded]
+    python -m bench.swap [--max-tokens N] [--modes drain,keep,keep-reuse,drain-bounded,adapter]
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ MAX_PROBES = 8  # ... at most this many
 # The engine runs up to 2 x CLIENTS sequences: a probe finds a free slot, so its wait is
 # the swap's, not a queue behind the 16 clients' requests.
 MAX_NUM_SEQS = 2 * CLIENTS
-MODES: dict[str, tuple[str, float]] = {  # run name -> (swap_mode, drain bound in seconds)
-    "drain": ("drain", 30.0),
-    "keep": ("keep", 30.0),
-    "drain-bounded": ("drain", SHORT_BOUND_S),
-    "adapter": ("adapter", 30.0),
+# run name -> (swap_mode, drain bound in seconds, the engine's keep_kv)
+MODES: dict[str, tuple[str, float, str]] = {
+    "drain": ("drain", 30.0, "recompute"),
+    "keep": ("keep", 30.0, "recompute"),
+    "keep-reuse": ("keep", 30.0, "reuse"),
+    "drain-bounded": ("drain", SHORT_BOUND_S, "recompute"),
+    "adapter": ("adapter", 30.0, "recompute"),
 }
-GOALS_S = {"keep": 1.5, "adapter": 0.5}  # issue 17: stalls with 16 streams of 128 tokens
+GOALS_S = {"keep": 1.5, "keep-reuse": 1.5, "adapter": 0.5}  # issue 17: stalls with 16 streams of 128 tokens
 LORA_RANK = 16
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -202,7 +205,8 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
     }
 
 
-def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: int) -> dict[str, Any]:
+def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: int,
+             keep_kv: str = "recompute") -> dict[str, Any]:
     from common.identity import generate_api_key, hash_api_key
     from common.store import Store, add_api_key
     from server.app import build_server
@@ -225,7 +229,8 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
                                   swap_drain_timeout_s=drain_bound_s, checkpoints_root=tmp / "checkpoints",
                                   max_concurrent_per_key=1024, tokens_per_minute=0, requests_per_second=0)  # fmt: skip
             engine = create_engine("vllm", tmp / "checkpoints" / f"v{serve}", serve, max_model_len=2048,
-                                   max_num_seqs=MAX_NUM_SEQS, swap_mode=swap_mode, drain_timeout_s=drain_bound_s)
+                                   max_num_seqs=MAX_NUM_SEQS, swap_mode=swap_mode, drain_timeout_s=drain_bound_s,
+                                   keep_kv=keep_kv)
             running = await build_server(config, engine, store)
             await running.start()
             await running.load_engine()
@@ -247,8 +252,8 @@ def run(modes: list[str] | None = None, max_tokens: int = MAX_TOKENS, model_dir:
     model_dir = Path(model_dir) if model_dir else ensure_embedded_model()
     results = {}
     for name in modes:
-        swap_mode, bound = MODES[name]
-        results[name] = {"drain_bound_s": bound, **one_mode(model_dir, swap_mode, bound, max_tokens)}
+        swap_mode, bound, keep_kv = MODES[name]
+        results[name] = {"drain_bound_s": bound, **one_mode(model_dir, swap_mode, bound, max_tokens, keep_kv)}
         print(f"{name}: {results[name]}", flush=True)
     r = {"model": model_dir.name, "max_tokens": max_tokens, "clients": CLIENTS, "modes": results,
          "load_average": os.getloadavg()}

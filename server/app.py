@@ -293,10 +293,14 @@ def _engine_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key = key.replace("-", "_")
+    # A boolean as a word: vLLM would take the string "false" as true.
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
     for parse in (int, float):
         with contextlib.suppress(ValueError):
-            return key.replace("-", "_"), parse(value)
-    return key.replace("-", "_"), value
+            return key, parse(value)
+    return key, value
 
 
 def parse_args(argv: Sequence[str]) -> tuple[ServerConfig, dict[str, Any]]:

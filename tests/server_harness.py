@@ -250,6 +250,29 @@ def greedy_token_ids(model_dir: Path, prompts: Sequence[str], max_new_tokens: in
     return out_ids
 
 
+def greedy_on_stale_cache(old_dir: Path, new_dir: Path, prompt: str, prefix: Sequence[int],
+                          max_new_tokens: int) -> list[int]:
+    """What a "keep" swap with keep_kv="reuse" makes of a request frozen after `prefix`
+    (the tokens the old weights sampled): the new weights continue greedily on the KV cache
+    the OLD weights computed for the prompt and every prefix token but the last (that one
+    was sampled, not yet fed: the new weights compute its keys and values). Returns prefix +
+    continuation, `max_new_tokens` in all."""
+    import torch
+
+    from common.chat import render_chat_ids
+    from common.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(old_dir)
+    old, new = load_causal_lm(old_dir), load_causal_lm(new_dir)
+    ids = torch.tensor([render_chat_ids(tokenizer, [{"role": "user", "content": prompt}]) + list(prefix)],
+                       device=old.device)
+    with torch.no_grad():
+        cache = old(ids[:, :-1], use_cache=True).past_key_values  # the old weights' keys and values
+    out = new.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                       max_new_tokens=max_new_tokens - len(prefix), pad_token_id=tokenizer.pad_token_id)
+    return list(prefix) + out[0, ids.shape[1]:].tolist()
+
+
 def tiny_model(seed: int) -> Path:
     """The tiny test Llama with weights from `seed` (cached in the data dir)."""
     from common import paths

@@ -605,3 +605,25 @@ def test_engine_options_reach_vllm_and_unknown_ones_are_refused(
                  "--checkpoints-root", str(tmp_path / "checkpoints"), "--base-model-dir", str(tiny_model_dir),
                  "--base-model-name", "tiny-llama", "--engine-option", "tensor_parralel_size=2"])
     assert code == 2 and "unknown engine option 'tensor_parralel_size'" in capsys.readouterr().err
+
+
+@pytest.mark.vllm
+def test_boolean_engine_options_and_keep_kv_reuse_turn_the_prefix_cache_off(tiny_model_dir: Path) -> None:
+    """A boolean engine option is a word ("false" must not reach vLLM as a true string), and
+    keep_kv="reuse" turns the prefix cache off: it refuses an explicit request to keep it on."""
+    from server.app import parse_args
+
+    _, options = parse_args(["--engine-option", "enable_prefix_caching=false", "--engine-option", "keep_kv=reuse"])
+    assert options == {"enable_prefix_caching": False, "keep_kv": "reuse"}
+
+    def prefix_caching(**options: object) -> bool:
+        return create_engine("vllm", tiny_model_dir, 0, **options)._engine_args().create_engine_config(
+            ).cache_config.enable_prefix_caching
+
+    assert prefix_caching() is True  # vLLM's default: a recompute swap resets it
+    assert prefix_caching(enable_prefix_caching=False) is False
+    assert prefix_caching(keep_kv="reuse") is False
+    with pytest.raises(ValueError, match="keep_kv='reuse' needs the prefix cache off"):
+        create_engine("vllm", tiny_model_dir, 0, keep_kv="reuse", enable_prefix_caching=True)
+    with pytest.raises(ValueError, match="keep_kv 'stale'"):
+        create_engine("vllm", tiny_model_dir, 0, keep_kv="stale")

@@ -26,6 +26,7 @@ from server_harness import (
     completions_in_store,
     corrupt_weights,
     create_key,
+    greedy_on_stale_cache,
     greedy_reference,
     greedy_token_ids,
     join_stream,
@@ -50,6 +51,13 @@ def vllm_engine(checkpoint_dir: Path, version: int, swap_mode: str = "drain"):  
 
 def keep_engine(checkpoint_dir: Path, version: int):  # noqa: ANN201
     return vllm_engine(checkpoint_dir, version, swap_mode="keep")
+
+
+def keep_reuse_engine(checkpoint_dir: Path, version: int):  # noqa: ANN201
+    from server.engines import create_engine
+
+    return create_engine("vllm", checkpoint_dir, version, max_model_len=512, max_num_seqs=32, swap_mode="keep",
+                         keep_kv="reuse")
 
 
 @dataclass
@@ -128,17 +136,20 @@ def test_swap_under_16_concurrent_streams(env: Env) -> None:
             env.reference[1][PROMPTS[3]]
 
 
-def test_keep_mode_swap_records_each_tokens_version(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep_kv", ["recompute", "reuse"])
+def test_keep_mode_swap_records_each_tokens_version(keep_kv: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Swap mode "keep" under 16 streams: the in-flight requests freeze, the weights change,
-    and they continue on v1 after recomputing their KV cache. Nothing fails; a reply with
-    one version equals that version's greedy output; a mixed one lists its spans, and its
-    v0 tokens are v0's greedy prefix while its v1 tokens are exactly v1's greedy
-    continuation of that prefix; the store records the same, and counts the mixed ones."""
+    and they continue on v1, after recomputing their KV cache ("recompute") or on the cache
+    v0 computed ("reuse"). Nothing fails; a reply with one version equals that version's
+    greedy output; a mixed one lists its spans, and its v0 tokens are v0's greedy prefix
+    while its v1 tokens are exactly v1's greedy continuation of that prefix (with "reuse":
+    v1's continuation on v0's keys and values of the earlier tokens); the store records the
+    same, and counts the mixed ones."""
     config = server_config(tmp_path, tiny_model_dir, engine="vllm", max_concurrent_per_key=32)
     user_key, _ = create_key(config.store_path, "user", "keep-user")
     admin_key, _ = create_key(config.store_path, "admin", "keep-operator")
     seed1 = tiny_model(1)
-    with ServerThread(config, engine_factory=keep_engine) as server:
+    with ServerThread(config, engine_factory=keep_engine if keep_kv == "recompute" else keep_reuse_engine) as server:
         publish(config.checkpoints_root, config.store_path, 1, seed1)
         corrupt_weights(publish(config.checkpoints_root, config.store_path, 2, tiny_model_dir))
         run = asyncio.run(swap_under_load(server.target, user_key, admin_key, PROMPTS, new_version=1,
@@ -158,15 +169,20 @@ def test_keep_mode_swap_records_each_tokens_version(tiny_model_dir: Path, tmp_pa
             continue
         (v_a, start_a, switch), (v_b, switch_b, end) = r.spans
         assert (v_a, start_a, v_b, switch_b, r.version) == (0, 0, 1, switch, 0) and 0 < switch < end, r
-        expected = greedy_token_ids(seed1, [r.prompt], end, prefixes={r.prompt: greedy[0][r.prompt][:switch]})[r.prompt]
+        prefix = greedy[0][r.prompt][:switch]
+        if keep_kv == "recompute":
+            expected = greedy_token_ids(seed1, [r.prompt], end, prefixes={r.prompt: prefix})[r.prompt]
+        else:
+            expected = greedy_on_stale_cache(tiny_model_dir, seed1, r.prompt, prefix, end)
         assert r.text == tokenizer.decode(expected, skip_special_tokens=True), r
     assert all(r.version == 1 and not r.spans for r in run.results if r.started_after_swap)
     rows = {row["prompt_id"]: row for row in completions_in_store(config.store_path, [r.prompt_id for r in run.results])}
     for r in run.results:
         stored_spans = json.loads(rows[r.prompt_id]["version_spans_json"] or "[]")
         assert ([tuple(s) for s in stored_spans], rows[r.prompt_id]["policy_version"]) == (list(r.spans), r.version)
+    assert mixed, "no request spanned the swap: the continuations went unchecked"
     assert mixed_in_stats == len(mixed)
-    print(f"keep mode: {len(run.results)} requests, {len(mixed)} mixed, {run.swap.continued_requests} continued, "
+    print(f"keep mode ({keep_kv}): {len(run.results)} requests, {len(mixed)} mixed, {run.swap.continued_requests} continued, "
           f"stall {run.swap.stall_seconds:.2f} s")
 
 

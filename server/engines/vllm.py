@@ -14,7 +14,8 @@ A swap reloads the weights IN PLACE, without restarting the engine:
    - "drain": the SwapGate closes; new requests wait, in-flight ones finish on the old
      weights, for at most `drain_timeout_s`; those still running then are continued as
      in "keep" (and recorded as mixed), and the log says how many;
-   - "keep": no drain; the scheduler pauses with every request frozen where it is;
+   - "keep": no drain; the scheduler pauses with every request frozen where it is
+     (`keep_kv` says what happens to their KV cache, step 4);
 3. the workers run vLLM's `reload_weights(weights_path=...)` through `collective_rpc`
    (on CPU the model's own `load_weights` fails on the packed oneDNN weights;
    `reload_weights` restores, loads and re-packs them) plus a repack of a tied lm_head
@@ -26,6 +27,15 @@ A swap reloads the weights IN PLACE, without restarting the engine:
    under the new weights: a continued sample's tokens after the swap are exactly what
    the new version would produce after its earlier tokens; nothing computed under the old
    weights is reused; then generation resumes (and the gate reopens).
+   With `keep_kv="reuse"` the frozen requests keep the KV cache of their earlier tokens
+   instead (prime-rl's way): no recompute, so the stall is the reload, but a continued
+   sample's tokens after the swap come from the new weights reading the old weights' keys
+   and values (its version spans still name the weights that produced each token; a mixed
+   completion is never used as one version's sample anyway). The prefix cache is then off
+   for the engine's whole life: it cannot be reset while requests hold blocks, and a new
+   request must never reuse prefix blocks computed under the old weights. Not the default:
+   a request whose long prompt was still being prefilled in chunks at the swap would be
+   recorded as the new version's alone, with part of its prompt's KV from the old weights.
 A reload that still fails reloads the previous checkpoint and raises EngineError.
 
 In "adapter" mode (`server.engines.base`) the engine runs with LoRA on (`enable_lora`) and
@@ -117,6 +127,7 @@ class VLLMEngine(Engine):
         drain_timeout_s: float = 30.0,
         max_lora_rank: int = 16,
         max_loras: int = 3,
+        keep_kv: Literal["recompute", "reuse"] = "recompute",
         **vllm_args: Any,
     ) -> None:
         """dtype None: float32 on CPU (it matches transformers' fp32 greedy exactly),
@@ -128,6 +139,9 @@ class VLLMEngine(Engine):
         max_lora_rank and max_loras ("adapter" mode): the largest adapter rank it accepts, and
         how many adapters may serve at once (the serving one, the one being replaced while
         its requests finish, and one spare for a swap that comes before they have).
+        keep_kv ("keep" mode, and a drain past its bound): "recompute" the frozen requests'
+        KV cache under the new weights (exact continuations) or "reuse" it (the stall is
+        the reload alone; the prefix cache is off); the module docstring says more.
         vllm_args: any other field of vLLM's AsyncEngineArgs, passed through as given (e.g.
         tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend: a swap
         reloads every worker through `collective_rpc`); ValueError names an unknown one or
@@ -139,6 +153,11 @@ class VLLMEngine(Engine):
             raise ValueError(f"max_loras must be >= 2 (the serving adapter and the one replacing it), got {max_loras}")
         if drain_timeout_s <= 0:
             raise ValueError(f"drain_timeout_s must be > 0, got {drain_timeout_s}")
+        if keep_kv not in ("recompute", "reuse"):
+            raise ValueError(f"keep_kv {keep_kv!r}: 'recompute' (exact continuations) or 'reuse' (no recompute)")
+        if keep_kv == "reuse" and vllm_args.get("enable_prefix_caching"):
+            raise ValueError("keep_kv='reuse' needs the prefix cache off: a new request could reuse prefix blocks "
+                             "computed under the old weights (drop enable_prefix_caching)")
         set_vllm_env_defaults()
         from vllm.platforms import current_platform
 
@@ -157,6 +176,7 @@ class VLLMEngine(Engine):
         self._drain_timeout_s = drain_timeout_s
         self._max_lora_rank = max_lora_rank
         self._max_loras = max_loras
+        self._keep_kv = keep_kv
         self._adapter: LoRARequest | None = None  # what new requests use ("adapter" mode)
         self._adapter_users: dict[int, int] = {}  # LoRA id -> requests in flight on it
         self._loaded_adapters: set[int] = set()
@@ -198,6 +218,8 @@ class VLLMEngine(Engine):
         if self._max_num_seqs is not None:
             kwargs["max_num_seqs"] = self._max_num_seqs
         kwargs.update(self._vllm_args)
+        if self._keep_kv == "reuse":
+            kwargs["enable_prefix_caching"] = False
         if self.swap_mode == "adapter":
             kwargs.update(enable_lora=True, max_lora_rank=self._max_lora_rank, max_loras=self._max_loras,
                           max_cpu_loras=self._max_loras)
@@ -452,7 +474,8 @@ class VLLMEngine(Engine):
                 await self._restore_after(e, checkpoint_dir)
             await engine.update_weight_version(str(version))
             # Preempts the frozen requests: resumed, they re-prefill under the new weights.
-            if not await engine.reset_prefix_cache(reset_running_requests=True):
+            # ("reuse": they continue on their KV cache; there is no prefix cache to reset.)
+            if self._keep_kv == "recompute" and not await engine.reset_prefix_cache(reset_running_requests=True):
                 log.warning("reset_prefix_cache refused after a reload; stale prefixes may be reused")
         finally:
             await engine.resume_generation()
