@@ -563,6 +563,15 @@ def test_a_greedy_vllm_delta_fans_out_to_every_sample() -> None:
     mixed = SimpleNamespace(index=2, text=".", token_ids=[3], finish_reason="stop", weight_versions=spans)
     (update,) = fan_out_delta(mixed, SamplingOptions(n=3, temperature=1.0), 4, tokens)  # type: ignore[arg-type]
     assert (update.policy_version, update.version_spans) == (5, (VersionSpan(5, 0, 2), VersionSpan(6, 2, 4)))
+    # keep_kv="reuse": a request a swap caught before its first token (its prompt's KV may
+    # be partly v5's) starts with an empty v5 span, so it counts as mixed; one whose first
+    # token was v5's anyway keeps vLLM's spans as they are.
+    new_only = SimpleNamespace(index=0, text=".", token_ids=[3], finish_reason="stop",
+                               weight_versions=[SimpleNamespace(version="6", start=0, end=3)])
+    (update,) = fan_out_delta(new_only, SamplingOptions(n=1, temperature=1.0), 5, [0], prefilled_by=5)  # type: ignore[arg-type]
+    assert (update.policy_version, update.version_spans) == (5, (VersionSpan(5, 0, 0), VersionSpan(6, 0, 3)))
+    (update,) = fan_out_delta(mixed, SamplingOptions(n=3, temperature=1.0), 4, [0, 0, 0], prefilled_by=5)  # type: ignore[arg-type]
+    assert update.version_spans == (VersionSpan(5, 0, 2), VersionSpan(6, 2, 4))
 
 
 def test_the_header_reader_agrees_with_safetensors(tiny_model_dir: Path) -> None:

@@ -33,9 +33,11 @@ A swap reloads the weights IN PLACE, without restarting the engine:
    and values (its version spans still name the weights that produced each token; a mixed
    completion is never used as one version's sample anyway). The prefix cache is then off
    for the engine's whole life: it cannot be reset while requests hold blocks, and a new
-   request must never reuse prefix blocks computed under the old weights. Not the default:
-   a request whose long prompt was still being prefilled in chunks at the swap would be
-   recorded as the new version's alone, with part of its prompt's KV from the old weights.
+   request must never reuse prefix blocks computed under the old weights. A request with
+   no token yet at the swap may have had part of its prompt prefilled by the old weights
+   (a long prompt goes in chunks) though its every token is the new version's: its record
+   gets an empty span of the old version first, so it counts as mixed (a request that
+   was only queued is counted too: the engine cannot tell them apart).
 A reload that still fails reloads the previous checkpoint and raises EngineError.
 
 In "adapter" mode (`server.engines.base`) the engine runs with LoRA on (`enable_lora`) and
@@ -181,6 +183,9 @@ class VLLMEngine(Engine):
         self._adapter_users: dict[int, int] = {}  # LoRA id -> requests in flight on it
         self._loaded_adapters: set[int] = set()
         self._in_flight: set[str] = set()  # request ids, to abort past a full swap's drain bound
+        # keep_kv="reuse": requests with no token yet, and those a swap caught so (-> the old version)
+        self._before_first_token: set[str] = set()
+        self._prefill_spanned: dict[str, int] = {}
         self._engine: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._gate = SwapGate()
@@ -295,7 +300,11 @@ class VLLMEngine(Engine):
                 try:
                     async for output in stream:
                         for completion in output.outputs:
-                            for update in fan_out_delta(completion, options, version, tokens, engine_spans):
+                            if completion.token_ids:
+                                self._before_first_token.discard(request_id)
+                            spanned = self._prefill_spanned.get(request_id)
+                            for update in fan_out_delta(completion, options, version, tokens, engine_spans,
+                                                        prefilled_by=spanned):
                                 if update.finished:
                                     unfinished.discard(update.index)
                                 yield update
@@ -433,11 +442,15 @@ class VLLMEngine(Engine):
 
     def _hold(self, request_id: str, adapter: LoRARequest | None) -> None:
         self._in_flight.add(request_id)
+        if self._keep_kv == "reuse":
+            self._before_first_token.add(request_id)
         if adapter is not None:
             self._adapter_users[adapter.lora_int_id] = self._adapter_users.get(adapter.lora_int_id, 0) + 1
 
     async def _release(self, request_id: str, adapter: LoRARequest | None) -> None:
         self._in_flight.discard(request_id)
+        self._before_first_token.discard(request_id)
+        self._prefill_spanned.pop(request_id, None)
         if adapter is None:
             return
         left = self._adapter_users[adapter.lora_int_id] - 1
@@ -467,6 +480,9 @@ class VLLMEngine(Engine):
         KV cache; on failure put the serving checkpoint back and raise EngineError."""
         engine = self._require_engine()
         await engine.pause_generation(mode="keep", clear_cache=False)
+        if self._keep_kv == "reuse":  # their prompts' KV may be partly the old weights' (module docstring);
+            for request_id in self._before_first_token:  # those arriving from now on wait for the new ones
+                self._prefill_spanned.setdefault(request_id, self._version)
         try:
             try:
                 await self._reload_weights(checkpoint_dir)
@@ -532,15 +548,20 @@ def check_vllm_args(vllm_args: dict[str, Any]) -> dict[str, Any]:
 
 def fan_out_delta(
     completion: CompletionOutput, options: SamplingOptions, version: int, tokens: list[int],
-    engine_spans: bool = True,
+    engine_spans: bool = True, prefilled_by: int | None = None,
 ) -> list[GenerationUpdate]:
     """One vLLM delta as GenerationUpdates: one per sample, or n copies when greedy
     (one vLLM sample stands for all n identical greedy samples). Adds the delta's tokens
     to `tokens`, the running count per sample index. `engine_spans`: the sample's
-    versions are vLLM's weight version labels (False: every token is `version`'s)."""
+    versions are vLLM's weight version labels (False: every token is `version`'s).
+    `prefilled_by`: a version whose weights may have computed part of the prompt's KV
+    cache (a keep_kv="reuse" swap before the first token); when it is not the first
+    token's, the spans start with an empty span of it, so the sample counts as mixed."""
     indexes = range(options.n) if options.temperature == 0 else [completion.index]
     finish = _finish_reason(completion.finish_reason)
     spans = _version_spans(completion) if finish is not None and engine_spans else ()
+    if spans and prefilled_by is not None and prefilled_by != spans[0].version:
+        spans = (VersionSpan(prefilled_by, 0, 0), *spans)
     if spans:
         version = spans[0].version
     updates = []
