@@ -38,7 +38,7 @@ from common import paths
 from common.models import build_tiny_model, ensure_embedded_model
 from trainer import distributed
 from trainer.config import PPOConfig, RMConfig
-from trainer.corpus import PtxBatch, PtxBatcher, load_corpus
+from trainer.corpus import PtxBatcher, load_corpus
 from trainer.examples import Comparison, PromptExample, user_turn
 from trainer.losses import kl_penalized_rewards
 from trainer.ppo import (
@@ -52,17 +52,9 @@ from trainer.ppo import (
     score_rollouts,
 )
 from trainer.reward_model import RewardModel
-from trainer.rm_training import (
-    data_parallel_scorer,
-    encode_comparisons,
-    fit_head_normalizer,
-    load_reward_model,
-    prepare_for_training,
-    rm_step,
-)
+from trainer.rm_training import data_parallel_scorer, load_reward_model, rm_step, training_items
 from trainer.rollout import Rollouts
 from trainer.torch_parts import build_optimizer
-from trainer.trunk_cache import attach_trunk_states, bind_trunk
 
 WORDS = ("apple river stone cloud green table music paper light window garden orange silver forest "
          "bread chair candle mountain letter winter").split()
@@ -98,13 +90,8 @@ def rm_case(model_dir: Path, train_mode: str, steps: int) -> list[float]:
                       learning_rate=1e-3 if train_mode == "head" else 1e-5, device="cpu", dtype="float32")
     torch.manual_seed(0)
     rm = load_reward_model(model_dir, config)
-    items = encode_comparisons(rm.tokenizer, comparisons, config.max_response_length)
-    prepare_for_training(rm, config)
+    items, _, _ = training_items(rm, comparisons, model_dir, config)
     pad_id = rm.tokenizer.pad_token_id
-    trunk = bind_trunk(rm, model_dir, config, None)
-    if trunk is not None:
-        attach_trunk_states(rm, items, trunk, pad_id, config.max_length, config.max_completions_per_step)
-    fit_head_normalizer(rm, items, pad_id, config.max_length, config.max_completions_per_step)
     optimizer, _ = build_optimizer(list(rm.named_parameters()), config.learning_rate, config.weight_decay,
                                    (config.adam_beta1, config.adam_beta2), 100, 0.0, 1.0)
     scorer = data_parallel_scorer(rm) if distributed.world().distributed else None
@@ -140,9 +127,7 @@ def ppo_case(model_dir: Path, work: Path, steps: int) -> list[float]:
     experience = dataclasses.replace(experience, rewards=rewards, advantages=advantages, returns=returns)
     start, stop = distributed.shard_bounds(len(experience))
     mb = experience.select(torch.arange(start, stop))
-    ptx = PtxBatcher(tokenizer, load_corpus()[:20], PTX_ROWS, PTX_LEN).next_batch()
-    ptx_start, ptx_stop = distributed.shard_bounds(PTX_ROWS)
-    ptx = PtxBatch(*(getattr(ptx, f.name)[ptx_start:ptx_stop] for f in dataclasses.fields(ptx)))
+    ptx = distributed.shard(PtxBatcher(tokenizer, load_corpus()[:20], PTX_ROWS, PTX_LEN).next_batch())
     optimizers = build_optimizers(models, config)
     replicas = data_parallel_replicas(models) if distributed.world().distributed else None
     return timed(lambda: ppo_minibatch_step(models, optimizers, mb, ptx, config, replicas=replicas), steps)

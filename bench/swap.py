@@ -25,6 +25,7 @@ Reported per mode:
 A benchmark, not a test: its figures depend on the machine and its load (printed).
 
     python -m bench.swap [--max-tokens N] [--modes drain,keep,keep-reuse,drain-bounded,adapter]
+    python -m bench.swap --prefix-cache   (what keep_kv=reuse gives up: the prefix cache)
 """
 
 from __future__ import annotations
@@ -285,11 +286,54 @@ def markdown(r: dict[str, Any]) -> str:
     ])
 
 
+def prefix_cache_cost(rounds: int = 4, model_dir: Path | None = None) -> dict[str, list[float]]:
+    """What ``keep_kv="reuse"`` gives up, the prefix cache, on a labeling-like load: 8 prompts
+    x 9 sampled completions of 64 tokens at once, `rounds` times per engine; wall seconds per
+    round with the cache on (vLLM's default, ``keep_kv="recompute"``) and off ("reuse")."""
+    from common.chat import render_chat_ids
+    from common.models import ensure_embedded_model, load_tokenizer
+    from server.engines import create_engine
+    from server.engines.base import SamplingOptions
+
+    model_dir = Path(model_dir) if model_dir else ensure_embedded_model()
+    tokenizer = load_tokenizer(model_dir)
+    prompts = [render_chat_ids(tokenizer, [{"role": "system", "content": "You are a concise assistant."},
+                                           {"role": "user", "content": p}]) for p in PROMPTS[:8]]
+    options = SamplingOptions(n=9, max_new_tokens=64, temperature=1.0, seed=0)
+
+    async def measure(keep_kv: str) -> list[float]:
+        engine = create_engine("vllm", model_dir, 0, max_model_len=2048, max_num_seqs=128, keep_kv=keep_kv)
+        await engine.start()
+
+        async def one(request_id: str, prompt: list[int]) -> None:
+            async for _ in engine.generate(request_id, prompt, options):
+                pass
+
+        seconds = []
+        try:
+            for r in range(rounds):
+                started = time.perf_counter()
+                await asyncio.gather(*(one(f"r{r}-{i}", p) for i, p in enumerate(prompts)))
+                seconds.append(time.perf_counter() - started)
+        finally:
+            await engine.shutdown()
+        return seconds
+
+    return {keep_kv: asyncio.run(measure(keep_kv)) for keep_kv in ("recompute", "reuse")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--prefix-cache", action="store_true",
+                        help="instead: a labeling-like load with the prefix cache on and off (keep_kv)")
     args = parser.parse_args(argv)
+    if args.prefix_cache:
+        for keep_kv, seconds in prefix_cache_cost().items():
+            print(f"keep_kv={keep_kv}: rounds {', '.join(f'{x:.2f}' for x in seconds)} s, "
+                  f"median {statistics.median(seconds):.2f} s")
+        return 0
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from common.models import load_causal_lm, load_tokenizer
 from trainer import distributed
 from trainer.config import PPOConfig, RMConfig
-from trainer.corpus import PtxBatch, PtxBatcher
+from trainer.corpus import PtxBatcher
 from trainer.examples import Comparison, Demonstration, PromptExample, user_turn
 from trainer.losses import kl_penalized_rewards
 from trainer.ppo import (
@@ -49,17 +49,9 @@ from trainer.ppo import (
     score_rollouts,
 )
 from trainer.reward_model import RewardModel
-from trainer.rm_training import (
-    data_parallel_scorer,
-    encode_comparisons,
-    fit_head_normalizer,
-    load_reward_model,
-    prepare_for_training,
-    rm_step,
-)
+from trainer.rm_training import data_parallel_scorer, load_reward_model, rm_step, training_items
 from trainer.rollout import Rollouts
 from trainer.sft import demo_batch, encode_demonstrations, sft_step
-from trainer.trunk_cache import attach_trunk_states, bind_trunk
 
 WORDS = "apple river stone cloud green table music paper light window garden orange silver forest".split()
 LR = 0.5
@@ -108,14 +100,9 @@ def rm(model_dir: Path, train_mode: str) -> tuple[dict[str, float], dict[str, to
                       max_length=64, max_response_length=16, device="cpu", dtype="float32", seed=0)
     torch.manual_seed(config.seed)
     model = load_reward_model(model_dir, config)
-    items = encode_comparisons(model.tokenizer, comparisons, config.max_response_length)
-    prepare_for_training(model, config)
-    pad_id = model.tokenizer.pad_token_id
-    trunk = bind_trunk(model, model_dir, config, None)
-    if trunk is not None:
-        attach_trunk_states(model, items, trunk, pad_id, config.max_length, config.max_completions_per_step)
     # The head's input standardisation from the GLOBAL batch: the same on every rank.
-    fit_head_normalizer(model, items, pad_id, config.max_length, config.max_completions_per_step)
+    items, _, _ = training_items(model, comparisons, model_dir, config)
+    pad_id = model.tokenizer.pad_token_id
     scorer = data_parallel_scorer(model) if distributed.world().distributed else None
     model.train()
     step = rm_step(model, distributed.shard(items), sgd(model), pad_token_id=pad_id, max_length=config.max_length,
@@ -157,8 +144,7 @@ def ppo(model_dir: Path, work: Path) -> tuple[dict[str, float], dict[str, torch.
     ptx = PtxBatcher(models.tokenizer, [" ".join(WORDS) * 3], batch_size=4, seq_len=12).next_batch()
     ptx.mask[0, 5:] = 0  # rows of different token counts: rank 0's share of the ptx tokens is not 1/2
     start, stop = distributed.shard_bounds(len(experience))
-    ptx_start, ptx_stop = distributed.shard_bounds(ptx.input_ids.shape[0])
-    ptx_shard = PtxBatch(*(getattr(ptx, f.name)[ptx_start:ptx_stop] for f in dataclasses.fields(ptx)))
+    ptx_shard = distributed.shard(ptx)
     replicas = data_parallel_replicas(models) if distributed.world().distributed else None
     stats = ppo_minibatch_step(models, (sgd(models.policy), sgd(models.value_model)),
                                experience.select(torch.arange(start, stop)), ptx_shard, config, replicas=replicas)

@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from bench.soak import stop
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -339,12 +340,7 @@ def stop_as_compose_does(processes: list[subprocess.Popen], grace_s: float = 60)
     """Dependants first, each SIGTERM then a kill after the grace (compose's
     stop_grace_period); the exit codes in start order."""
     for process in reversed(processes):
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, grace_s)
     return [process.returncode for process in processes]
 
 

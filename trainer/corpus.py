@@ -86,6 +86,13 @@ class PtxBatch:
         return PtxBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                         self.mask.to(device))
 
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, rows: slice) -> PtxBatch:
+        """Some of the rows (``trainer.distributed.shard`` takes a rank's this way)."""
+        return PtxBatch(self.input_ids[rows], self.attention_mask[rows], self.labels[rows], self.mask[rows])
+
 
 class PtxBatcher:
     """An endless, seeded stream of (B, T) pretraining batches from the train slice.

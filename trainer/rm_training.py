@@ -110,14 +110,9 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
     rm = load_reward_model(model_dir_or_rm, config)
     pad_id = rm.tokenizer.pad_token_id
     usable = ordered_comparisons(comparisons)
-    train = encode_comparisons(rm.tokenizer, usable, config.max_response_length)
-    prepare_for_training(rm, config)
     calls_before = rm.forward_calls
     adapt_threads(config.num_threads)
-    trunk = bind_trunk(rm, trunk_folder(model_dir_or_rm), config, trunk_cache)
-    if trunk is not None:  # the frozen layers' output, once for all epochs (and for scoring below)
-        attach_trunk_states(rm, train, trunk, pad_id, config.max_length, config.max_completions_per_step)
-    normalizer_passes = fit_head_normalizer(rm, train, pad_id, config.max_length, config.max_completions_per_step)
+    train, trunk, normalizer_passes = training_items(rm, usable, trunk_folder(model_dir_or_rm), config, trunk_cache)
     result = describe_training(rm, config, out_dir, trunk, comparisons, usable, val_comparisons)
     result.epochs = fit_epochs(rm, train, config, pad_id)
     result.forward_passes = rm.forward_calls - calls_before - normalizer_passes  # trunk + epochs
@@ -154,6 +149,23 @@ def ordered_comparisons(comparisons: Sequence[Comparison]) -> list[Comparison]:
     if not usable:
         raise ValueError("no comparison with an ordered pair to train on")
     return usable
+
+
+def training_items(rm: RewardModel, comparisons: Sequence[Comparison], model_dir: Path | str | None,
+                   config: RMConfig, trunk_cache: TrunkCache | None = None
+                   ) -> tuple[list[EncodedComparison], FrozenTrunk | None, int]:
+    """Make ``rm`` ready to train on ``comparisons``: encode them, set which weights train,
+    bind the frozen trunk (``model_dir``: its folder, None for an RM trained in place) and
+    attach its states to the items, fit the head's input standardisation. Returns the items,
+    the trunk (None when every layer trains) and the forward passes the standardisation took."""
+    pad_id = rm.tokenizer.pad_token_id
+    items = encode_comparisons(rm.tokenizer, comparisons, config.max_response_length)
+    prepare_for_training(rm, config)
+    trunk = bind_trunk(rm, model_dir, config, trunk_cache)
+    if trunk is not None:  # the frozen layers' output, once for all epochs (and for scoring after)
+        attach_trunk_states(rm, items, trunk, pad_id, config.max_length, config.max_completions_per_step)
+    passes = fit_head_normalizer(rm, items, pad_id, config.max_length, config.max_completions_per_step)
+    return items, trunk, passes
 
 
 def prepare_for_training(rm: RewardModel, config: RMConfig) -> None:
