@@ -14,6 +14,9 @@ The optimiser is plain SGD without clipping: AdamW's first step is about lr * si
 blind to the gradient's scale, which is exactly what the data-parallel loss scaling gets
 right or wrong; with SGD the update IS the gradient.
 
+``RLHF_DDP_BACKEND=nccl`` (``make gpu-check`` with 2 GPUs): every rank trains on its GPU
+(``LOCAL_RANK``) and the ranks talk over NCCL; default: CPU and gloo.
+
 ``--die-rank R``: rank R exits (os._exit(1)) after the SFT step, as a killed process would.
 ``--hang-rank R``: rank R sleeps there instead (the peers' collective timeout fires).
 """
@@ -53,6 +56,9 @@ from trainer.rm_training import data_parallel_scorer, load_reward_model, rm_step
 from trainer.rollout import Rollouts
 from trainer.sft import demo_batch, encode_demonstrations, sft_step
 
+# Where the steps run: NCCL needs CUDA tensors (``trainer.distributed.init_from_env`` picks
+# the backend from the device and this rank's GPU from LOCAL_RANK).
+DEVICE = "cuda" if os.environ.get("RLHF_DDP_BACKEND", "gloo") == "nccl" else "cpu"
 WORDS = "apple river stone cloud green table music paper light window garden orange silver forest".split()
 LR = 0.5
 
@@ -67,7 +73,7 @@ def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def trained_weights(prefix: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # clone: tied weights share storage, which safetensors refuses to save twice
-    return {f"{prefix}.{name}": p.detach().clone().contiguous() for name, p in model.named_parameters()
+    return {f"{prefix}.{name}": p.detach().cpu().clone().contiguous() for name, p in model.named_parameters()
             if p.requires_grad}
 
 
@@ -78,10 +84,10 @@ def sft(model_dir: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """5 demonstrations of different lengths, one per micro-batch: rank 0 gets 2, rank 1 gets 3."""
     rng = random.Random(1)
     demos = [Demonstration(user_turn(words(rng, 3)), words(rng, 2 + 3 * i)) for i in range(5)]
-    model = load_causal_lm(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    model = load_causal_lm(model_dir, dtype=torch.float32, device=torch.device(DEVICE))
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     examples = distributed.shard(encode_demonstrations(tokenizer, demos, max_response_length=32))
-    batches = [demo_batch([e], tokenizer.pad_token_id, max_length=64) for e in examples]
+    batches = [demo_batch([e], tokenizer.pad_token_id, max_length=64).to(DEVICE) for e in examples]
     replica = distributed.wrap_ddp(model) if distributed.world().distributed else None
     model.train()
     loss = sft_step(model, batches, sgd(model), max_grad_norm=None, replica=replica)
@@ -97,7 +103,7 @@ def rm(model_dir: Path, train_mode: str) -> tuple[dict[str, float], dict[str, to
                               tuple(rng.sample([0, 0, 1, 2][:k] if k > 2 else [0, 1], k)))
                    for k in ks]
     config = RMConfig(train_mode=train_mode, top_layers=1, max_completions_per_step=4, max_grad_norm=None,
-                      max_length=64, max_response_length=16, device="cpu", dtype="float32", seed=0)
+                      max_length=64, max_response_length=16, device=DEVICE, dtype="float32", seed=0)
     torch.manual_seed(config.seed)
     model = load_reward_model(model_dir, config)
     # The head's input standardisation from the GLOBAL batch: the same on every rank.
@@ -125,15 +131,15 @@ def ppo(model_dir: Path, work: Path) -> tuple[dict[str, float], dict[str, torch.
     rm_dir = work / "rm"
     if distributed.world().is_coordinator:  # transformers saves a model on rank 0 only anyway
         torch.manual_seed(0)
-        RewardModel.from_pretrained_lm(model_dir, dtype=torch.float32, device="cpu", head="last_token").save(rm_dir)
+        RewardModel.from_pretrained_lm(model_dir, dtype=torch.float32, device=DEVICE, head="last_token").save(rm_dir)
     distributed.barrier()
-    config = PPOConfig(minibatch_size=5, ptx_coef=0.3, max_grad_norm=None, kl_coef=0.05, device="cpu")
-    models = load_models(model_dir, model_dir, rm_dir, config, torch.device("cpu"), torch.float32)
-    batch = rollout_batch(toy_rollouts(models.tokenizer.eos_token_id), models.tokenizer.pad_token_id)
+    config = PPOConfig(minibatch_size=5, ptx_coef=0.3, max_grad_norm=None, kl_coef=0.05, device=DEVICE)
+    models = load_models(model_dir, model_dir, rm_dir, config, torch.device(DEVICE), torch.float32)
+    batch = rollout_batch(toy_rollouts(models.tokenizer.eos_token_id), models.tokenizer.pad_token_id).to(DEVICE)
     scores = score_rollouts(models.reward_model, batch, chunk_size=8)
     experience = evaluate_rollouts(models, batch, scores, temperature=1.0, chunk_size=8)
     mask = experience.mask
-    wiggle = torch.sin(torch.arange(mask.numel(), dtype=torch.float32).reshape(mask.shape))  # fixed, in [-1, 1]
+    wiggle = torch.sin(torch.arange(mask.numel(), dtype=torch.float32).reshape(mask.shape)).to(mask.device)
     # Old log-probs and values moved off the current ones: ratios != 1, so some tokens clip.
     old_logprobs = experience.old_logprobs + 0.4 * wiggle * mask
     old_values = experience.old_values + 0.5 * wiggle.flip(1) * mask
@@ -147,7 +153,8 @@ def ppo(model_dir: Path, work: Path) -> tuple[dict[str, float], dict[str, torch.
     ptx_shard = distributed.shard(ptx)
     replicas = data_parallel_replicas(models) if distributed.world().distributed else None
     stats = ppo_minibatch_step(models, (sgd(models.policy), sgd(models.value_model)),
-                               experience.select(torch.arange(start, stop)), ptx_shard, config, replicas=replicas)
+                               experience.select(torch.arange(start, stop, device=mask.device)), ptx_shard, config,
+                               replicas=replicas)
     return stats, trained_weights("policy", models.policy) | trained_weights("value", models.value_model)
 
 
@@ -175,7 +182,7 @@ def main() -> None:
     parser.add_argument("--hang-rank", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ranks = distributed.init_from_env("cpu")
+    ranks = distributed.init_from_env(DEVICE)
     stats, weights = {}, {}
     stats["sft"], part = sft(args.model)
     weights |= part

@@ -22,9 +22,16 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+from common.checkpoints import list_checkpoints, verify_checkpoint
+from common.store import Store, get_cycle, list_policies, serving_policy
+from loop_helpers import fill_store, publish_v0, tiny_trainer_config
 from trainer import distributed
+from trainer.distributed import TIMEOUT_ENV as RANK_TIMEOUT_ENV
+from trainer.loop_config import config_to_dict
+from trainer.service import KILL_ENV
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_steps.py"
+REPO = SCRIPT.parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,6 +95,34 @@ def test_loss_scale_makes_the_ddp_average_the_global_mean_gradient(monkeypatch: 
     assert_close(sum(grads) / 2, x.mean())
 
 
+def test_every_rank_takes_part_in_every_step(monkeypatch: pytest.MonkeyPatch):
+    """One process: consecutive batches as always. Two ranks holding 5 and 4 of 9 items with
+    batches of 4: ceil(9 / 4) = 3 steps on each, of 1-2 items, all items used once."""
+    assert distributed.local_steps(9, 9, 4) == [slice(0, 4), slice(4, 8), slice(8, 12)]
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
+    assert distributed.local_steps(5, 9, 4) == [slice(0, 1), slice(1, 3), slice(3, 5)]
+    assert distributed.local_steps(4, 9, 4) == [slice(0, 1), slice(1, 2), slice(2, 4)]
+    with pytest.raises(ValueError, match="one per step"):
+        distributed.local_steps(2, 9, 4)  # 2 items for 3 steps
+
+
+def test_sft_steps_give_every_rank_a_demonstration():
+    from trainer.sft import global_steps
+
+    assert global_steps(9, 4) == [slice(0, 4), slice(4, 8), slice(8, 9)]  # one process: unchanged
+    assert global_steps(9, 4, world_size=2) == [slice(0, 4), slice(4, 9)]  # the last 1 joins the step before
+    assert global_steps(10, 4, world_size=2) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    with pytest.raises(ValueError, match="cannot give each"):
+        global_steps(1, 4, world_size=2)
+
+
+def test_nproc_per_node_must_be_positive(capsys: pytest.CaptureFixture[str]):
+    from trainer.service import run_under_torchrun
+
+    assert run_under_torchrun(["--once", "--nproc-per-node", "0"], 0) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- torchrun
 
 
@@ -133,3 +168,66 @@ def test_a_hung_rank_times_out_the_collective(tiny_model_dir: Path, tmp_path: Pa
     assert "PeerFailure" in output and "a peer rank died, hung past the timeout" in output, output[-3000:]
     assert_no_output(out)
     assert seconds < 120  # the 5 s timeout, not the hung rank's hour
+
+
+# ---------------------------------------------------------------------------- a whole cycle on 2 ranks
+
+
+def trainer_ranks(nproc: int, config_path: Path, log_path: Path, *, kill_at: str | None = None,
+                  timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """`rlhf trainer --nproc-per-node N --config C --once --trigger`: one cycle on N ranks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_TRAINER_")}
+    env |= {"OMP_NUM_THREADS": "1", **({KILL_ENV: kill_at} if kill_at else {}), RANK_TIMEOUT_ENV: "60"}
+    command = [sys.executable, "-m", "trainer.service", "--nproc-per-node", str(nproc), "--config", str(config_path),
+               "--once", "--trigger"]
+    with open(log_path, "w") as log:
+        return subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+
+
+@pytest.fixture
+def loop(tmp_path: Path, tiny_model_dir: Path):
+    """A store with v0 serving and one cycle's data; the trainer config in a file."""
+    config = tiny_trainer_config(tmp_path)
+    config_path = tmp_path / "trainer.json"
+    config_path.write_text(json.dumps(config_to_dict(config)))
+    with Store(config.store_path) as store:
+        publish_v0(store, config.checkpoints_root, tiny_model_dir)
+        fill_store(store, now=time.time() - 60)
+        yield store, config, config_path
+
+
+@pytest.mark.slow
+def test_a_cycle_trains_on_two_ranks_and_the_coordinator_publishes(loop, tmp_path: Path):
+    store, config, config_path = loop
+    log_path = tmp_path / "ranks.log"
+    done = trainer_ranks(2, config_path, log_path)
+    log = log_path.read_text()
+    assert done.returncode == 0, log[-4000:]
+    cycle = store.read_sync(get_cycle(1))
+    assert cycle.state == "promoted", cycle.error
+    for stage in ("train_sft", "train_reward_model", "train_ppo"):  # rank 1 trained every data-parallel stage
+        assert f"rank 1: running {stage}" in log, log[-4000:]
+    assert store.read_sync(serving_policy()).version == cycle.candidate_version == 2
+    verify_checkpoint(config.checkpoints_root / "v2")
+    ppo = cycle.metrics["ppo"]
+    assert ppo["last"]["rank_rollouts"] == 2  # each rank rolled out half of the 4 prompts
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_cycle_fails_the_cycle_and_publishes_nothing(loop, tmp_path: Path):
+    store, config, config_path = loop
+    log_path = tmp_path / "ranks.log"
+    started = time.perf_counter()
+    done = trainer_ranks(2, config_path, log_path, kill_at="rank1:train_ppo")
+    log = log_path.read_text()
+    assert done.returncode != 0, log[-4000:]
+    assert "killing myself at rank1:train_ppo" in log
+    cycle = store.read_sync(get_cycle(1))
+    # The coordinator learns it from its collective (PeerFailure) or from torchrun's SIGTERM, whichever is first.
+    assert cycle.state == "failed" and "stage ppo" in cycle.error, (cycle.state, cycle.error, log[-3000:])
+    assert "PeerFailure" in cycle.error or "another rank failed" in cycle.error, cycle.error
+    assert list_checkpoints(config.checkpoints_root) == [0, 1]  # v0 and the cycle's SFT: no PPO candidate
+    assert not list(config.checkpoints_root.glob("v*.tmp"))
+    assert store.read_sync(serving_policy()).version == 0
+    assert [p.version for p in store.read_sync(list_policies())] == [1, 0]
+    assert time.perf_counter() - started < 300  # the peer's death is seen at once, not after the 600 s timeout

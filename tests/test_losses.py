@@ -25,6 +25,7 @@ from trainer.losses import (
     masked_mean,
     masked_var,
     masked_whiten,
+    whiten_from_sums,
     ppo_policy_loss,
     ptx_loss,
     ranking_loss,
@@ -68,6 +69,17 @@ def test_masked_var_biased_and_unbiased():
     close(masked_var(x, mask, unbiased=False), 14 / 9)  # / 3
     close(masked_var(x, mask), 7 / 3)  # / (3 - 1)
     close(masked_var(t([[5.0, 0.0]]), t([[1, 0]])), 0.0)  # one token: no Bessel blow-up
+
+
+def test_whiten_from_sums_whitens_over_every_ranks_tokens():
+    """x = 1, 2 on one rank and 3, 4 (plus padding) on another: n = 4, sum 10, sum of squares
+    30; mean 2.5, unbiased variance (30 - 4 * 2.5^2) / 3 = 5/3; so 1 -> -1.5 / sqrt(5/3) =
+    -1.161895 and 2 -> -0.387298, as masked_whiten of all four tokens at once."""
+    x, mask = torch.tensor([[1.0, 2.0]]), torch.ones(1, 2)
+    close(whiten_from_sums(x, mask, 4.0, 10.0, 30.0), [[-1.161895, -0.387298]], atol=1e-5)
+    both = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 9.0]])
+    both_mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    close(whiten_from_sums(both, both_mask, 4.0, 10.0, 30.0), masked_whiten(both, both_mask), atol=1e-5)
 
 
 def test_masked_whiten_zero_mean_unit_var_padding_zero():

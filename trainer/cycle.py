@@ -25,6 +25,10 @@
              the store alone: ``StoreSwapper``)
   record     retention (``prune_checkpoints``), then the cycle's final state
 
+Under torchrun (``trainer.distributed``) this runs on the coordinator (rank 0); sft, rm and
+ppo run data-parallel on every rank (``everywhere``), each rank on its share of the data,
+and the coordinator alone writes their outputs. The other stages are the coordinator's.
+
 Every stage writes its name to the cycle row when it starts and its metrics when it ends
 (``StageLog``), so `rlhf cycles` and a crash both show where a cycle was. A heartbeat
 thread stamps the row while the cycle runs. Crash safety: the cycle starts by cleaning up
@@ -238,8 +242,8 @@ def run_cycle(cycle: Cycle, ctx: CycleContext) -> Cycle:
         log.exception("cycle %d failed in stage %s", cycle.id, stages.current)
         state, note = "failed", _describe(exc, stages.current)
     except BaseException as exc:
-        ctx.store.write_sync(update_cycle(cycle.id, state="failed", error=f"interrupted ({type(exc).__name__}) "
-                                          f"in stage {stages.current}"))
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        ctx.store.write_sync(update_cycle(cycle.id, state="failed", error=f"interrupted ({why}) in stage {stages.current}"))
         raise
     finally:
         if not ctx.config.keep_work_dirs:
@@ -433,9 +437,10 @@ def sft_if_demonstrations_changed(
         newest = max(same, key=lambda p: p.version)
         lineage = current if newest.version == current.reference_version else Lineage.of(newest, newest)
         return lineage, {"ran": False, "reason": f"demonstrations unchanged since SFT v{newest.version}"}
+    from trainer.distributed import everywhere
     from trainer.sft import train_sft
 
-    result = train_sft(snap.policy(0).path, train, val, ctx.cycle_config.sft, out_dir)
+    result = everywhere(train_sft, snap.policy(0).path, train, val, ctx.cycle_config.sft, out_dir)
     sft = publish_policy(ctx.store, ctx.config.checkpoints_root, cycle_id, out_dir, parent=0, hook=ctx.hook, metrics={
         "kind": "sft", "demonstrations_sha256": data.demonstrations_sha256, "best_epoch": result.best_epoch},
         snapshot=snap.manifest_record())
@@ -452,15 +457,17 @@ def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, 
     on rankings it never saw: the newest train-split ones, those of the evaluation prompts
     and the held-out labelers'. Both are measured per labeler group (and per sampling
     policy version); both read the frozen trunk's outputs from ``trunk_cache`` (same SFT model)."""
+    from trainer.distributed import everywhere
     from trainer.rm_training import train_reward_model
 
     demos = data.demonstrations["train"] or None
     comparisons, held_out = data.comparisons, data.held_out_comparisons
-    rm = train_reward_model(reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm, work.rm,
-                            demonstrations=demos, trunk_cache=trunk_cache)
+    own = {"trunk_cache": trunk_cache}  # each rank keeps its own cache
+    rm = everywhere(train_reward_model, reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm,
+                    work.rm, demonstrations=demos, local=own)
     judge_train, judge_unseen = judge_split(data, cfg.data.judge_eval_comparisons)
-    judge = train_reward_model(reference_dir, judge_train, judge_unseen, cfg.rm, work.judge,
-                               demonstrations=demos, trunk_cache=trunk_cache)
+    judge = everywhere(train_reward_model, reference_dir, judge_train, judge_unseen, cfg.rm, work.judge,
+                       demonstrations=demos, local=own)
     return {"rm": rm.to_dict(), "judge": judge.to_dict()}
 
 
@@ -485,11 +492,12 @@ def pretraining_texts(cfg: CycleConfig) -> tuple[list[str], list[str]]:
 
 def run_ppo(lineage: Lineage, data: CycleData, cfg: CycleConfig, work: CycleFolders) -> dict[str, Any]:
     """PPO-ptx from the lineage's start policy against the cycle's RM."""
+    from trainer.distributed import everywhere
     from trainer.ppo import train_ppo
 
     ptx_train, _ = pretraining_texts(cfg)
-    result = train_ppo(lineage.start_dir, lineage.reference_dir, work.rm, data.ppo_prompts, cfg.ppo,
-                       work.ppo, corpus_texts=ptx_train, progress=False)
+    result = everywhere(train_ppo, lineage.start_dir, lineage.reference_dir, work.rm, data.ppo_prompts, cfg.ppo,
+                        work.ppo, corpus_texts=ptx_train, progress=False)
     summary = result.to_dict()
     summary.pop("config", None)  # the cycle's config is the source of truth
     summary["num_prompts"] = len(data.ppo_prompts)

@@ -30,6 +30,16 @@ checkpoint save should take). ``collective`` turns either into ``PeerFailure``; 
 then stops the other ranks with SIGTERM, which ``init_from_env`` also turns into
 ``PeerFailure``, so every rank ends with an error that says a peer failed, and nothing is
 published by a stage that did not finish.
+
+A whole cycle (``trainer.service`` under torchrun): rank 0, the COORDINATOR, runs the
+service as on one process (the store, the snapshot, evaluation, publishing, the swap); the
+other ranks, the FOLLOWERS, only train. At each data-parallel stage the coordinator sends
+the stage's call to them (``everywhere``) and runs it itself; between cycles they wait in
+``follow`` on a gloo group of its own whose timeout is a year (the next cycle may be hours
+away, and a collective of the training group would time out). A stage that fails on any
+rank leaves the ranks out of step (a peer may sit in a collective that never completes):
+the coordinator records the cycle as failed and the job ends (``in_step``) for the launcher
+to restart, as torchrun's ``--max-restarts`` or the service manager does.
 """
 
 from __future__ import annotations
@@ -51,7 +61,11 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "RLHF_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
+COMMAND_TIMEOUT = timedelta(days=365)  # how long a follower waits for the next stage
 T = TypeVar("T")
+
+_commands: Any = None  # the coordinator's channel to the followers (a gloo group), set on joining
+_in_step = True  # False once a stage failed on this rank: the ranks may sit in different collectives
 
 # Substrings of the errors gloo and NCCL raise when a peer is gone or late; a collective
 # that fails with one of them failed because of ANOTHER rank, not because of this one's data.
@@ -124,6 +138,9 @@ def init_from_env(device: torch.device | str | None = "auto", timeout: timedelta
     dist.init_process_group(backend, timeout=timeout or timeout_from_env(), rank=int(os.environ["RANK"]),
                             world_size=size)
     joined = world()
+    global _commands
+    # Every rank creates the group, in the same order: the followers' channel (``follow``).
+    _commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
     _stop_on_sigterm(joined.rank)
     log.info("rank %d of %d joined (%s)", joined.rank, joined.size, backend)
     return joined
@@ -141,8 +158,10 @@ def _stop_on_sigterm(rank: int) -> None:
 
 def shutdown() -> None:
     """Leave the process group (when in one)."""
+    global _commands
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _commands = None
 
 
 # ---------------------------------------------------------------------------- sharding and DDP
@@ -276,3 +295,86 @@ def barrier() -> None:
     if world().distributed:
         with collective("barrier"):
             dist.barrier()
+
+
+def local_steps(local_items: int, global_items: int, batch_size: int) -> list[slice]:
+    """The slices of this rank's (shuffled) items that make one epoch's optimiser steps.
+
+    One process: consecutive ``batch_size`` slices, as always. Several ranks: every rank must
+    take part in every step (each step all-reduces), so each splits its own items into the
+    same number of steps, ceil(global / batch_size), as evenly as it can: together the ranks'
+    slices of a step hold about ``batch_size`` items. A rank with fewer items than steps
+    would have an empty step: that is refused (a smaller world size or a larger batch)."""
+    if not world().distributed:
+        return [slice(start, start + batch_size) for start in range(0, local_items, batch_size)]
+    steps = max(1, -(-global_items // batch_size))
+    if local_items < steps:
+        raise ValueError(f"rank {world().rank} has {local_items} items for {steps} steps of {batch_size}: "
+                         "every rank needs one per step (a larger batch size, or fewer ranks)")
+    bounds = [i * local_items // steps for i in range(steps + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(steps)]
+
+
+# ---------------------------------------------------------------------------- the coordinator's stages
+
+
+def everywhere(fn: Callable[..., T], /, *args: Any, local: dict[str, Any] | None = None, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs, **local)`` on every rank and return this rank's result.
+
+    Called by the coordinator: it sends ``fn`` (a module-level function, pickled by name),
+    ``args`` and ``kwargs`` to the followers, which run it as ``follow`` receives it, then
+    runs it itself. ``local`` holds what each process has its own of and must not be sent
+    (a cache): the followers fill those names from their own ``follow(local=...)``. A
+    failure here leaves the ranks out of step (``in_step``). On one process: just the call."""
+    local = local or {}
+    ranks = world()
+    if not ranks.distributed:
+        return fn(*args, **kwargs, **local)
+    if not ranks.is_coordinator:
+        raise RuntimeError("only the coordinator (rank 0) sends stages to the other ranks")
+    global _in_step
+    try:
+        _send((fn, args, kwargs, tuple(local)))
+        return fn(*args, **kwargs, **local)
+    except BaseException:
+        _in_step = False
+        raise
+
+
+def follow(local: dict[str, Any] | None = None, before: Callable[[str], None] | None = None) -> None:
+    """A follower's life: run each call the coordinator sends (``everywhere``) until it
+    releases the followers (``release_followers``). ``local``: this process's own values of
+    the names the coordinator keeps local; ``before(name)`` runs before each call (the
+    trainer's fault-injection hook). A failed call raises out of here: the job ends."""
+    local = local or {}
+    while (command := _receive()) is not None:
+        fn, args, kwargs, local_names = command
+        name = getattr(fn, "__name__", str(fn))
+        log.info("rank %d: running %s", world().rank, name)
+        if before is not None:
+            before(name)
+        fn(*args, **kwargs, **{key: local.get(key) for key in local_names})
+
+
+def release_followers() -> None:
+    """Tell the followers that no stage follows (the coordinator is stopping); a no-op on one
+    process and when the ranks are out of step (the followers are stuck, or gone)."""
+    if world().distributed and world().is_coordinator and _in_step:
+        _send(None)
+
+
+def in_step() -> bool:
+    """False once a stage failed on this rank: the job must end (its launcher restarts it)."""
+    return _in_step
+
+
+def _send(command: Any) -> None:
+    with collective("sending a stage to the other ranks"):
+        dist.broadcast_object_list([command], src=0, group=_commands)
+
+
+def _receive() -> Any:
+    box: list[Any] = [None]
+    with collective("waiting for the coordinator"):
+        dist.broadcast_object_list(box, src=0, group=_commands)
+    return box[0]

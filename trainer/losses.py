@@ -17,6 +17,7 @@ The KL controllers at the end hold one float of state; everything else is statel
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -64,6 +65,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
+
+
+def whiten_from_sums(x: torch.Tensor, mask: torch.Tensor, n: float, total: float, total_sq: float) -> torch.Tensor:
+    """``masked_whiten`` with the mean and the (unbiased) variance taken from sums over valid
+    tokens that may span more tensors than ``x`` (every rank's batch): n tokens, their sum and
+    their sum of squares. Shape: x, mask (..., T) -> (..., T)."""
+    mean = total / n if n > 0 else 0.0
+    var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0) if n > 1 else 0.0
+    return (x - mean) * (1.0 / math.sqrt(max(var, 0.0) + 1e-8)) * mask
 
 
 # ---------------------------------------------------------------------------- step 2: RM

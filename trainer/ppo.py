@@ -96,6 +96,7 @@ from trainer.losses import (
     ptx_loss,
     response_logprobs,
     value_loss,
+    whiten_from_sums,
 )
 from trainer.reward_model import RewardModel
 from trainer.rollout import HFRolloutGenerator, RolloutGenerator, Rollouts
@@ -544,15 +545,34 @@ def ppo_minibatch_step(models: PPOModels, optimizers: tuple[torch.optim.Optimize
 
 
 def ppo_update(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
-               experience: Experience, ptx_batches: PtxBatcher | None, config: PPOConfig) -> dict[str, float]:
-    """``ppo_epochs`` passes over shuffled minibatches; returns each statistic's mean over steps."""
+               experience: Experience, ptx_batches: PtxBatcher | None, config: PPOConfig,
+               replicas: TrainedReplicas | None = None, global_rollouts: int | None = None) -> dict[str, float]:
+    """``ppo_epochs`` passes over shuffled minibatches; returns each statistic's mean over steps.
+    Data-parallel (``replicas``): ``experience`` is this rank's ``global_rollouts`` share; every
+    rank runs the same number of steps (``distributed.local_steps``) on its own rows and its
+    shard of the same pretraining batch."""
     steps: list[dict[str, float]] = []
+    global_rollouts = len(experience) if global_rollouts is None else global_rollouts
     for _epoch in range(config.ppo_epochs):
         order = torch.randperm(len(experience), device=experience.input_ids.device)
-        for rows in order.split(config.minibatch_size):
+        for rows in distributed.local_steps(len(experience), global_rollouts, config.minibatch_size):
             ptx_batch = ptx_batches.next_batch() if ptx_batches is not None else None
-            steps.append(ppo_minibatch_step(models, optimizers, experience.select(rows), ptx_batch, config))
+            if ptx_batch is not None and replicas is not None:
+                ptx_batch = distributed.shard(ptx_batch)
+            steps.append(ppo_minibatch_step(models, optimizers, experience.select(order[rows]), ptx_batch, config,
+                                            replicas))
     return {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+
+
+def whiten_over_ranks(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_whiten`` over ALL ranks' response tokens (one all-reduce of three sums), as one
+    process whitens the whole batch; plain ``masked_whiten`` on one process."""
+    if not distributed.world().distributed:
+        return masked_whiten(advantages, mask)
+    valid = mask.to(advantages.dtype)
+    sums = distributed.reduce_sum({"n": float(valid.sum()), "sum": float((advantages * valid).sum()),
+                                   "sum_sq": float((advantages * advantages * valid).sum())})
+    return whiten_from_sums(advantages, mask, sums["n"], sums["sum"], sums["sum_sq"])
 
 
 # ---------------------------------------------------------------------------- one iteration
@@ -586,11 +606,17 @@ def peak_memory_mb(device: torch.device) -> float:
 def ppo_iteration(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
                   generator: RolloutGenerator, ptx_batches: PtxBatcher | None,
                   kl_controller: FixedKLController | AdaptiveKLController, prompts: list[PromptExample],
-                  config: PPOConfig, iteration: int) -> dict[str, Any]:
-    """Rollout -> score -> log-probs and values -> rewards -> GAE -> PPO epochs -> KL control."""
+                  config: PPOConfig, iteration: int, replicas: TrainedReplicas | None = None) -> dict[str, Any]:
+    """Rollout -> score -> log-probs and values -> rewards -> GAE -> PPO epochs -> KL control.
+    Data-parallel (``replicas``): ``prompts`` is the iteration's global batch; this rank rolls
+    out its shard, whitens and steers the KL over all ranks, and trains on its own rollouts."""
     timer = PhaseTimer(models.device)
+    ranks = distributed.world()
+    global_rollouts = len(prompts)
+    prompts = list(distributed.shard(prompts))
     with timer("rollout"):
-        rollouts = collect_rollouts(generator, prompts, config, seed=config.seed * 1_000_003 + iteration)
+        rollouts = collect_rollouts(generator, prompts, config,
+                                    seed=(config.seed * 1_000_003 + iteration) * ranks.size + ranks.rank)
         batch = rollout_batch(rollouts, models.tokenizer.pad_token_id).to(models.device)
     with timer("score"):
         scores = score_rollouts(models.reward_model, batch, config.forward_batch_size)  # (B,)
@@ -602,15 +628,22 @@ def ppo_iteration(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, to
         rewards = kl_penalized_rewards(scores, experience.old_logprobs, experience.ref_logprobs, experience.mask,
                                        kl_coef, config.kl_estimator)  # (B, T-1)
         advantages, returns = compute_advantages(experience.old_values, rewards, experience.mask,
-                                                 gamma=config.gamma, lam=config.lam,
-                                                 whiten=config.whiten_advantages)
+                                                 gamma=config.gamma, lam=config.lam, whiten=False)
+        if config.whiten_advantages:
+            advantages = whiten_over_ranks(advantages, experience.mask)
         experience = dataclasses.replace(experience, rewards=rewards, advantages=advantages, returns=returns)
     with timer("train"):
-        train_stats = ppo_update(models, optimizers, experience, ptx_batches, config)
+        train_stats = ppo_update(models, optimizers, experience, ptx_batches, config, replicas, global_rollouts)
     kl_per_sequence = sequence_kl(experience, config.kl_estimator)  # (B,)
-    kl_controller.update(float(kl_per_sequence.mean()), n_steps=len(rollouts))
-    return iteration_stats(iteration, rollouts, experience, kl_per_sequence, kl_coef, train_stats, timer,
-                           peak_memory_mb(models.device))
+    # Every rank's controller takes the same (global) figures, so kl_coef stays the same everywhere.
+    overall = distributed.weighted_means({"kl": float(kl_per_sequence.mean()), "score": float(scores.mean())},
+                                         len(rollouts), global_rollouts)
+    kl_controller.update(overall["kl"], n_steps=global_rollouts)
+    stats = iteration_stats(iteration, rollouts, experience, kl_per_sequence, kl_coef, train_stats, timer,
+                            peak_memory_mb(models.device))
+    if ranks.distributed:  # the rest of the statistics are this rank's shard's
+        stats.update(rm_score=overall["score"], kl_ref=overall["kl"], rank_rollouts=len(rollouts))
+    return stats
 
 
 def sequence_kl(experience: Experience, estimator: str) -> torch.Tensor:
@@ -696,6 +729,11 @@ def train_ppo(
         ptx_batches = build_ptx_batcher(models.tokenizer, corpus_texts, config)
         generator = rollout_generator or build_rollout_generator(models, policy_dir, config)
         kl_controller = build_kl_controller(config)
+        ranks = distributed.world()
+        if ranks.size > config.rollouts_per_iteration:
+            raise ValueError(f"rollouts_per_iteration={config.rollouts_per_iteration} gives some of the "
+                             f"{ranks.size} ranks no rollout")
+        replicas = data_parallel_replicas(models) if ranks.distributed else None
         prompt_batches = prompt_schedule(list(prompts), config.rollouts_per_iteration, config.seed)
         history: list[dict[str, Any]] = []
         bar = tqdm(range(config.iterations), desc=f"ppo ({config.train_mode})", disable=not progress_enabled(progress))
@@ -704,12 +742,13 @@ def train_ppo(
             if iteration > 0:
                 generator.sync(models.policy)  # an engine with its own copy of the weights takes the update
             stats = ppo_iteration(models, optimizers, generator, ptx_batches, kl_controller, next(prompt_batches),
-                                  config, iteration)
+                                  config, iteration, replicas)
             stats["threads"] = threads
             history.append(stats)
             bar.set_postfix(score=f"{stats['rm_score']:.3f}", kl=f"{stats['kl_ref']:.2f}")
         adapter_base_dir = models.adapter_base_dir
-        save_policy(models.policy, models.tokenizer, Path(out_dir), with_adapter=adapter_base_dir is not None)
+        if ranks.is_coordinator:  # the ranks' weights are the same: one writes them
+            save_policy(models.policy, models.tokenizer, Path(out_dir), with_adapter=adapter_base_dir is not None)
         if rollout_generator is None:
             generator.close()
     return PPOResult(

@@ -20,7 +20,6 @@ The model itself, its scoring and its folder format are ``trainer.reward_model``
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,11 +111,17 @@ def _train_reward_model(model_dir_or_rm, comparisons, val_comparisons, config: R
     usable = ordered_comparisons(comparisons)
     calls_before = rm.forward_calls
     adapt_threads(config.num_threads)
-    train, trunk, normalizer_passes = training_items(rm, usable, trunk_folder(model_dir_or_rm), config, trunk_cache)
+    # Data-parallel: each rank owns a fixed share of the rankings (its trunk states are
+    # computed once, on that rank); the coordinator alone validates, sets the bias and saves.
+    mine = distributed.shard(usable)
+    train, trunk, normalizer_passes = training_items(rm, mine, trunk_folder(model_dir_or_rm), config, trunk_cache)
     result = describe_training(rm, config, out_dir, trunk, comparisons, usable, val_comparisons)
-    result.epochs = fit_epochs(rm, train, config, pad_id)
+    result.epochs = fit_epochs(rm, train, config, pad_id, global_items=len(usable))
     result.forward_passes = rm.forward_calls - calls_before - normalizer_passes  # trunk + epochs
     finish_training(rm)
+    if not distributed.world().is_coordinator:
+        result.seconds = time.perf_counter() - started
+        return result
     adapt_threads(config.num_threads)
     result.val, result.bias_source, result.bias_reference_mean = validate_and_set_bias(
         rm, trunk, val_comparisons, demonstrations, bias_prompts, config.eval_batch_size)
@@ -234,10 +239,15 @@ def fit_head_normalizer(rm: RewardModel, items: Sequence[EncodedComparison], pad
     return rm.forward_calls - calls_before
 
 
-def fit_epochs(rm: RewardModel, train: list[EncodedComparison], config: RMConfig, pad_id: int
-               ) -> list[dict[str, Any]]:
-    """``config.epochs`` shuffled passes under AdamW with cosine decay; per-epoch metrics."""
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+def fit_epochs(rm: RewardModel, train: list[EncodedComparison], config: RMConfig, pad_id: int,
+               global_items: int | None = None) -> list[dict[str, Any]]:
+    """``config.epochs`` shuffled passes under AdamW with cosine decay; per-epoch metrics.
+    Data-parallel: ``train`` is this rank's share of ``global_items`` rankings; each rank
+    shuffles its own and every step takes part of each rank's (``distributed.local_steps``),
+    through one DDP scorer (built after the head's standardisation: DDP copies rank 0's)."""
+    global_items = len(train) if global_items is None else global_items
+    steps_per_epoch = len(distributed.local_steps(len(train), global_items, config.batch_size))
+    scorer = data_parallel_scorer(rm) if distributed.world().distributed else None
     optimizer, schedule = build_optimizer(
         list(rm.named_parameters()), config.learning_rate, config.weight_decay,
         (config.adam_beta1, config.adam_beta2), steps_per_epoch * config.epochs, config.warmup_ratio,
@@ -251,21 +261,23 @@ def fit_epochs(rm: RewardModel, train: list[EncodedComparison], config: RMConfig
         threads = adapt_threads(config.num_threads)
         order = torch.randperm(len(train), generator=generator).tolist()
         with training_dropout(rm.backbone, config.residual_dropout):
-            metrics = _train_epoch(rm, [train[i] for i in order], optimizer, schedule, config, pad_id, bar)
+            metrics = _train_epoch(rm, [train[i] for i in order], optimizer, schedule, config, pad_id, bar,
+                                   global_items, scorer)
         epochs.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_started, "threads": threads})
     bar.close()
     return epochs
 
 
 def _train_epoch(rm: RewardModel, items: list[EncodedComparison], optimizer, schedule, config: RMConfig,
-                 pad_id: int, bar) -> dict[str, float]:
+                 pad_id: int, bar, global_items: int, scorer: Callable[..., torch.Tensor] | None
+                 ) -> dict[str, float]:
     """One pass over the comparisons; returns mean step loss and pooled pair accuracy."""
     rm.train()
     losses, right, pairs = [], 0.0, 0.0
-    for start in range(0, len(items), config.batch_size):
-        step = rm_step(rm, items[start:start + config.batch_size], optimizer, pad_token_id=pad_id,
+    for step_slice in distributed.local_steps(len(items), global_items, config.batch_size):
+        step = rm_step(rm, items[step_slice], optimizer, pad_token_id=pad_id,
                        max_length=config.max_length, max_sequences=config.max_completions_per_step,
-                       max_grad_norm=config.max_grad_norm)
+                       max_grad_norm=config.max_grad_norm, scorer=scorer)
         schedule.step()
         losses.append(step.loss)
         right, pairs = right + step.right_pairs, pairs + step.pairs

@@ -29,11 +29,22 @@ Metrics: ``trainer.metrics.TrainerMetrics`` (cycle states, the current stage and
 durations, RM accuracy per labeler group, KL, reward, ptx loss, gate decisions), on their
 own HTTP port when ``metrics_port`` is set (`rlhf trainer --set metrics_port=9101`).
 
+Several processes (issue 16): under torchrun (`rlhf trainer --nproc-per-node N`, or
+`torchrun --nproc-per-node N -m trainer.service ...` across nodes) rank 0 is this service
+(the COORDINATOR: store, scheduler, metrics, snapshot, evaluation, publishing, swap) and the
+other ranks only train, running each cycle's sft, rm and ppo stages data-parallel as the
+coordinator sends them (``trainer.distributed.everywhere``/``follow``). A cycle whose
+data-parallel stage failed on any rank (a rank killed, a hung peer) is recorded as failed
+and ends the job with exit status 1: the ranks are out of step, and the launcher (torchrun's
+`--max-restarts`, systemd's `Restart=`) starts them again. Every rank needs the same config,
+model folders, checkpoints and work_dir paths (one node, or a shared file system).
+
 Fault injection (tests): `RLHF_TRAINER_PAUSE_AT=<point>` makes the process stop at a
-hook point (`stage:<name>`, `publish:<sft|ppo>:files_written`, `publish:<sft|ppo>:renamed`)
-and sleep until
-killed, after writing the point's name to stderr; `RLHF_TRAINER_FAIL_AT=<point>` raises
-there instead.
+hook point (`stage:<name>`, `publish:<sft|ppo>:files_written`, `publish:<sft|ppo>:renamed`;
+on a follower rank R, `rank<R>:<function>` as it starts a data-parallel stage, e.g.
+`rank1:train_ppo`) and sleep until killed, after writing the point's name to stderr;
+`RLHF_TRAINER_FAIL_AT=<point>` raises there instead, `RLHF_TRAINER_KILL_AT=<point>` SIGKILLs
+the process.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -72,12 +84,16 @@ log = logging.getLogger(__name__)
 
 PAUSE_ENV = "RLHF_TRAINER_PAUSE_AT"
 FAIL_ENV = "RLHF_TRAINER_FAIL_AT"
+KILL_ENV = "RLHF_TRAINER_KILL_AT"
 
 
 def env_hook(point: str) -> None:
     """The fault-injection hook driven by RLHF_TRAINER_PAUSE_AT / RLHF_TRAINER_FAIL_AT."""
     if os.environ.get(FAIL_ENV) == point:
         raise RuntimeError(f"injected failure at {point}")
+    if os.environ.get(KILL_ENV) == point:
+        print(f"killing myself at {point}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(PAUSE_ENV) == point:
         print(f"paused at {point}", file=sys.stderr, flush=True)
         while True:
@@ -95,6 +111,13 @@ def owner_is_dead(pid: int | None) -> bool:
     except PermissionError:
         return False
     return False
+
+
+class RanksOutOfStep(RuntimeError):
+    """Under torchrun, a data-parallel stage failed: this job can train no more cycles."""
+
+    def __init__(self) -> None:
+        super().__init__("a data-parallel stage failed on some rank; ending the job for its launcher to restart it")
 
 
 class TrainerService:
@@ -141,10 +164,11 @@ class TrainerService:
         return self.store.write_sync(create_cycle(trigger, reason))
 
     def run_pending(self) -> list[Cycle]:
-        """Run queued cycles until none is left (or another trainer holds the lock)."""
+        """Run queued cycles until none is left (or another trainer holds the lock, or, under
+        torchrun, a data-parallel stage failed: no cycle can run on ranks out of step)."""
         finished = []
         self.fail_dead_cycles()
-        while (cycle := self.store.write_sync(claim_queued_cycle())) is not None:
+        while not ranks_out_of_step() and (cycle := self.store.write_sync(claim_queued_cycle())) is not None:
             context = CycleContext(self.store, self.config, self.swapper, self.hook, self.trunk_cache, self.metrics)
             finished.append(run_cycle(cycle, context))
         return finished
@@ -178,6 +202,8 @@ class TrainerService:
                     self.run_pending()
                 except Exception:  # noqa: BLE001 - e.g. the store briefly unavailable: poll again
                     log.exception("polling for cycles failed; retrying in %.1f s", self.config.poll_s)
+                if ranks_out_of_step():
+                    raise RanksOutOfStep()
                 stop.wait(self.config.poll_s)
         finally:
             if scheduler is not None:
@@ -242,16 +268,69 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--trigger", action="store_true",
                         help="queue a cycle first (trigger 'cli'), e.g. with --once for one cycle without a server")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                        help="train data-parallel on N processes of this machine (torchrun --standalone); "
+                             "rank 0 is the trainer service, the others only train")
     return parser.parse_args(list(argv))
 
 
+def run_under_torchrun(argv: Sequence[str], nproc: int) -> int:
+    """`rlhf trainer --nproc-per-node N ...`: this same command on N ranks of one machine."""
+    if nproc < 1:
+        print(f"--nproc-per-node must be at least 1, got {nproc}", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for arg in argv:  # the same arguments, less --nproc-per-node
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "trainer.service", *rest]
+    log.info("starting %d ranks: %s", nproc, " ".join(command))
+    return subprocess.call(command)
+
+
+def joined_ranks() -> Any:
+    """This process's place in a torchrun job (None outside one: no torch imported then)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from trainer import distributed
+
+    return distributed.init_from_env()
+
+
+def follow_the_coordinator(config: TrainerConfig) -> int:
+    """A rank other than 0: train each stage the coordinator sends, until it stops."""
+    from trainer import distributed
+
+    cache = None
+    if config.trunk_cache_mb > 0:
+        from trainer.trunk_cache import TrunkCache
+
+        cache = TrunkCache(config.trunk_cache_mb)
+    rank = distributed.world().rank
+    try:
+        distributed.follow(local={"trunk_cache": cache}, before=lambda name: env_hook(f"rank{rank}:{name}"))
+    finally:
+        distributed.shutdown()
+    return 0
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and signum == signal.SIGTERM:
+        # torchrun stops the surviving ranks of a job with SIGTERM when one of them fails
+        raise KeyboardInterrupt(f"{name} from the launcher: another rank failed, or the job was stopped")
+    raise KeyboardInterrupt(name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rlhf trainer`."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
     config = load_trainer_config_for_cli(args.config, args.overrides, "trainer")
     if config is None:
         return 2
@@ -259,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
+        return run_under_torchrun(argv, args.nproc_per_node)
     if config.torch_threads is not None:
         import torch
 
@@ -269,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         share_cpu_with_neighbours(config.torch_threads)
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        ranks = joined_ranks()
+        if ranks is not None and not ranks.is_coordinator:
+            return follow_the_coordinator(config)
         with Store(config.store_path) as store:
             service = TrainerService(config, store)
             service.metrics.serve_http(config.metrics_host, config.metrics_port)
@@ -276,11 +360,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_service(service, once=args.once, trigger=args.trigger)
             finally:
                 service.metrics.stop_http()
+                if ranks is not None:
+                    release_the_followers()
+    except RanksOutOfStep as error:
+        log.error("%s", error)
+        return 1
     except KeyboardInterrupt as stop:
         log.info("stopping (%s)", stop or "interrupt")
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+
+
+def release_the_followers() -> None:
+    """The coordinator is stopping: the followers stop too (they may be gone already)."""
+    from trainer import distributed
+
+    try:
+        distributed.release_followers()
+    except distributed.PeerFailure as gone:
+        log.warning("%s", gone)
+    finally:
+        distributed.shutdown()
+
+
+def ranks_out_of_step() -> bool:
+    """True when a data-parallel stage failed under torchrun: the job must end (exit 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from trainer import distributed
+
+    return not distributed.in_step()
 
 
 def run_service(service: TrainerService, *, once: bool, trigger: bool) -> int:
@@ -294,6 +404,7 @@ def run_service(service: TrainerService, *, once: bool, trigger: bool) -> int:
     for cycle in cycles:
         print(f"cycle {cycle.id}: {cycle.state}" + (f" ({cycle.error})" if cycle.error else ""))
     return 0 if all(c.state != "failed" for c in cycles) else 1
+
 
 
 if __name__ == "__main__":

@@ -142,15 +142,21 @@ def _train_sft(model_dir, demonstrations, val_demonstrations, config: SFTConfig,
     rm_prompts = _rm_eval_prompts(reward_model, val_prompts, val_demonstrations, config.max_eval_prompts)
     selected_by = _selection_metric(config.selection_metric, rm_prompts, val)
 
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    ranks = distributed.world()
+    # Data-parallel: every rank shuffles the same global order and takes its share of each
+    # step; the coordinator alone validates, selects the epoch and saves.
+    replica = distributed.wrap_ddp(model) if ranks.distributed else None
+    steps_per_epoch = len(global_steps(len(train), config.batch_size, ranks.size))
     optimizer, schedule = build_optimizer(
         list(model.named_parameters()), config.learning_rate, config.weight_decay,
         (config.adam_beta1, config.adam_beta2), steps_per_epoch * config.epochs, config.warmup_ratio,
         config.min_lr_ratio)
     generator = torch.Generator().manual_seed(config.seed)
+    validates = ranks.is_coordinator
     result = SFTResult(str(out_dir), best_epoch=0, selected_by=selected_by, num_train=len(train),
                        num_val=len(val),
-                       initial_val_loss=validation_loss(model, val, pad_id, config.max_length, config.eval_batch_size))
+                       initial_val_loss=validation_loss(model, val, pad_id, config.max_length, config.eval_batch_size)
+                       if validates else None)
     best = -math.inf
     bar = tqdm(total=steps_per_epoch * config.epochs, desc="sft", disable=not progress_enabled(config.show_progress))
     for epoch in range(1, config.epochs + 1):
@@ -158,14 +164,14 @@ def _train_sft(model_dir, demonstrations, val_demonstrations, config: SFTConfig,
         threads = adapt_threads(config.num_threads)
         order = torch.randperm(len(train), generator=generator).tolist()
         with training_dropout(model, config.residual_dropout, config.attention_dropout):
-            train_loss = _train_epoch(model, [train[i] for i in order], optimizer, schedule, config, pad_id, bar)
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": validation_loss(model, val, pad_id, config.max_length, config.eval_batch_size),
-            "lr_end": schedule.get_last_lr()[0],
-            "threads": threads,
-        }
+            train_loss = _train_epoch(model, [train[i] for i in order], optimizer, schedule, config, pad_id, bar,
+                                      replica)
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr_end": schedule.get_last_lr()[0],
+                                   "threads": threads}
+        if not validates:  # a follower: it trained its share; the coordinator keeps the best epoch
+            result.epochs.append(metrics)
+            continue
+        metrics["val_loss"] = validation_loss(model, val, pad_id, config.max_length, config.eval_batch_size)
         if rm_prompts:
             metrics["rm_score"] = _mean_rm_score(model, tokenizer, reward_model, rm_prompts, config)
         metrics["seconds"] = time.perf_counter() - epoch_started
@@ -180,17 +186,30 @@ def _train_sft(model_dir, demonstrations, val_demonstrations, config: SFTConfig,
     return result
 
 
-def _train_epoch(model, examples, optimizer, schedule, config: SFTConfig, pad_id: int, bar) -> float:
-    """One pass; returns the mean over optimizer steps of the step's token-level loss."""
+def global_steps(n: int, batch_size: int, world_size: int = 1) -> list[slice]:
+    """An epoch's optimiser steps over ``n`` shuffled demonstrations: consecutive slices of
+    ``batch_size``; on several ranks a last step too small to give every rank one
+    demonstration joins the step before it (every rank takes part in every step)."""
+    steps = [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if world_size > 1 and len(steps) > 1 and steps[-1].stop - steps[-1].start < world_size:
+        steps[-2:] = [slice(steps[-2].start, n)]
+    if world_size > 1 and steps and steps[-1].stop - steps[-1].start < world_size:
+        raise ValueError(f"{n} demonstrations cannot give each of {world_size} ranks one per step")
+    return steps
+
+
+def _train_epoch(model, examples, optimizer, schedule, config: SFTConfig, pad_id: int, bar, replica=None) -> float:
+    """One pass; returns the mean over optimizer steps of the step's token-level loss.
+    Data-parallel (``replica``): this rank's share of each step (``distributed.shard``)."""
     model.train()
     device = model_device(model)
     micro = config.micro_batch_size or config.batch_size
     step_losses = []
-    for start in range(0, len(examples), config.batch_size):
-        step = examples[start:start + config.batch_size]
+    for step_slice in global_steps(len(examples), config.batch_size, distributed.world().size):
+        step = distributed.shard(examples[step_slice])
         batches = [demo_batch(step[i:i + micro], pad_id, config.max_length).to(device)
                    for i in range(0, len(step), micro)]
-        step_loss = sft_step(model, batches, optimizer, max_grad_norm=config.max_grad_norm)
+        step_loss = sft_step(model, batches, optimizer, max_grad_norm=config.max_grad_norm, replica=replica)
         schedule.step()
         step_losses.append(step_loss)
         bar.update(1)
