@@ -1,4 +1,4 @@
-"""The distributed trainer's step time: one process against two DDP ranks on gloo.
+"""The distributed trainer's step time: one process against two ranks on gloo (DDP, and FSDP2).
 
 Three steps on a fixed global batch, each the recipe's own step function
 (``trainer.distributed``'s loss scaling when data-parallel):
@@ -8,7 +8,8 @@ Three steps on a fixed global batch, each the recipe's own step function
 - PPO: one policy step (clipped surrogate + ptx) and one value step (``ppo_minibatch_step``).
 
 Layouts on the same cores: 1 process x 1 thread, 1 process x 2 threads, 2 ranks x 1 thread
-(torchrun, ``--standalone``). A rank's step time is wall-clock from a barrier to the step's
+(torchrun, ``--standalone``) with DDP, and the same with FSDP2 (``RLHF_DATA_PARALLEL=fsdp2``:
+the PPO step's policy and value model sharded; the RM stays DDP, so its rows repeat DDP's). A rank's step time is wall-clock from a barrier to the step's
 end (the all-reduces make the ranks finish together); the table gives the median of
 ``--steps`` timed steps after one warm-up step.
 
@@ -61,7 +62,7 @@ WORDS = ("apple river stone cloud green table music paper light window garden or
 PROMPTS, K, COMPLETION_WORDS = 8, 4, 20  # the RM step: 8 prompts x 4 completions of ~25 tokens
 ROLLOUTS, RESPONSE_TOKENS = 8, 32  # the PPO minibatch
 PTX_ROWS, PTX_LEN = 4, 64
-LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (ranks, threads per rank)
+LAYOUTS = [(1, 1, "ddp"), (1, 2, "ddp"), (2, 1, "ddp"), (2, 1, "fsdp2")]  # (ranks, threads per rank, strategy)
 
 
 # ---------------------------------------------------------------------------- one rank
@@ -148,23 +149,26 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- the table
 
 
-def run_layout(model_dir: Path, ranks: int, threads: int, steps: int) -> dict[str, list[float]]:
+def run_layout(model_dir: Path, ranks: int, threads: int, strategy: str, steps: int) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "seconds.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                    "-m", "bench.distributed", "--worker", "--model", str(model_dir), "--threads", str(threads),
                    "--steps", str(steps), "--out", str(out)]
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads),
+                                                 distributed.STRATEGY_ENV: strategy})
         return json.loads(out.read_text())
 
 
-def table(model_name: str, results: dict[tuple[int, int], dict[str, list[float]]]) -> str:
+def table(model_name: str, results: dict[tuple[int, int, str], dict[str, list[float]]]) -> str:
     lines = [f"| {model_name}: step | " + " | ".join(f"{r} rank{'s' * (r > 1)} x {t} thread{'s' * (t > 1)}"
-                                                       for r, t in results) + " | 2 ranks / 1 process x 2 threads |",
+                                                       + (f" ({how})" if r > 1 else "")
+                                                       for r, t, how in results)
+             + " | 2 ranks (DDP) / 1 process x 2 threads |",
              "| --- |" + " --- |" * (len(results) + 1)]
     for case in next(iter(results.values())):
         medians = {layout: statistics.median(seconds[case]) for layout, seconds in results.items()}
-        ratio = medians[(2, 1)] / medians[(1, 2)]
+        ratio = medians[(2, 1, "ddp")] / medians[(1, 2, "ddp")]
         lines.append(f"| {case} | " + " | ".join(f"{m * 1000:.0f} ms" if m < 1 else f"{m:.2f} s"
                                                   for m in medians.values()) + f" | {ratio:.2f}x |")
     return "\n".join(lines)
@@ -178,8 +182,8 @@ def run(models: str = "tiny,embedded", steps: int = 3) -> dict[str, Any]:
     for name in models.split(","):
         model_dir = folders[name]()
         started = time.perf_counter()
-        results = {(r, t): run_layout(model_dir, r, t, steps) for r, t in LAYOUTS}
-        figures[name] = {f"{r}x{t}": seconds for (r, t), seconds in results.items()}
+        results = {(r, t, how): run_layout(model_dir, r, t, how, steps) for r, t, how in LAYOUTS}
+        figures[name] = {f"{r}x{t} {how}": seconds for (r, t, how), seconds in results.items()}
         parts.append(f"{table(name, results)}\n\n({name}: {time.perf_counter() - started:.0f} s for all layouts)")
     return {"figures": figures, "markdown": "\n\n".join(parts)}
 

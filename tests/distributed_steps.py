@@ -14,6 +14,7 @@ The optimiser is plain SGD without clipping: AdamW's first step is about lr * si
 blind to the gradient's scale, which is exactly what the data-parallel loss scaling gets
 right or wrong; with SGD the update IS the gradient.
 
+``RLHF_DATA_PARALLEL=fsdp2``: the SFT and PPO models sharded (FSDP2), the RM still DDP.
 ``RLHF_DDP_BACKEND=nccl`` (``make gpu-check`` with 2 GPUs): every rank trains on its GPU
 (``LOCAL_RANK``) and the ranks talk over NCCL; default: CPU and gloo.
 
@@ -73,8 +74,9 @@ def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def trained_weights(prefix: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # clone: tied weights share storage, which safetensors refuses to save twice
-    return {f"{prefix}.{name}": p.detach().cpu().clone().contiguous() for name, p in model.named_parameters()
-            if p.requires_grad}
+    # full_tensor: FSDP2's parameters are shards (a collective: every rank gathers them)
+    return {f"{prefix}.{name}": (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone().contiguous()
+            for name, p in model.named_parameters() if p.requires_grad}
 
 
 # ---------------------------------------------------------------------------- the three steps
@@ -88,7 +90,7 @@ def sft(model_dir: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     examples = distributed.shard(encode_demonstrations(tokenizer, demos, max_response_length=32))
     batches = [demo_batch([e], tokenizer.pad_token_id, max_length=64).to(DEVICE) for e in examples]
-    replica = distributed.wrap_ddp(model) if distributed.world().distributed else None
+    replica = distributed.wrap_data_parallel(model) if distributed.world().distributed else None
     model.train()
     loss = sft_step(model, batches, sgd(model), max_grad_norm=None, replica=replica)
     return {"loss": loss}, trained_weights("sft", model)

@@ -77,7 +77,7 @@ def test_one_process_is_a_no_op_world():
     assert distributed.reduce_sum({"a": 1.5}) == {"a": 1.5}
     assert distributed.loss_scale(3, 7) == 1.0  # one process: the loss is never rescaled
     module = torch.nn.Linear(2, 1)
-    assert distributed.wrap_ddp(module) is module
+    assert distributed.wrap_data_parallel(module) is module
 
 
 def test_loss_scale_makes_the_ddp_average_the_global_mean_gradient(monkeypatch: pytest.MonkeyPatch):
@@ -126,13 +126,15 @@ def test_nproc_per_node_must_be_positive(capsys: pytest.CaptureFixture[str]):
 # ---------------------------------------------------------------------------- torchrun
 
 
-def test_two_ranks_make_the_single_process_update(tiny_model_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_make_the_single_process_update(tiny_model_dir: Path, tmp_path: Path, strategy: str):
+    """DDP, and FSDP2 (the SFT and PPO models sharded; the RM stays DDP): the same update."""
     one, out1, seconds1 = torchrun(1, tiny_model_dir, tmp_path)
-    two, out2, seconds2 = torchrun(2, tiny_model_dir, tmp_path)
+    two, out2, seconds2 = torchrun(2, tiny_model_dir, tmp_path, env={distributed.STRATEGY_ENV: strategy})
     (result1, weights1), (result2, weights2) = read_run(one, out1), read_run(two, out2)
-    print(f"torchrun: 1 rank {seconds1:.1f} s, 2 ranks {seconds2:.1f} s")
+    print(f"torchrun ({strategy}): 1 rank {seconds1:.1f} s, 2 ranks {seconds2:.1f} s")
     assert result1["world_size"] == 1 and result2["world_size"] == 2
-    # Both ranks hold the same weights after every step: DDP kept the replicas in sync.
+    # Both ranks hold the same weights after every step: the replicas (or the shards) agree.
     first, second = result2["fingerprints"]
     assert first == pytest.approx(second, rel=1e-12, abs=1e-12)
     for stage, stats in result1["stats"].items():
@@ -174,10 +176,11 @@ def test_a_hung_rank_times_out_the_collective(tiny_model_dir: Path, tmp_path: Pa
 
 
 def trainer_ranks(nproc: int, config_path: Path, log_path: Path, *, kill_at: str | None = None,
-                  timeout_s: float = 600) -> subprocess.CompletedProcess:
+                  strategy: str = "ddp", timeout_s: float = 600) -> subprocess.CompletedProcess:
     """`rlhf trainer --nproc-per-node N --config C --once --trigger`: one cycle on N ranks."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_TRAINER_")}
-    env |= {"OMP_NUM_THREADS": "1", **({KILL_ENV: kill_at} if kill_at else {}), RANK_TIMEOUT_ENV: "60"}
+    env |= {"OMP_NUM_THREADS": "1", **({KILL_ENV: kill_at} if kill_at else {}), RANK_TIMEOUT_ENV: "60",
+            distributed.STRATEGY_ENV: strategy}
     command = [sys.executable, "-m", "trainer.service", "--nproc-per-node", str(nproc), "--config", str(config_path),
                "--once", "--trigger"]
     with open(log_path, "w") as log:
@@ -197,10 +200,11 @@ def loop(tmp_path: Path, tiny_model_dir: Path):
 
 
 @pytest.mark.slow
-def test_a_cycle_trains_on_two_ranks_and_the_coordinator_publishes(loop, tmp_path: Path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_cycle_trains_on_two_ranks_and_the_coordinator_publishes(loop, tmp_path: Path, strategy: str):
     store, config, config_path = loop
     log_path = tmp_path / "ranks.log"
-    done = trainer_ranks(2, config_path, log_path)
+    done = trainer_ranks(2, config_path, log_path, strategy=strategy)
     log = log_path.read_text()
     assert done.returncode == 0, log[-4000:]
     cycle = store.read_sync(get_cycle(1))

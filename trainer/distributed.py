@@ -7,8 +7,10 @@ stage code runs in one plain process exactly as before.
 
 The training steps (``trainer.sft.sft_step``, ``trainer.rm_training.rm_step``,
 ``trainer.ppo.ppo_minibatch_step``) take this rank's SHARD of a global batch and the
-trained models wrapped by ``wrap_ddp``. Each rank scales its loss so that DDP's gradient
-AVERAGE over the W ranks is the gradient of the GLOBAL batch's loss. With S_r rank r's sum
+trained models wrapped by ``wrap_data_parallel``: DDP, or with ``RLHF_DATA_PARALLEL=fsdp2``
+FSDP2 for the policy and the value model (``strategy``). Each rank scales its loss so that
+the gradient AVERAGE over the W ranks (DDP's all-reduce, FSDP2's reduce-scatter) is the
+gradient of the GLOBAL batch's loss. With S_r rank r's sum
 over its n_r items (prompts, or tokens for a token-level mean) and N = sum_r n_r
 (all-reduced, so shards may differ in size):
 
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 TIMEOUT_ENV = "RLHF_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
 COMMAND_TIMEOUT = timedelta(days=365)  # how long a follower waits for the next stage
+STRATEGY_ENV = "RLHF_DATA_PARALLEL"
+STRATEGIES = ("ddp", "fsdp2")
 T = TypeVar("T")
 
 _commands: Any = None  # the coordinator's channel to the followers (a gloo group), set on joining
@@ -167,6 +171,49 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------- sharding and DDP
 
 
+def strategy() -> str:
+    """How the trained models are replicated across ranks (``RLHF_DATA_PARALLEL``): ``ddp``
+    (a whole copy per rank, gradients all-reduced; the default) or ``fsdp2`` (the weights,
+    gradients and optimiser state sharded across the ranks: for a policy that does not fit
+    one device). The launcher gives every rank the same environment."""
+    value = os.environ.get(STRATEGY_ENV) or "ddp"
+    if value not in STRATEGIES:
+        raise ValueError(f"{STRATEGY_ENV} must be one of {', '.join(STRATEGIES)}, got {value!r}")
+    return value
+
+
+def sharded() -> bool:
+    """True when the trained policy and value model are sharded across ranks (FSDP2): every
+    forward through them is then a collective, so every rank must make the same number
+    (``row_chunks``), generate in step (``synced_gpus``) and validate."""
+    return world().distributed and strategy() == "fsdp2"
+
+
+def is_sharded(module: Any) -> bool:
+    """Whether ``module``'s weights are sharded across the ranks (``fully_shard`` ran on it):
+    every forward through it is a collective."""
+    if not world().distributed:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def row_chunks(rows: int, size: int, model: Any = None) -> list[slice]:
+    """Slices of at most ``size`` of this rank's ``rows`` for batched forwards through
+    ``model``. Sharded (``is_sharded``), every rank makes the SAME number, ceil(the largest
+    rank's rows / size), spreading its rows evenly over them; otherwise consecutive chunks."""
+    if not is_sharded(model):
+        return [slice(start, start + size) for start in range(0, rows, size)]
+    largest = int(reduce_max({"rows": float(rows)})["rows"])
+    count = max(1, -(-largest // size))
+    if rows < count:
+        raise ValueError(f"rank {world().rank} has {rows} rows for {count} forwards of every rank "
+                         f"(sharded weights): a larger batch, or fewer ranks")
+    bounds = [i * rows // count for i in range(count + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
 def shard_bounds(n: int, of: World | None = None) -> tuple[int, int]:
     """[start, stop) of this rank's contiguous block of ``n`` items; sizes differ by at most 1."""
     ranks = of or world()
@@ -193,19 +240,29 @@ class _Forward(torch.nn.Module):
         return self.fn(self.module, *args, **kwargs)
 
 
-def wrap_ddp(module: torch.nn.Module, forward: Callable[..., Any] | None = None, *,
-             find_unused_parameters: bool = False) -> Callable[..., Any]:
-    """What a training step calls instead of ``module`` (or ``forward(module, ...)``): a DDP
+def wrap_data_parallel(module: torch.nn.Module, forward: Callable[..., Any] | None = None, *,
+                       shard: bool = True, find_unused_parameters: bool = False) -> Callable[..., Any]:
+    """What a training step calls instead of ``module`` (or ``forward(module, ...)``): a
     replica across the ranks, or, on one process, the module (the function) itself.
 
-    The parameters ``module`` trains (``requires_grad``) are synced; on construction DDP
-    copies rank 0's weights and buffers to every rank. Buffers are not re-synced at every forward:
-    they do not change while training (the RM's bias is set after it), and each broadcast
-    would be one more collective per forward.
+    DDP (``RLHF_DATA_PARALLEL=ddp``, the default): the parameters ``module`` trains are
+    synced; on construction DDP copies rank 0's weights and buffers to every rank. Buffers
+    are not re-synced at every forward: they do not change while training (the RM's bias is
+    set after it), and each broadcast would be one more collective per forward.
+
+    FSDP2 (``RLHF_DATA_PARALLEL=fsdp2``, and ``shard``): rank 0's weights are broadcast, then
+    each decoder layer and the rest of the model are sharded across the ranks
+    (``fully_shard``, in place: ``module`` itself becomes the replica, and ``forward``, a
+    method of it, is registered so that calling it gathers the weights as ``forward`` does).
+    From then on EVERY forward through ``module`` is a collective (``sharded``), and its
+    whole weights come back only through ``full_state_dict``. ``shard=False`` keeps DDP
+    (the RM: its trunk is frozen and cached, only its top trains).
     """
-    target = module if forward is None else _Forward(module, forward)
     if not world().distributed:
-        return target if forward is None else functools.partial(forward, module)
+        return module if forward is None else functools.partial(forward, module)
+    if shard and sharded():
+        return _shard(module, forward)
+    target = module if forward is None else _Forward(module, forward)
     from torch.nn.parallel import DistributedDataParallel
 
     with collective("DDP setup (broadcast of rank 0's weights)"):
@@ -214,8 +271,43 @@ def wrap_ddp(module: torch.nn.Module, forward: Callable[..., Any] | None = None,
                                        find_unused_parameters=find_unused_parameters)
 
 
+def _shard(module: torch.nn.Module, forward: Callable[..., Any] | None) -> Callable[..., Any]:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from trainer.torch_parts import decoder_layers
+
+    with collective("FSDP2 setup (broadcast of rank 0's weights, sharding)"):
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor.data, src=0)
+        for layer in decoder_layers(getattr(module, "backbone", module)):  # a RewardModel's are its backbone's
+            fully_shard(layer)
+        fully_shard(module)
+    if forward is None:
+        return module
+    if getattr(type(module), forward.__name__, None) is not forward:
+        raise ValueError(f"FSDP2 can only gather the weights for a method of the module, not {forward.__name__}")
+    register_fsdp_forward_method(module, forward.__name__)
+    return getattr(module, forward.__name__)  # the bound method as registered: it gathers the weights
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded (FSDP2) module's whole weights, on CPU, on the coordinator (a collective:
+    every rank calls it, the others get an empty dict); None for a module whose own
+    weights are whole (one process, DDP): save it as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    with collective("gathering the sharded weights"):
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def no_sync(replica: Any) -> contextlib.AbstractContextManager:
-    """Accumulate gradients locally inside the block (DDP's ``no_sync``); a no-op for anything else."""
+    """Accumulate gradients locally inside the block (DDP's ``no_sync``); a no-op for anything
+    else (FSDP2 reduce-scatters every micro-batch's gradients into the shards: correct, and
+    the sharded gradients are what saves memory)."""
     from torch.nn.parallel import DistributedDataParallel
 
     return replica.no_sync() if isinstance(replica, DistributedDataParallel) else contextlib.nullcontext()
@@ -223,7 +315,7 @@ def no_sync(replica: Any) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def gradient_sync(replica: Any, *, sync: bool) -> Iterator[None]:
-    """Around ONE micro-batch's forward AND backward through ``replica`` (``wrap_ddp``'s): on
+    """Around ONE micro-batch's forward AND backward through ``replica`` (``wrap_data_parallel``'s): on
     several ranks its gradients are all-reduced only when ``sync`` (a step's last micro-batch;
     the others accumulate locally under ``no_sync``, which DDP reads in the forward, hence
     the forward inside), and a peer's failure meanwhile raises ``PeerFailure``. A no-op on
@@ -267,6 +359,16 @@ def reduce_sum(values: dict[str, float]) -> dict[str, float]:
     packed = torch.tensor(list(values.values()), dtype=torch.float64, device=_collective_device())
     with collective("all-reduce of " + ", ".join(values)):
         dist.all_reduce(packed)
+    return dict(zip(values, packed.tolist()))
+
+
+def reduce_max(values: dict[str, float]) -> dict[str, float]:
+    """Each value's maximum over the ranks, in ONE all-reduce; unchanged on one process."""
+    if not world().distributed:
+        return dict(values)
+    packed = torch.tensor(list(values.values()), dtype=torch.float64, device=_collective_device())
+    with collective("all-reduce (max) of " + ", ".join(values)):
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
     return dict(zip(values, packed.tolist()))
 
 

@@ -294,10 +294,12 @@ def apply_missing_eos_penalty(scores: torch.Tensor, stopped: Sequence[bool], pen
     return scores - penalty * cut
 
 
-def _row_chunks(batch: SequenceBatch, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask, response_mask) of ``size`` rows at a time."""
-    for start in range(0, batch.input_ids.shape[0], size):
-        rows = slice(start, start + size)
+def _row_chunks(batch: SequenceBatch, size: int, slices: Sequence[slice] | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, response_mask) of ``size`` rows at a time (or of ``slices``)."""
+    if slices is None:
+        slices = [slice(start, start + size) for start in range(0, batch.input_ids.shape[0], size)]
+    for rows in slices:
         yield batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows]
 
 
@@ -401,7 +403,9 @@ def evaluate_rollouts(models: PPOModels, batch: SequenceBatch, scores: torch.Ten
     parts: dict[str, list[torch.Tensor]] = {"old": [], "entropy": [], "ref": [], "values": []}
     mask = batch.response_mask[:, 1:].to(models.device)  # (B, T-1)
     start = first_response_column(mask)
-    for ids, attn, response in _row_chunks(batch, chunk_size):
+    # sharded weights: every rank makes the same number of forwards (``distributed.row_chunks``)
+    slices = distributed.row_chunks(len(batch.input_ids), chunk_size, models.policy)
+    for ids, attn, response in _row_chunks(batch, chunk_size, slices):
         with autocast(models):
             old, entropy = token_logprobs(models.policy, ids, attn, temperature, with_entropy=True, start=start)
             parts["ref"].append(reference_logprobs(models, ids, attn, temperature, start=start))
@@ -446,7 +450,8 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    # sharded (FSDP2) gradients give a distributed tensor: its value is the whole gradient's norm
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 @dataclass
@@ -459,9 +464,9 @@ class TrainedReplicas:
 
 
 def data_parallel_replicas(models: PPOModels) -> TrainedReplicas:
-    """The policy and the value model wrapped for DDP (``trainer.distributed.wrap_ddp``)."""
-    return TrainedReplicas(distributed.wrap_ddp(models.policy),
-                           distributed.wrap_ddp(models.value_model, RewardModel.per_token_values))
+    """The policy and the value model wrapped for DDP (``trainer.distributed.wrap_data_parallel``)."""
+    return TrainedReplicas(distributed.wrap_data_parallel(models.policy),
+                           distributed.wrap_data_parallel(models.value_model, RewardModel.per_token_values))
 
 
 def _require_replicas(replicas: TrainedReplicas | None) -> None:
@@ -730,6 +735,9 @@ def train_ppo(
         generator = rollout_generator or build_rollout_generator(models, policy_dir, config)
         kl_controller = build_kl_controller(config)
         ranks = distributed.world()
+        if distributed.sharded() and (config.train_mode == "lora" or config.rollout_engine != "hf"):
+            raise ValueError("sharded weights (RLHF_DATA_PARALLEL=fsdp2) train the full policy with HF rollouts: "
+                             f"not train_mode={config.train_mode!r}, rollout_engine={config.rollout_engine!r}")
         if ranks.size > config.rollouts_per_iteration:
             raise ValueError(f"rollouts_per_iteration={config.rollouts_per_iteration} gives some of the "
                              f"{ranks.size} ranks no rollout")
@@ -747,8 +755,10 @@ def train_ppo(
             history.append(stats)
             bar.set_postfix(score=f"{stats['rm_score']:.3f}", kl=f"{stats['kl_ref']:.2f}")
         adapter_base_dir = models.adapter_base_dir
+        whole = distributed.full_state_dict(models.policy)  # sharded weights: gathered by every rank
         if ranks.is_coordinator:  # the ranks' weights are the same: one writes them
-            save_policy(models.policy, models.tokenizer, Path(out_dir), with_adapter=adapter_base_dir is not None)
+            save_policy(models.policy, models.tokenizer, Path(out_dir), with_adapter=adapter_base_dir is not None,
+                        state_dict=whole)
         if rollout_generator is None:
             generator.close()
     return PPOResult(
@@ -768,15 +778,17 @@ def build_rollout_generator(models: PPOModels, policy_dir: Path | str, config: P
     return HFRolloutGenerator(models.policy, models.tokenizer, batch_size=config.forward_batch_size)
 
 
-def save_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path, *, with_adapter: bool = False) -> Path:
+def save_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path, *, with_adapter: bool = False,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save the policy as a plain HF folder with its tokenizer, LoRA adapters merged in (what the
     HF engine, evaluation and full swaps load). ``with_adapter``: first save the adapters alone
-    to ``out_dir/adapter`` (PEFT's format), which a server can load beside the policy it serves."""
+    to ``out_dir/adapter`` (PEFT's format), which a server can load beside the policy it serves.
+    ``state_dict``: the whole weights of a sharded policy (``distributed.full_state_dict``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if with_adapter:
         policy.save_pretrained(out_dir / ADAPTER_DIR)  # before merging: merge_and_unload drops them
     if callable(getattr(policy, "merge_and_unload", None)):
         policy = policy.merge_and_unload()
-    policy.save_pretrained(out_dir)
+    policy.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -489,7 +489,8 @@ def kway_loss(rm: RewardModel, items: Sequence[EncodedComparison], pad_token_id:
 
 def data_parallel_scorer(rm: RewardModel) -> Callable[..., torch.Tensor]:
     """``completion_scores`` on ``rm`` as one DDP replica across the ranks (``rm_step``'s ``scorer``)."""
-    return distributed.wrap_ddp(rm, completion_scores)
+    # DDP even under FSDP2: the RM's trunk is frozen and its states cached; only its top trains
+    return distributed.wrap_data_parallel(rm, completion_scores, shard=False)
 
 
 def completion_scores(rm: RewardModel, items: Sequence[EncodedComparison], batch) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from common.chat import render_chat_ids
+from trainer import distributed
 from trainer.examples import PromptExample
 
 
@@ -121,9 +122,9 @@ class HFRolloutGenerator(RolloutGenerator):
         with torch.random.fork_rng(devices=self._cuda_devices()):
             if seed is not None:
                 torch.manual_seed(seed)
-            for start in range(0, len(prompt_ids), self.batch_size):
-                chunk = prompt_ids[start : start + self.batch_size]
-                responses += self._generate_chunk(chunk, max_new_tokens, temperature, top_p)
+            # Sharded weights (FSDP2): every rank makes the same number of generate calls
+            for rows in distributed.row_chunks(len(prompt_ids), self.batch_size, self.model):
+                responses += self._generate_chunk(prompt_ids[rows], max_new_tokens, temperature, top_p)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return Rollouts(list(prompts), prompt_ids, responses, texts, self.eos_token_id)
 
@@ -150,10 +151,13 @@ class HFRolloutGenerator(RolloutGenerator):
         was_training = self.model.training
         self.model.eval()
         try:
+            # sharded weights: every rank runs forwards until all ranks' sequences are done
+            in_step = {"synced_gpus": True} if distributed.is_sharded(self.model) else {}
             out = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
+                **in_step,
             )  # (B, T_prompt + new)
         finally:
             self.model.train(was_training)

@@ -144,15 +144,20 @@ def _train_sft(model_dir, demonstrations, val_demonstrations, config: SFTConfig,
 
     ranks = distributed.world()
     # Data-parallel: every rank shuffles the same global order and takes its share of each
-    # step; the coordinator alone validates, selects the epoch and saves.
-    replica = distributed.wrap_ddp(model) if ranks.distributed else None
+    # step; the coordinator alone validates, selects the epoch and saves (sharded weights:
+    # every rank validates, since every forward is a collective).
+    replica = distributed.wrap_data_parallel(model) if ranks.distributed else None
     steps_per_epoch = len(global_steps(len(train), config.batch_size, ranks.size))
     optimizer, schedule = build_optimizer(
         list(model.named_parameters()), config.learning_rate, config.weight_decay,
         (config.adam_beta1, config.adam_beta2), steps_per_epoch * config.epochs, config.warmup_ratio,
         config.min_lr_ratio)
     generator = torch.Generator().manual_seed(config.seed)
-    validates = ranks.is_coordinator
+    if distributed.is_sharded(model) and rm_prompts:
+        raise ValueError("selection by RM score samples on one rank: not with sharded weights (RLHF_DATA_PARALLEL=fsdp2)")
+    # Sharded (FSDP2) weights: a forward is a collective, so every rank validates (and
+    # follows the coordinator's choice of epoch: ``_keep``).
+    validates = ranks.is_coordinator or distributed.is_sharded(model)
     result = SFTResult(str(out_dir), best_epoch=0, selected_by=selected_by, num_train=len(train),
                        num_val=len(val),
                        initial_val_loss=validation_loss(model, val, pad_id, config.max_length, config.eval_batch_size)
@@ -176,8 +181,8 @@ def _train_sft(model_dir, demonstrations, val_demonstrations, config: SFTConfig,
             metrics["rm_score"] = _mean_rm_score(model, tokenizer, reward_model, rm_prompts, config)
         metrics["seconds"] = time.perf_counter() - epoch_started
         value = _selection_value(selected_by, metrics)
-        metrics["selected"] = value > best
-        if value > best:
+        metrics["selected"] = _keep(value > best, model)
+        if metrics["selected"]:
             best, result.best_epoch = value, epoch
             _save(model, tokenizer, out_dir)
         result.epochs.append(metrics)
@@ -224,23 +229,28 @@ def sft_step(model: torch.nn.Module, batches: Sequence[Any], optimizer: torch.op
     the mean NLL over ALL its response tokens (each micro-batch weighted by its token share).
 
     Data-parallel (under torchrun, ``trainer.distributed``): ``batches`` are this rank's
-    shard of the step and ``replica`` is ``distributed.wrap_ddp(model)``; the token count is
+    shard of the step and ``replica`` is ``distributed.wrap_data_parallel(model)``; the token count is
     all-reduced and each backward scaled by the world size W, since DDP AVERAGES the ranks'
     gradients: the update is the one a single process makes on the whole step. Only the last
     micro-batch's backward all-reduces. On one process nothing is scaled or reduced.
     """
     world_size = distributed.world().size
     if world_size > 1 and replica is None:
-        raise ValueError("a data-parallel sft_step needs replica=distributed.wrap_ddp(model): gradients would not sync")
+        raise ValueError("a data-parallel sft_step needs replica=distributed.wrap_data_parallel(model): gradients would not sync")
     if not batches:
         raise ValueError("sft_step got no batch: a step needs at least one demonstration on every rank")
     local_tokens = sum(float(b.response_mask[:, 1:].sum()) for b in batches)
     step_tokens = distributed.reduce_sum({"tokens": local_tokens})["tokens"]  # all ranks' (local_tokens on one)
+    # Token-level mean over the whole step: weight each micro-batch by its token share.
+    weights = [float(b.response_mask[:, 1:].sum()) / max(step_tokens, 1.0) for b in batches]
+    if distributed.is_sharded(model):
+        # Every forward and backward through sharded weights is a collective: a rank with
+        # fewer micro-batches than another repeats its first with weight 0 (no gradient).
+        missing = int(distributed.reduce_max({"batches": len(batches)})["batches"]) - len(batches)
+        batches, weights = list(batches) + [batches[0]] * missing, weights + [0.0] * missing
     optimizer.zero_grad(set_to_none=True)
     step_loss = 0.0
-    for i, batch in enumerate(batches):
-        # Token-level mean over the whole step: weight each micro-batch by its token share.
-        weight = float(batch.response_mask[:, 1:].sum()) / max(step_tokens, 1.0)
+    for i, (batch, weight) in enumerate(zip(batches, weights)):
         with distributed.gradient_sync(replica, sync=i == len(batches) - 1):
             loss = response_nll(model if replica is None else replica, batch) * weight
             # DDP averages over the W ranks; W * loss makes that average the sum over ranks.
@@ -286,7 +296,19 @@ def _mean_rm_score(model, tokenizer, reward_model, prompts: list[Messages], conf
     return float(scores.float().mean())
 
 
+def _keep(better: bool, model: torch.nn.Module) -> bool:
+    """The coordinator's verdict on every rank (sharded weights: saving is a collective that
+    every rank must enter together); the rank's own verdict otherwise."""
+    if not distributed.is_sharded(model):
+        return better
+    return distributed.reduce_sum({"keep": float(better and distributed.world().is_coordinator)})["keep"] > 0
+
+
 def _save(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
+    """The coordinator writes the model; sharded (FSDP2) weights are gathered on every rank first."""
+    whole = distributed.full_state_dict(model)
+    if not distributed.world().is_coordinator:
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=whole)
     tokenizer.save_pretrained(out_dir)
