@@ -25,7 +25,8 @@ Reported per mode:
 A benchmark, not a test: its figures depend on the machine and its load (printed).
 
     python -m bench.swap [--max-tokens N] [--modes drain,keep,keep-reuse,drain-bounded,adapter]
-    python -m bench.swap --prefix-cache   (what keep_kv=reuse gives up: the prefix cache)
+    python -m bench.swap --prefix-cache [--history-turns N]   (what keep_kv=reuse gives up: the prefix cache)
+    python -m bench.swap --reload-parts   (where a reload's time goes: would staging help?)
 """
 
 from __future__ import annotations
@@ -286,10 +287,23 @@ def markdown(r: dict[str, Any]) -> str:
     ])
 
 
-def prefix_cache_cost(rounds: int = 4, model_dir: Path | None = None) -> dict[str, list[float]]:
+def long_chat(turns: int, last: str) -> list[dict[str, str]]:
+    """A multi-turn chat: ``turns`` earlier exchanges (each ~100 tokens), then ``last``."""
+    chat = [{"role": "system", "content": "You are a concise assistant."}]
+    for t in range(turns):
+        chat += [{"role": "user", "content": PROMPTS[t % len(PROMPTS)]},
+                 {"role": "assistant", "content": " ".join(["The short answer is that it depends on the details, "
+                                                            "and here they are in order."] * 4)}]
+    return chat + [{"role": "user", "content": last}]
+
+
+def prefix_cache_cost(rounds: int = 4, model_dir: Path | None = None, history_turns: int = 0
+                      ) -> dict[str, list[float]]:
     """What ``keep_kv="reuse"`` gives up, the prefix cache, on a labeling-like load: 8 prompts
     x 9 sampled completions of 64 tokens at once, `rounds` times per engine; wall seconds per
-    round with the cache on (vLLM's default, ``keep_kv="recompute"``) and off ("reuse")."""
+    round with the cache on (vLLM's default, ``keep_kv="recompute"``) and off ("reuse").
+    ``history_turns``: each prompt is the last turn of a chat with that many earlier exchanges
+    (long shared prefixes, where the cache can save the most)."""
     from common.chat import render_chat_ids
     from common.models import ensure_embedded_model, load_tokenizer
     from server.engines import create_engine
@@ -297,8 +311,8 @@ def prefix_cache_cost(rounds: int = 4, model_dir: Path | None = None) -> dict[st
 
     model_dir = Path(model_dir) if model_dir else ensure_embedded_model()
     tokenizer = load_tokenizer(model_dir)
-    prompts = [render_chat_ids(tokenizer, [{"role": "system", "content": "You are a concise assistant."},
-                                           {"role": "user", "content": p}]) for p in PROMPTS[:8]]
+    prompts = [render_chat_ids(tokenizer, long_chat(history_turns, p)) for p in PROMPTS[:8]]
+    print(f"prompt tokens: {statistics.mean(len(ids) for ids in prompts):.0f} on average")
     options = SamplingOptions(n=9, max_new_tokens=64, temperature=1.0, seed=0)
 
     async def measure(keep_kv: str) -> list[float]:
@@ -322,15 +336,80 @@ def prefix_cache_cost(rounds: int = 4, model_dir: Path | None = None) -> dict[st
     return {keep_kv: asyncio.run(measure(keep_kv)) for keep_kv in ("recompute", "reuse")}
 
 
+class ReloadPartsExtension:
+    """Worker methods (``--reload-parts``) timing the parts of the server's reload
+    (``server.engines.vllm_worker.PolicyReloadExtension``): vLLM's ``reload_weights`` from
+    the checkpoint folder, the same from tensors already read into the worker's memory
+    ("staged" before a swap's pause), and the tied-embedding repack after either."""
+
+    def bench_reload_from_folder(self, path: str) -> tuple[float, float]:
+        from common.vllm_reload import repack_tied_embeddings
+
+        started = time.perf_counter()
+        self.reload_weights(weights_path=path, is_checkpoint_format=True)
+        loaded = time.perf_counter()
+        repack_tied_embeddings(self)
+        return loaded - started, time.perf_counter() - loaded
+
+    def bench_stage(self, path: str) -> float:
+        from safetensors.torch import load_file
+
+        started = time.perf_counter()
+        self.bench_staged = {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            self.bench_staged.update(load_file(str(file)))
+        return time.perf_counter() - started
+
+    def bench_reload_staged(self) -> tuple[float, float]:
+        from common.vllm_reload import repack_tied_embeddings
+
+        started = time.perf_counter()
+        self.reload_weights(weights_iterator=iter(self.bench_staged.items()), is_checkpoint_format=True)
+        loaded = time.perf_counter()
+        repack_tied_embeddings(self)
+        return loaded - started, time.perf_counter() - loaded
+
+
+def reload_parts(rounds: int = 3, model_dir: Path | None = None) -> list[dict[str, float]]:
+    """Per round: seconds of a reload from the folder, of reading the folder into the worker
+    (staging), of a reload from the staged tensors, and of each reload's repack (offline vLLM,
+    fp32, one worker)."""
+    import vllm
+
+    from common.models import ensure_embedded_model
+    from common.vllm_env import vllm_environment
+
+    model = str(Path(model_dir) if model_dir else ensure_embedded_model())
+    with vllm_environment(None):
+        llm = vllm.LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, disable_log_stats=True,
+                       worker_extension_cls=f"{__name__}.{ReloadPartsExtension.__qualname__}")
+    rows = []
+    for _ in range(rounds):
+        (folder, repack_a), = llm.collective_rpc("bench_reload_from_folder", args=(model,))
+        (stage,) = llm.collective_rpc("bench_stage", args=(model,))
+        (staged, repack_b), = llm.collective_rpc("bench_reload_staged")
+        rows.append({"from folder": folder, "repack": repack_a, "staging": stage, "from staged": staged,
+                     "repack (staged)": repack_b})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--prefix-cache", action="store_true",
                         help="instead: a labeling-like load with the prefix cache on and off (keep_kv)")
+    parser.add_argument("--history-turns", type=int, default=0,
+                        help="with --prefix-cache: earlier exchanges before each prompt (long prefixes)")
+    parser.add_argument("--reload-parts", action="store_true",
+                        help="instead: time a reload from the folder against one from staged tensors")
     args = parser.parse_args(argv)
+    if args.reload_parts:
+        for row in reload_parts():
+            print(", ".join(f"{name} {seconds:.3f} s" for name, seconds in row.items()))
+        return 0
     if args.prefix_cache:
-        for keep_kv, seconds in prefix_cache_cost().items():
+        for keep_kv, seconds in prefix_cache_cost(history_turns=args.history_turns).items():
             print(f"keep_kv={keep_kv}: rounds {', '.join(f'{x:.2f}' for x in seconds)} s, "
                   f"median {statistics.median(seconds):.2f} s")
         return 0
