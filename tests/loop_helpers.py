@@ -8,7 +8,11 @@ demonstrations. Times are explicit (`now`), so a test can tell old prompts from 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
+import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from common.identity import split_for_user
 from common.store import NewCompletion, Store, add_completions, add_demonstration, add_policy, add_prompt, add_ranking
 from trainer.config import EvalConfig, RMConfig, SFTConfig
 from trainer.gate import GateConfig
-from trainer.loop_config import BackupConfig, CycleConfig, DataConfig, TrainerConfig
+from trainer.loop_config import BackupConfig, CycleConfig, DataConfig, TrainerConfig, config_to_dict
 from trainer.config import PPOConfig
 
 ANSWERS = ("Sure.", "Here is a short answer for you.",
@@ -99,3 +103,16 @@ def tiny_trainer_config(data_dir: Path, **fields: object) -> TrainerConfig:
         backup=BackupConfig(folder=data_dir / "backups"))
     values.update(fields)
     return TrainerConfig(**values)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def one_cycle_loop(data_dir: Path, model_dir: Path) -> Iterator[tuple[Store, TrainerConfig, Path]]:
+    """A store under ``data_dir`` with v0 serving and one cycle's data, and the trainer's
+    config written to ``data_dir/trainer.json`` (for a trainer started as a process)."""
+    config = tiny_trainer_config(data_dir)
+    config_path = data_dir / "trainer.json"
+    config_path.write_text(json.dumps(config_to_dict(config)))
+    with Store(config.store_path) as store:
+        publish_v0(store, config.checkpoints_root, model_dir)
+        fill_store(store, now=time.time() - 60)
+        yield store, config, config_path

@@ -23,11 +23,10 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from common.checkpoints import list_checkpoints, verify_checkpoint
-from common.store import Store, get_cycle, list_policies, serving_policy
-from loop_helpers import fill_store, publish_v0, tiny_trainer_config
+from common.store import get_cycle, list_policies, serving_policy
+from loop_helpers import one_cycle_loop
 from trainer import distributed
 from trainer.distributed import TIMEOUT_ENV as RANK_TIMEOUT_ENV
-from trainer.loop_config import config_to_dict
 from trainer.service import KILL_ENV
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_steps.py"
@@ -190,13 +189,8 @@ def trainer_ranks(nproc: int, config_path: Path, log_path: Path, *, kill_at: str
 @pytest.fixture
 def loop(tmp_path: Path, tiny_model_dir: Path):
     """A store with v0 serving and one cycle's data; the trainer config in a file."""
-    config = tiny_trainer_config(tmp_path)
-    config_path = tmp_path / "trainer.json"
-    config_path.write_text(json.dumps(config_to_dict(config)))
-    with Store(config.store_path) as store:
-        publish_v0(store, config.checkpoints_root, tiny_model_dir)
-        fill_store(store, now=time.time() - 60)
-        yield store, config, config_path
+    with one_cycle_loop(tmp_path, tiny_model_dir) as loop:
+        yield loop
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ dead one failed, cleans up and completes.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,8 +21,7 @@ import pytest
 
 from common.checkpoints import list_checkpoints, verify_checkpoint
 from common.store import Store, get_cycle, list_policies, serving_policy
-from loop_helpers import fill_store, publish_v0, tiny_trainer_config
-from trainer.loop_config import config_to_dict
+from loop_helpers import one_cycle_loop
 from trainer.service import PAUSE_ENV, TrainerService
 
 pytestmark = pytest.mark.slow  # two training cycles per test, on 2 shared cores
@@ -52,13 +50,9 @@ def wait_for(condition, proc: subprocess.Popen, log_path: Path, timeout: float =
 
 @pytest.fixture
 def loop(tmp_path: Path, tiny_model_dir: Path):
-    config = tiny_trainer_config(tmp_path)
-    config_path = tmp_path / "trainer.json"
-    config_path.write_text(json.dumps(config_to_dict(config)))
-    with Store(config.store_path) as store:
-        publish_v0(store, config.checkpoints_root, tiny_model_dir)
-        fill_store(store, now=time.time() - 60)
-        yield store, config, config_path
+    """A store with v0 serving and one cycle's data; the trainer config in a file."""
+    with one_cycle_loop(tmp_path, tiny_model_dir) as loop:
+        yield loop
 
 
 def kill(proc: subprocess.Popen) -> None:

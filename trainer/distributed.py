@@ -204,14 +204,24 @@ def row_chunks(rows: int, size: int, model: Any = None) -> list[slice]:
     ``model``. Sharded (``is_sharded``), every rank makes the SAME number, ceil(the largest
     rank's rows / size), spreading its rows evenly over them; otherwise consecutive chunks."""
     if not is_sharded(model):
-        return [slice(start, start + size) for start in range(0, rows, size)]
+        return consecutive_slices(rows, size)
     largest = int(reduce_max({"rows": float(rows)})["rows"])
     count = max(1, -(-largest // size))
     if rows < count:
         raise ValueError(f"rank {world().rank} has {rows} rows for {count} forwards of every rank "
                          f"(sharded weights): a larger batch, or fewer ranks")
-    bounds = [i * rows // count for i in range(count + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
+    return even_slices(rows, count)
+
+
+def consecutive_slices(n: int, size: int) -> list[slice]:
+    """[0, size), [size, 2 size), ... covering ``n`` items."""
+    return [slice(start, start + size) for start in range(0, n, size)]
+
+
+def even_slices(n: int, parts: int) -> list[slice]:
+    """``n`` items in ``parts`` consecutive slices whose sizes differ by at most 1."""
+    bounds = [i * n // parts for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def shard_bounds(n: int, of: World | None = None) -> tuple[int, int]:
@@ -354,21 +364,20 @@ def _collective_device() -> torch.device:
 
 def reduce_sum(values: dict[str, float]) -> dict[str, float]:
     """Each value summed over the ranks, in ONE all-reduce (float64); unchanged on one process."""
-    if not world().distributed:
-        return dict(values)
-    packed = torch.tensor(list(values.values()), dtype=torch.float64, device=_collective_device())
-    with collective("all-reduce of " + ", ".join(values)):
-        dist.all_reduce(packed)
-    return dict(zip(values, packed.tolist()))
+    return _all_reduce(values, "sum")
 
 
 def reduce_max(values: dict[str, float]) -> dict[str, float]:
     """Each value's maximum over the ranks, in ONE all-reduce; unchanged on one process."""
+    return _all_reduce(values, "max")
+
+
+def _all_reduce(values: dict[str, float], op: str) -> dict[str, float]:
     if not world().distributed:
         return dict(values)
     packed = torch.tensor(list(values.values()), dtype=torch.float64, device=_collective_device())
-    with collective("all-reduce (max) of " + ", ".join(values)):
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    with collective(f"all-reduce ({op}) of " + ", ".join(values)):
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return dict(zip(values, packed.tolist()))
 
 
@@ -408,13 +417,12 @@ def local_steps(local_items: int, global_items: int, batch_size: int) -> list[sl
     slices of a step hold about ``batch_size`` items. A rank with fewer items than steps
     would have an empty step: that is refused (a smaller world size or a larger batch)."""
     if not world().distributed:
-        return [slice(start, start + batch_size) for start in range(0, local_items, batch_size)]
+        return consecutive_slices(local_items, batch_size)
     steps = max(1, -(-global_items // batch_size))
     if local_items < steps:
         raise ValueError(f"rank {world().rank} has {local_items} items for {steps} steps of {batch_size}: "
                          "every rank needs one per step (a larger batch size, or fewer ranks)")
-    bounds = [i * local_items // steps for i in range(steps + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(steps)]
+    return even_slices(local_items, steps)
 
 
 # ---------------------------------------------------------------------------- the coordinator's stages

