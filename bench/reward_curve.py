@@ -16,7 +16,10 @@ in ``SIZES`` and is scored on the test prompts against
 Recipes (``RMConfig``), all on the same frozen SFT trunk whose output is computed once
 per completion (``trainer.trunk_cache``):
 
-- ``pooled head``: the default: the whole trunk frozen, ``trainer.rm_heads.PooledHead``;
+- ``pooled head``: the default: the whole trunk frozen, ``trainer.rm_heads.PooledHead`` on
+  the token embeddings and layer 12's states (``RMConfig.pool_depths`` (0.0, 0.4));
+- ``pooled head, layer 12``: the same head on layer 12's states alone (the default before
+  2026-12-04);
 - ``last-token head``: the whole trunk frozen, the paper's linear head on the last token;
 - ``top-2 layers``: the top two decoder layers and the paper's head train (the previous
   default), 2 epochs at 3e-4.
@@ -25,7 +28,12 @@ Two more measurements with the default recipe: the labeling sample length (sampl
 to 64 and 96 tokens are exactly samples drawn with that cap), and K = 4 against K = 9 at
 the same number of sampled completions (the sampling cost).
 
+A recipe must not be chosen for one labeler's rule: ``--rule`` ranks the same samples by
+another of ``clients.simulated_labeler.RULES`` (default: the demo's), and ``--cap`` cuts the
+samples to the demo's labeling length first.
+
     python -m bench.reward_curve [--sizes 250 500 1000 2000 4000 8000] [--quick] [--recipes NAME ...]
+                                 [--rule NAME] [--cap TOKENS]
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.policy_samples import SampleSet, load_or_sample
+from clients.simulated_labeler import RULES
 
 SIZES = (250, 500, 1000, 2000, 4000, 8000)
 K = 9
@@ -50,6 +59,7 @@ HELD_OUT_SEEDS = (3, 4)  # two held-out labelers rank every test prompt
 CAPS = (64, 96)  # labeling sample lengths measured beside the full 128
 RECIPES: dict[str, dict[str, Any]] = {
     "pooled head": {},
+    "pooled head, layer 12": {"pool_depths": [0.4]},
     "last-token head": {"head": "last_token"},
     "top-2 layers": {"train_mode": "top_layers", "top_layers": 2, "head": "last_token", "learning_rate": 3e-4,
                      "weight_decay": 0.0, "epochs": 2, "batch_size": 4},
@@ -67,11 +77,13 @@ class Split:
     tokens_per_sample: float
 
 
-def comparisons_for(samples: SampleSet, seed: int = 0) -> Split:
+def comparisons_for(samples: SampleSet, seed: int = 0, rule: str = "concise_polite") -> Split:
     """Rank the samples: training pool by the training labelers, test prompts by the rule and
-    the held-out labelers."""
-    from clients.simulated_labeler import concise_polite, groups_by_score, noisy_ranking
+    the held-out labelers, all following ``rule`` (``clients.simulated_labeler.RULES``)."""
+    from clients.simulated_labeler import groups_by_score, noisy_ranking, rule_from_name
     from trainer.examples import Comparison, user_turn
+
+    score = rule_from_name(rule)
 
     order = list(range(len(samples.rows)))
     random.Random(seed).shuffle(order)
@@ -86,7 +98,7 @@ def comparisons_for(samples: SampleSet, seed: int = 0) -> Split:
                           stopped=tuple(row.stopped), prompt_id=str(i))
 
     def scores(i: int) -> list[float]:
-        return [concise_polite(samples.rows[i].prompt, t) for t in samples.rows[i].texts]
+        return [score(samples.rows[i].prompt, t) for t in samples.rows[i].texts]
 
     train = [comparison(i, noisy_ranking(scores(i), NOISE_P, labelers[n % len(labelers)]), "A")
              for n, i in enumerate(pool)]
@@ -163,9 +175,11 @@ def keep_trunk(cache: Any) -> None:
     tmp.replace(cache.file)
 
 
-def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str] | None = None) -> dict[str, Any]:
+def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str] | None = None,
+        rule: str = "concise_polite", cap: int | None = None) -> dict[str, Any]:
     """The curve of each recipe in ``recipes`` (default: all; ``quick``: the default recipe
-    only, without the sample-length and K tables)."""
+    only, without the sample-length and K tables), the labelers following ``rule``, the
+    curves' samples cut to ``cap`` tokens when given."""
     import torch
 
     from clients.prompts import load_prompts
@@ -177,13 +191,13 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str
     full = load_or_sample(model_dir, texts, k=K, max_tokens=128)
     results: dict[str, Any] = {"sampling": {"prompts": len(full.rows), "k": full.k, "max_tokens": full.max_tokens,
                                             "tokens": full.tokens, "seconds": full.seconds},
-                               "curve": {}, "caps": {}, "k4_vs_k9": {}}
+                               "curve": {}, "caps": {}, "k4_vs_k9": {}, "rule": rule, "cap": cap}
     names = recipes or (["pooled head"] if quick else list(RECIPES))
     recipes = {name: RECIPES[name] for name in names}
     caches = {name: cached_trunk(name, full.model_fingerprint) for name in recipes}  # one frozen trunk each
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        split = comparisons_for(full)
+        split = comparisons_for(full if cap is None else full.truncated(cap, tokenizer), rule=rule)
         results["train_pool_pairs"] = sum(sum(1 for a in c.ranks for b in c.ranks if a < b) for c in split.train)
         for name, overrides in recipes.items():
             for n in sizes:
@@ -194,13 +208,13 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str
             keep_trunk(caches[name])
         default = caches.get("pooled head") or cached_trunk("pooled head", full.model_fingerprint)
         # The sample length: the same samples cut shorter, the default recipe.
-        for cap in () if quick else CAPS:
-            cut = comparisons_for(full.truncated(cap, tokenizer))
+        for shorter in () if quick else CAPS:
+            cut = comparisons_for(full.truncated(shorter, tokenizer), rule=rule)
             for n in (2000, 4000):
                 point = train_and_score(model_dir, first_pairs(cut.train, n), cut, {}, default, work)
                 point["tokens_per_sample"] = cut.tokens_per_sample
-                results["caps"].setdefault(cap, {})[n] = point
-                print(f"cap {cap}: {n} pairs: rule {point['rule']:.3f} held-out {point['held_out']:.3f}", flush=True)
+                results["caps"].setdefault(shorter, {})[n] = point
+                print(f"cap {shorter}: {n} pairs: rule {point['rule']:.3f} held-out {point['held_out']:.3f}", flush=True)
             keep_trunk(default)
         # K = 4 against K = 9 for the same sampled completions (what sampling costs).
         for samples in () if quick else (504, 1008):
@@ -212,9 +226,10 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str
                 print(f"{samples} samples as K = {k}: rule {point['rule']:.3f} held-out {point['held_out']:.3f}",
                       flush=True)
     results["cap128"] = {n: results["curve"].get("pooled head", {}).get(n) for n in (2000, 4000)}
-    results["tokens_per_sample_128"] = comparisons_for(full).tokens_per_sample
+    results["tokens_per_sample_128"] = comparisons_for(full, rule=rule).tokens_per_sample
     results["markdown"] = markdown(results)
-    plot(results, PNG)
+    if not quick:  # the PNG in docs/BENCHMARKS.md shows the full run's curves
+        plot(results, PNG)
     return results
 
 
@@ -226,7 +241,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"kept under `data/bench/`); 64 test prompts, the rest ranked by four training labelers (noise p = "
         f"{NOISE_P}: {r['train_pool_pairs']} pairs in all). Accuracy on the test prompts' pairs: `rule` against the "
         "noise-free hidden rule (1.0 = perfect), `held-out` against two held-out noisy labelers (ceiling 1 - p = "
-        "0.84). One training run per point.", "",
+        f"0.84). One training run per point. Labelers' rule: `{r['rule']}`"
+        + (f"; samples cut to {r['cap']} tokens." if r["cap"] else "."), "",
         "| recipe | " + " | ".join(f"{n} pairs" for n in next(iter(r["curve"].values()))) + " |",
         "|---" * (1 + len(next(iter(r["curve"].values())))) + "|"]
     for name, points in r["curve"].items():
@@ -280,11 +296,14 @@ def plot(r: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
-    parser.add_argument("--quick", action="store_true", help="the curves only, of the default recipe unless --recipes")
+    parser.add_argument("--quick", action="store_true", help="the curves only, of the default recipe unless --recipes (docs/reward-curve.png is left alone)")
     parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=None)
+    parser.add_argument("--rule", choices=sorted(RULES), default="concise_polite",
+                        help="the rule the simulated labelers follow (default: the demo's)")
+    parser.add_argument("--cap", type=int, default=None, help="cut the curves' samples to this many tokens")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    results = run(args.sizes, quick=args.quick, recipes=args.recipes)
+    results = run(args.sizes, quick=args.quick, recipes=args.recipes, rule=args.rule, cap=args.cap)
     print(results["markdown"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

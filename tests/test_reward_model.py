@@ -222,7 +222,7 @@ def any_head_rm(request, tiny_model_dir) -> RewardModel:
     torch.manual_seed(0)
     head, ensemble = request.param
     rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head=head,
-                                        pool_depth=0.5, head_ensemble=ensemble)
+                                        pool_depths=(0.0, 0.5), head_ensemble=ensemble)
     with torch.no_grad():  # a non-trivial standardisation, so that saving it matters
         for buffer in rm.head.buffers():
             buffer.uniform_(0.5, 1.5)
@@ -239,10 +239,26 @@ def test_save_load_round_trip_gives_identical_scores(any_head_rm, tmp_path):
     loaded = RewardModel.load(tmp_path / "rm", dtype="float32", device="cpu")
     after = loaded.score_texts(loaded.tokenizer, prompts, responses, stopped=[True, False])
     torch.testing.assert_close(after, before, rtol=0, atol=0)
-    assert float(loaded.bias) == 0.75 and loaded.head_kind == rm.head_kind and loaded.pool_layer == rm.pool_layer
+    assert float(loaded.bias) == 0.75 and loaded.head_kind == rm.head_kind and loaded.pool_layers == rm.pool_layers
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
     assert meta["bias"] == 0.75 and meta["hidden_size"] == 128 and meta["head"] == rm.head_kind
     rm.set_bias(0.0)
+
+
+def test_a_reward_model_saved_with_one_pooled_layer_still_loads(tiny_model_dir, tmp_path):
+    """Folders written before several layers were pooled name one ``pool_layer``."""
+    torch.manual_seed(0)
+    rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled",
+                                        pool_depths=(0.5,))
+    rm.save(tmp_path / "rm")
+    meta_file = tmp_path / "rm" / "reward_model.json"
+    meta = json.loads(meta_file.read_text())
+    meta["pool_layer"] = meta.pop("pool_layers")[0]
+    meta_file.write_text(json.dumps(meta))
+    loaded = RewardModel.load(tmp_path / "rm", dtype="float32", device="cpu")
+    assert loaded.pool_layers == (1,)
+    texts = ([user_turn("a question")], ["an answer"])
+    torch.testing.assert_close(loaded.score_texts(loaded.tokenizer, *texts), rm.score_texts(rm.tokenizer, *texts))
 
 
 def test_a_format_1_folder_still_loads_as_a_last_token_head(tiny_rm, tmp_path):
@@ -292,7 +308,7 @@ def test_pooled_values_are_the_scores_of_the_response_cut_at_each_token(tiny_mod
 
     torch.manual_seed(1)
     rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled",
-                                        pool_depth=0.5).eval()
+                                        pool_depths=(0.0, 0.5)).eval()
     tok = rm.tokenizer
     prompt, response = render_chat_ids(tok, user_turn("hello there")), tok("one two three four", add_special_tokens=False)["input_ids"]
     full = pack_sequences([prompt], [response], tok.pad_token_id)
@@ -340,11 +356,11 @@ def test_scores_from_cached_trunk_equal_the_full_forward(tiny_rm):
 
 
 def test_pooled_head_scores_from_the_final_states_equal_the_full_forward(tiny_model_dir):
-    """top_layers = 0: the cached rows are the pooled layer's states and the last final state,
+    """top_layers = 0: the cached rows are the pooled layers' states and the last final state,
     and only the head runs."""
     torch.manual_seed(0)
-    rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled", pool_depth=0.5)
-    assert rm.pool_layer == 1  # of the tiny model's 2
+    rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled", pool_depths=(0.0, 0.5))
+    assert rm.pool_layers == (0, 1)  # the embeddings and layer 1 of the tiny model's 2
     items = encode_comparisons(rm.tokenizer, strict_comparisons([3, 4], seed=5), max_response_length=32)
     batch, *_ = comparison_batch(items, rm.tokenizer.pad_token_id, None)
     rm.eval()
@@ -400,7 +416,7 @@ def test_lora_mode_merges_into_a_plain_backbone(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("train_mode", "frozen"), ("top_layers", -1), ("lora_r", 0), ("epochs", 0), ("learning_rate", 0.0),
     ("max_completions_per_step", 1), ("batch_size", 0), ("max_response_length", 512), ("device", "tpu"),
-    ("warmup_ratio", 1.0), ("max_grad_norm", 0.0),
+    ("warmup_ratio", 1.0), ("max_grad_norm", 0.0), ("pool_depths", (0.4, 1.5)), ("pool_depths", ()),
 ])
 def test_rm_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -408,11 +424,19 @@ def test_rm_config_rejects_bad_values(field, value):
 
 
 def test_rm_config_defaults_are_the_measured_cpu_recipe():
-    """bench.reward_curve chose a pooled head on the frozen, cached trunk, an ensemble of 5
-    heads at a constant learning rate (docs/BENCHMARKS.md)."""
+    """bench.reward_curve chose a pooled head on the frozen, cached trunk reading the token
+    embeddings and layer 12 of 30, an ensemble of 5 heads at a constant learning rate
+    (docs/BENCHMARKS.md)."""
     config = RMConfig()
     assert (config.train_mode, config.head, config.cache_trunk) == ("head", "pooled", True)
-    assert (config.head_ensemble, config.min_lr_ratio) == (5, 1.0)
+    assert (config.head_ensemble, config.min_lr_ratio, config.pool_depths) == (5, 1.0, (0.0, 0.4))
+
+
+def test_pool_depths_come_from_a_list_in_a_file_or_a_set_override():
+    from trainer.config import config_from_overrides
+
+    assert config_from_overrides(RMConfig, ["pool_depths=[0.4]"]).pool_depths == (0.4,)
+    assert config_from_overrides(RMConfig, ["pool_depths=[0, 0.5, 1]"]).pool_depths == (0.0, 0.5, 1.0)
 
 
 def test_jsonl_formats_parse_to_comparisons():

@@ -53,7 +53,7 @@ def test_rows_sharing_a_prompt_run_it_once_and_get_the_same_states(tiny_model_di
     each row's states equal a fresh pass of the whole row (up to float rounding)."""
     torch.manual_seed(0)
     rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head=head,
-                                        pool_depth=0.5).eval()
+                                        pool_depths=(0.0, 0.5)).eval()
     prompt_a, prompt_b = rows_of_lengths(11, 7, start=20)
     rows = [prompt_a + r for r in rows_of_lengths(5, 1, 9)] + [prompt_b + r for r in rows_of_lengths(3, 6)]
     prefixes = [len(prompt_a)] * 3 + [len(prompt_b)] * 2
@@ -63,7 +63,8 @@ def test_rows_sharing_a_prompt_run_it_once_and_get_the_same_states(tiny_model_di
     for row, got in zip(rows, states):
         with torch.no_grad():
             alone = rm.trunk_rows(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), top_layers)[0]
-        assert got.shape == alone.shape == (len(row) + (top_layers == 0), 128)
+        width = 128 if top_layers else 128 * len(rm.pool_layers)  # the head's rows: every pooled layer
+        assert got.shape == alone.shape == (len(row) + (top_layers == 0), width)
         torch.testing.assert_close(got, alone, rtol=0, atol=1e-4)
 
 
@@ -138,7 +139,7 @@ def test_a_shared_cache_changes_nothing_but_the_work(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", [{"train_mode": "top_layers", "head": "last_token", "top_layers": 1},
-                                    {"train_mode": "head", "head": "pooled", "pool_depth": 0.5}])
+                                    {"train_mode": "head", "head": "pooled", "pool_depths": [0.0, 0.5]}])
 def test_scores_from_the_trunk_equal_the_saved_models_scores(tiny_model_dir, tmp_path, recipe):
     """Validation and bias read cached states: the saved RM, scoring with its full forward,
     gives demonstrations mean 0 (the bias was set from trunk scores)."""

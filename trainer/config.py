@@ -196,11 +196,14 @@ class RMConfig(_OptimConfig):
         metadata={"help": "Heads trained side by side from different inits, the score their mean (each its own "
                   "loss): on a few thousand noisy pairs single heads vary with the seed, their mean less "
                   "(bench.reward_curve). On a cached trunk a member costs little."})
-    pool_depth: float = field(
-        default=0.4,
-        metadata={"help": "Which hidden states the pooled head pools, as a fraction of the depth (0 = the token "
-                  "embeddings, 1 = the final states): 0.4 = layer 12 of SmolLM2's 30, where a token's identity is "
-                  "still plain (measured: better than the final states); the last token's state is always the final one."})
+    pool_depths: tuple[float, ...] = field(
+        default=(0.0, 0.4),
+        metadata={"help": "Which hidden states the pooled head pools, as fractions of the depth (0 = the token "
+                  "embeddings, 1 = the final states); with several, each token's states at those depths are "
+                  "concatenated before the projection. (0.0, 0.4) = the embeddings and layer 12 of SmolLM2's 30: "
+                  "what a token is and what it means in context (bench.reward_curve, 64-token samples: beat layer "
+                  "12 alone by 0.03-0.07 pairwise accuracy against the rule at 2,000 and 4,000 pairs, under both "
+                  "labeler rules measured); the last token's state is always the final one."})
     top_layers: int = field(default=2, metadata={"help": "Decoder layers trained in train_mode='top_layers'."})
     cache_trunk: bool = field(
         default=True,
@@ -232,7 +235,9 @@ class RMConfig(_OptimConfig):
         self._validate_optim()
         _check(self.top_layers >= 0, "top_layers", "must be >= 0", self.top_layers)
         _check(self.head_features >= 1, "head_features", "must be >= 1", self.head_features)
-        _check(0 <= self.pool_depth <= 1, "pool_depth", "must be in [0, 1]", self.pool_depth)
+        self.pool_depths = tuple(float(d) for d in self.pool_depths)
+        _check(len(self.pool_depths) >= 1 and all(0 <= d <= 1 for d in self.pool_depths), "pool_depths",
+               "must be one or more fractions in [0, 1]", self.pool_depths)
         _check(self.head_ensemble >= 1, "head_ensemble", "must be >= 1", self.head_ensemble)
         _check(self.lora_r >= 1, "lora_r", "must be >= 1", self.lora_r)
         _check(self.lora_alpha >= 1, "lora_alpha", "must be >= 1", self.lora_alpha)

@@ -45,14 +45,15 @@ class RewardModel(torch.nn.Module):
     pooled head, every response token."""
 
     def __init__(self, backbone: torch.nn.Module, hidden_size: int, head: torch.nn.Module | None = None,
-                 pool_layer: int | None = None) -> None:
+                 pool_layers: Sequence[int] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.hidden_size = hidden_size
         self.head = head if head is not None else build_head("last_token", hidden_size)
-        # Which hidden states the head's token pools read: index into the backbone's
-        # hidden_states (0 = embeddings, i = the output of layer i); None = the final states.
-        self.pool_layer = pool_layer if self.head.reads_tokens else None
+        # Which hidden states the head's token pools read, concatenated per token: indices into
+        # the backbone's hidden_states (0 = embeddings, i = the output of layer i); None = the
+        # final states.
+        self.pool_layers = tuple(pool_layers) if self.head.reads_tokens and pool_layers is not None else None
         # The ranking loss is blind to a constant; the bias is SET (normalisation), not learned.
         self.register_buffer("bias", torch.zeros(()))
         self.forward_calls = 0  # sequences through the backbone since creation (or reset)
@@ -74,18 +75,19 @@ class RewardModel(torch.nn.Module):
     def from_pretrained_lm(
         cls, path: Path | str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
         head_init_std: float | None = None, head: str = "last_token", head_features: int = 16,
-        pool_depth: float = 1.0, head_ensemble: int = 1,
+        pool_depths: Sequence[float] = (1.0,), head_ensemble: int = 1,
     ) -> RewardModel:
         """A fresh RM on the backbone of the causal LM in ``path`` (the SFT policy); small head init.
-        ``pool_depth``: where the pooled head's token states come from, as a fraction of the
-        depth (0 = embeddings, 1 = the final states)."""
+        ``pool_depths``: where the pooled head's token states come from, as fractions of the
+        depth (0 = embeddings, 1 = the final states), concatenated per token."""
         lm = load_causal_lm(path, dtype=dtype, device=device)
         backbone = lm.base_model  # LlamaForCausalLM.model: everything but the LM head
         hidden = lm.config.hidden_size
-        new_head = build_head(head, hidden, features=head_features, init_std=head_init_std, ensemble=head_ensemble)
         layers = len(decoder_layers(backbone))
-        pool_layer = None if pool_depth >= 1.0 else round(pool_depth * layers)
-        rm = cls(backbone, hidden, new_head, pool_layer).to(next(backbone.parameters()).device)
+        pool_layers = None if tuple(pool_depths) == (1.0,) else tuple(round(d * layers) for d in pool_depths)
+        new_head = build_head(head, hidden, features=head_features, init_std=head_init_std, ensemble=head_ensemble,
+                              token_size=hidden * len(pool_layers or (None,)))
+        rm = cls(backbone, hidden, new_head, pool_layers).to(next(backbone.parameters()).device)
         rm.tokenizer = load_tokenizer(path, padding_side="right")
         return rm
 
@@ -103,14 +105,17 @@ class RewardModel(torch.nn.Module):
         target = resolve_device(device)
         backbone = AutoModel.from_pretrained(folder, dtype=resolve_dtype(dtype, target), local_files_only=True)
         hidden = int(meta["hidden_size"])
+        pool_layers = meta.get("pool_layers")
+        if pool_layers is None and meta.get("pool_layer") is not None:  # written before several layers pooled
+            pool_layers = [meta["pool_layer"]]
         stored = load_file(str(folder / RM_HEAD))
         score_bias = stored.pop("score_bias")
         if meta["format"] == 1:  # a bare linear head: weight, bias
             stored = {"linear.weight": stored["weight"], "linear.bias": stored["bias"]}
         head = build_head(meta.get("head", "last_token"), hidden, features=int(meta.get("head_features") or 16),
-                          ensemble=int(meta.get("head_ensemble") or 1))
+                          ensemble=int(meta.get("head_ensemble") or 1), token_size=hidden * len(pool_layers or [None]))
         head.load_state_dict(stored)
-        rm = cls(backbone, hidden, head, meta.get("pool_layer"))
+        rm = cls(backbone, hidden, head, pool_layers)
         with torch.no_grad():
             rm.bias.copy_(score_bias)
         rm.max_length, rm.max_response_length = meta.get("max_length"), meta.get("max_response_length")
@@ -132,7 +137,7 @@ class RewardModel(torch.nn.Module):
         meta = {"format": RM_FORMAT, "hidden_size": self.hidden_size, "bias": float(self.bias),
                 "head": self.head_kind, "head_features": head_features(self.head),
                 "head_ensemble": member_count(self.head),
-                "pool_layer": self.pool_layer,
+                "pool_layers": None if self.pool_layers is None else list(self.pool_layers),
                 "backbone_class": type(backbone).__name__, "head_file": RM_HEAD,
                 "max_length": self.max_length, "max_response_length": self.max_response_length,
                 "reads": "final hidden states; score = head(states, masks) + bias (trainer.rm_heads)"}
@@ -148,12 +153,18 @@ class RewardModel(torch.nn.Module):
         return self.head_states(input_ids, attention_mask)[1]
 
     def head_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token states the head pools, final states). Shape: (B, T) -> two (B, T, H), float32.
-        Counts B forward passes."""
-        out = self._backbone_pass(input_ids, attention_mask, every_layer=self.pool_layer is not None)
+        """(token states the head pools, final states). Shape: (B, T) -> (B, T, H * len(pool_layers))
+        and (B, T, H), float32. Counts B forward passes."""
+        out = self._backbone_pass(input_ids, attention_mask, every_layer=self.pool_layers is not None)
         final = out.last_hidden_state.float()
-        tokens = final if self.pool_layer is None else out.hidden_states[self.pool_layer].float()
-        return tokens, final
+        return self._pooled_states(out.hidden_states, final), final
+
+    def _pooled_states(self, hidden_states: Sequence[torch.Tensor] | None, final: torch.Tensor) -> torch.Tensor:
+        """The token states the head pools: ``pool_layers``' of ``hidden_states``, concatenated
+        per token, or ``final``. Shape: -> (..., T, H * len(pool_layers)) float32."""
+        if self.pool_layers is None:
+            return final
+        return torch.cat([hidden_states[layer].float() for layer in self.pool_layers], dim=-1)
 
     def _backbone_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_layer: bool) -> Any:
         """The backbone's output on a right-padded batch (with ``every_layer``, every layer's
@@ -189,9 +200,9 @@ class RewardModel(torch.nn.Module):
         Shape: (B, T) -> B tensors. Counts B forward passes."""
         lengths = attention_mask.sum(dim=1).tolist()
         if top_layers == 0:
-            tokens, final = self.head_states(input_ids, attention_mask)  # (B, T, H) each
+            tokens, final = self.head_states(input_ids, attention_mask)  # (B, T, D), (B, T, H)
             last = gather_last(final, attention_mask)  # (B, H)
-            return [torch.cat([tokens[i, :n], last[i:i + 1]]) for i, n in enumerate(lengths)]
+            return [self._head_row(tokens[i, :n], last[i]) for i, n in enumerate(lengths)]
         layers = decoder_layers(self.backbone)
         out = self._backbone_pass(input_ids, attention_mask, every_layer=True)
         states = out.hidden_states[len(layers) - top_layers]  # [0] is the embeddings, [i] enters layer i
@@ -227,11 +238,23 @@ class RewardModel(torch.nn.Module):
         if hidden_index is not None:  # the states entering the top layers
             return [joined(head.hidden_states[hidden_index], tail.hidden_states[hidden_index], i)
                     for i in range(len(continuations))]
-        layer = -1 if self.pool_layer is None else self.pool_layer
         final = torch.cat([head.last_hidden_state.expand(len(continuations), -1, -1), tail.last_hidden_state], dim=1)
         last = gather_last(final, attention_mask.to(device)).float()  # (N, H); an empty continuation: the prefix's
-        return [torch.cat([joined(head.hidden_states[layer], tail.hidden_states[layer], i).float(), last[i:i + 1]])
+        layers = (-1,) if self.pool_layers is None else self.pool_layers
+        return [self._head_row(torch.cat([joined(head.hidden_states[layer], tail.hidden_states[layer], i).float()
+                                          for layer in layers], dim=-1), last[i])
                 for i in range(len(continuations))]
+
+    @staticmethod
+    def _head_row(tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """One cached row for the head alone: the token states, then the last token's final
+        state as one more row, zero-padded to their width when several layers are pooled (read
+        back by ``head_row_parts``). Shape: (n, D), (H,) -> (n + 1, D)."""
+        return torch.cat([tokens, torch.nn.functional.pad(last, (0, tokens.shape[-1] - last.shape[-1]))[None]])
+
+    def head_row_parts(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``_head_row``'s token states and last final state. Shape: (n + 1, D) -> (n, D), (H,)."""
+        return row[:-1], row[-1, :self.hidden_size]
 
     def scores_from_trunk(self, rows: Sequence[torch.Tensor], response_lengths: Sequence[int], top_layers: int,
                           members: bool = False) -> torch.Tensor:
@@ -241,8 +264,9 @@ class RewardModel(torch.nn.Module):
         device = next(self.parameters()).device
         head = self.head.member_scores if members and isinstance(self.head, HeadEnsemble) else self.head
         if top_layers == 0:
-            tokens, _, response_mask = pad_states([r[:-1] for r in rows], response_lengths)
-            last = torch.stack([r[-1] for r in rows])
+            parts = [self.head_row_parts(r) for r in rows]
+            tokens, _, response_mask = pad_states([states for states, _ in parts], response_lengths)
+            last = torch.stack([last for _, last in parts])
             return head(tokens.to(device), last.to(device), response_mask.to(device)) + self.bias
         states, attention_mask, response_mask = pad_states(rows, response_lengths)
         attention_mask = attention_mask.to(device)

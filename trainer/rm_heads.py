@@ -1,14 +1,16 @@
 """The reward model's scalar heads: what turns the trunk's final hidden states into a score.
 
 - ``LastTokenHead`` (the paper's): a linear map of the state at the response's last token.
-- ``PooledHead``: the states of EVERY response token at a middle layer (where a token's
-  identity is still plain), projected to a few features and pooled three ways (max, mean,
-  log of the positive sum), next to the last token's final state, then a linear map. Max-pooling carries "some token of the response is X", the sum
-  carries "how many", the mean "how much on average": properties spread over a response
-  that the last token's state barely encodes. Measured on the embedded model's own samples
-  ranked by simulated labelers (``python -m bench.reward_curve``, docs/BENCHMARKS.md): on a
-  frozen trunk it beat the last-token head and trained top layers at every data size, and
-  pooling a middle layer's states beat pooling the final ones.
+- ``PooledHead``: the states of EVERY response token (by default the token embeddings and a
+  middle layer's states, concatenated: what the token is and what it means in context),
+  projected to a few features and pooled three ways (max, mean, log of the positive sum),
+  next to the last token's final state, then a linear map. Max-pooling carries "some token
+  of the response is X", the sum carries "how many", the mean "how much on average":
+  properties spread over a response that the last token's state barely encodes. Measured on
+  the embedded model's own samples ranked by simulated labelers (``python -m
+  bench.reward_curve``, docs/BENCHMARKS.md): on a frozen trunk it beat the last-token head
+  and trained top layers at every data size, pooling a middle layer's states beat pooling
+  the final ones, and adding the embeddings beat the middle layer alone.
 
 Both read only response tokens besides the last one, so both need the response mask, and
 both give per-token values (``per_token``, the PPO value model's V(s_t)): the score the
@@ -73,29 +75,32 @@ class LastTokenHead(torch.nn.Module):
 
 class PooledHead(torch.nn.Module):
     """r = w . [max_t p_t, mean_t p_t, log(1 + sum_t relu(p_t)), z(h_last)] + b over response tokens t,
-    where p_t = U z(x_t) (``features`` projections) of the token states x_t (a middle layer's:
-    ``RewardModel.pool_layer``), h_last the final state at the last token, z a standardisation."""
+    where p_t = U z(x_t) (``features`` projections) of the token states x_t (``token_size`` wide:
+    the states at ``RewardModel.pool_layers``, concatenated), h_last the final state at the last
+    token (``hidden_size`` wide), z a standardisation."""
 
     kind: HeadKind = "pooled"
     reads_tokens = True
 
-    def __init__(self, hidden_size: int, features: int = 16, init_std: float | None = None) -> None:
+    def __init__(self, hidden_size: int, features: int = 16, init_std: float | None = None,
+                 token_size: int | None = None) -> None:
         super().__init__()
-        self.proj = torch.nn.Linear(hidden_size, features)
+        token_size = hidden_size if token_size is None else token_size
+        self.proj = torch.nn.Linear(token_size, features)
         self.linear = torch.nn.Linear(3 * features + hidden_size, 1)
         # torch's default (uniform) init unless told: measured better here than a normal init
         # of the last-token head's scale (0.72 vs 0.68 pairwise accuracy, 3 seeds)
         if init_std is not None:
             torch.nn.init.normal_(self.linear.weight, std=init_std)
             torch.nn.init.zeros_(self.linear.bias)
-        for name in ("token_mean", "last_mean"):
-            self.register_buffer(name, torch.zeros(hidden_size))
-        for name in ("token_std", "last_std"):
-            self.register_buffer(name, torch.ones(hidden_size))
+        self.register_buffer("token_mean", torch.zeros(token_size))
+        self.register_buffer("token_std", torch.ones(token_size))
+        self.register_buffer("last_mean", torch.zeros(hidden_size))
+        self.register_buffer("last_std", torch.ones(hidden_size))
 
     def fit_normalizer(self, token_states: torch.Tensor, last_states: torch.Tensor) -> None:
-        """Fix the standardisation from training data. Shape: token_states (N, H) response
-        tokens, last_states (M, H) last tokens' final states."""
+        """Fix the standardisation from training data. Shape: token_states (N, token_size)
+        response tokens, last_states (M, H) last tokens' final states."""
         with torch.no_grad():
             self.token_mean.copy_(token_states.mean(0))
             self.token_std.copy_(token_states.std(0) + 1e-4)
@@ -104,7 +109,7 @@ class PooledHead(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, last: torch.Tensor, response_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """Shape: tokens (B, T, H), last (B, H), response_mask (B, T) -> (B,)."""
+        """Shape: tokens (B, T, token_size), last (B, H), response_mask (B, T) -> (B,)."""
         mask = self._response(response_mask, tokens)  # (B, T, 1)
         p = self.proj((tokens - self.token_mean) / self.token_std)  # (B, T, F)
         count = mask.sum(dim=1)  # (B, 1)
@@ -118,7 +123,8 @@ class PooledHead(torch.nn.Module):
     def per_token(self, tokens: torch.Tensor, final: torch.Tensor, response_mask: torch.Tensor | None = None
                   ) -> torch.Tensor:
         """The score as if the response ended at each position t: the pools over the response
-        tokens up to t, final[:, t] as the last state. Shape: (B, T, H) twice, (B, T) -> (B, T)."""
+        tokens up to t, final[:, t] as the last state. Shape: tokens (B, T, token_size), final
+        (B, T, H), (B, T) -> (B, T)."""
         mask = self._response(response_mask, tokens)  # (B, T, 1)
         p = self.proj((tokens - self.token_mean) / self.token_std)  # (B, T, F)
         count = torch.cumsum(mask, dim=1)  # (B, T, 1) response tokens up to t
@@ -169,15 +175,17 @@ class HeadEnsemble(torch.nn.Module):
 
 
 def build_head(kind: str, hidden_size: int, *, features: int = 16, init_std: float | None = None,
-               ensemble: int = 1) -> torch.nn.Module:
-    """A fresh head of ``kind`` for states of ``hidden_size`` (the mean of ``ensemble`` of them when > 1)."""
+               ensemble: int = 1, token_size: int | None = None) -> torch.nn.Module:
+    """A fresh head of ``kind`` for final states of ``hidden_size`` and pooled token states of
+    ``token_size`` (default: ``hidden_size``; the pooled head only), the mean of ``ensemble`` of
+    them when > 1."""
     if ensemble > 1:
-        return HeadEnsemble([build_head(kind, hidden_size, features=features, init_std=init_std)
-                             for _ in range(ensemble)])
+        return HeadEnsemble([build_head(kind, hidden_size, features=features, init_std=init_std,
+                                        token_size=token_size) for _ in range(ensemble)])
     if kind == "last_token":
         return LastTokenHead(hidden_size, init_std)
     if kind == "pooled":
-        return PooledHead(hidden_size, features, init_std)
+        return PooledHead(hidden_size, features, init_std, token_size)
     raise ValueError(f"Unknown reward head: {kind}")
 
 

@@ -141,7 +141,7 @@ def load_reward_model(model_dir_or_rm: Path | str | RewardModel, config: RMConfi
         device = resolve_device(config.device)
         rm = RewardModel.from_pretrained_lm(model_dir_or_rm, dtype=resolve_dtype(config.dtype, device), device=device,
                                             head_init_std=config.head_init_std, head=config.head,
-                                            head_features=config.head_features, pool_depth=config.pool_depth,
+                                            head_features=config.head_features, pool_depths=config.pool_depths,
                                             head_ensemble=config.head_ensemble)
     if rm.tokenizer is None:
         raise ValueError("the reward model has no tokenizer; load it with from_pretrained_lm or load")
@@ -223,9 +223,10 @@ def fit_head_normalizer(rm: RewardModel, items: Sequence[EncodedComparison], pad
     for group in micro_batches(list(items), max_sequences):
         lengths = [len(ids) for item in group for ids in item.completion_ids]
         if all(item.trunk is not None and item.trunk_top_layers == 0 for item in group):
-            for states, n in zip((s for item in group for s in item.trunk), lengths):
-                tokens.append(states[-1 - n:-1])  # (n, H): the response's token states
-                lasts.append(states[-1:])  # (1, H): the final state at the last token
+            for row, n in zip((s for item in group for s in item.trunk), lengths):
+                states, last = rm.head_row_parts(row)
+                tokens.append(states[len(states) - n:])  # (n, D): the response's token states
+                lasts.append(last[None])  # (1, H): the final state at the last token
         else:
             batch, _, _, _ = comparison_batch(group, pad_token_id, max_length)
             with eval_mode(rm):

@@ -61,6 +61,8 @@ class TrunkKey:
     top_layers: int
     dtype: str
     device: str
+    # The head alone (top_layers 0): which hidden states its rows hold (``RewardModel.pool_layers``)
+    pool_layers: tuple[int, ...] | None = None
 
 
 _fingerprints: dict[tuple, str] = {}  # (path, (name, size, mtime_ns)...) -> sha256: hash each folder once
@@ -87,7 +89,9 @@ def model_fingerprint(folder: Path | str) -> str:
 
 def trunk_key(model_dir: Path | str, top_layers: int, model: torch.nn.Module) -> TrunkKey:
     parameter = next(model.parameters())
-    return TrunkKey(model_fingerprint(model_dir), top_layers, str(parameter.dtype), str(parameter.device))
+    pool_layers = getattr(model, "pool_layers", None) if top_layers == 0 else None
+    return TrunkKey(model_fingerprint(model_dir), top_layers, str(parameter.dtype), str(parameter.device),
+                    pool_layers)
 
 
 class TrunkCache:
@@ -251,7 +255,7 @@ def can_cache_trunk(rm: RewardModel, config: RMConfig) -> bool:
         return True
     # a head that pools a lower layer's states needs them, and only the top layers' input is cached
     return (config.train_mode == "top_layers" and 0 < config.top_layers and config.residual_dropout == 0
-            and rm.pool_layer is None and isinstance(getattr(rm.backbone, "layers", None), torch.nn.ModuleList))
+            and rm.pool_layers is None and isinstance(getattr(rm.backbone, "layers", None), torch.nn.ModuleList))
 
 
 def frozen_top_layers(config: RMConfig) -> int:
