@@ -332,6 +332,10 @@ def test_gate_promotes_only_within_every_bound() -> None:
     assert decide(collapsed, bounds).promote  # unbounded by default
     refused = decide(collapsed, GateConfig(min_win_rate=0.55, max_kl_per_token=5.0, max_empty_fraction=0.1))
     assert not refused.promote and refused.reason == "empty_fraction 0.25 <= 0.1 failed"
+    # A tie is not better: the win rate must exceed its bound (0 disables the check).
+    tie = decide(evaluation | {"judge_win_rate": 0.5}, GateConfig(min_win_rate=0.5, max_kl_per_token=5.0))
+    assert not tie.promote and tie.reason == "win_rate 0.5 > 0.5 failed"
+    assert decide(evaluation | {"judge_win_rate": 0.0}, GateConfig(min_win_rate=0.0, max_kl_per_token=5.0)).promote
     # A judge at chance on rankings it never saw promotes nothing, however much it likes the candidate.
     at_chance = decide(evaluation | {"judge_accuracy": 0.5, "judge_win_rate": 0.9}, bounds)
     assert not at_chance.promote and at_chance.reason == "judge_accuracy 0.5 >= 0.55 failed"

@@ -33,7 +33,9 @@ class GateConfig:
 
     min_win_rate: float = field(
         default=0.5,
-        metadata={"help": "Least judge win rate against the serving policy (ties count half); 0 disables."})
+        metadata={"help": "The judge win rate against the serving policy (ties count half) must EXCEED this: at "
+                  "0.5 a candidate the judge finds no better than the serving policy (a tie) is not promoted; "
+                  "0 disables."})
     max_p_value: float | None = field(
         default=None,
         metadata={"help": "Most one-sided sign-test p-value for 'candidate beats serving'; None = not required."})
@@ -89,7 +91,8 @@ def decide(evaluation: dict[str, Any], config: GateConfig) -> GateDecision:
     """Apply the bounds of ``config`` to the metrics of ``evaluate_candidate`` (plus the judge's
     accuracy, ``judge_accuracy``: a bound with no measured value fails)."""
     bounds = [("judge_accuracy", evaluation.get("judge_accuracy"), ">=", config.min_judge_accuracy),
-              ("win_rate", evaluation["judge_win_rate"], ">=", config.min_win_rate),
+              # strictly above: a candidate the judge cannot tell from the serving policy is not better
+              ("win_rate", evaluation["judge_win_rate"], ">", config.min_win_rate or None),
               ("p_value", evaluation["p_value"], "<=", config.max_p_value),
               ("kl_to_sft", evaluation["kl_to_sft"], "<=", config.max_kl_per_token),
               ("ptx_regression", evaluation["ptx_regression"], "<=", config.max_ptx_regression),
@@ -100,6 +103,6 @@ def decide(evaluation: dict[str, Any], config: GateConfig) -> GateDecision:
             continue
         if value is None:  # a judge that could not be measured cannot vouch for anything
             value = math.nan
-        passed = value >= bound if op == ">=" else value <= bound
+        passed = value >= bound if op == ">=" else value > bound if op == ">" else value <= bound
         checks[name] = {"value": value, "op": op, "bound": bound, "passed": bool(passed and math.isfinite(value))}
     return GateDecision(all(c["passed"] for c in checks.values()), checks)
