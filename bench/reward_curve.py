@@ -184,6 +184,8 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str
 
     from clients.prompts import load_prompts
     from common.models import ensure_embedded_model, load_tokenizer
+    if cap is not None and not quick:  # the sample-length and K tables compare against the uncut samples
+        raise ValueError("cap cuts the curves' samples only: use it with quick")
     torch.manual_seed(0)
     model_dir = ensure_embedded_model()
     tokenizer = load_tokenizer(model_dir)
@@ -300,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=None)
     parser.add_argument("--rule", choices=sorted(RULES), default="concise_polite",
                         help="the rule the simulated labelers follow (default: the demo's)")
-    parser.add_argument("--cap", type=int, default=None, help="cut the curves' samples to this many tokens")
+    parser.add_argument("--cap", type=int, default=None, help="cut the curves' samples to this many tokens (with --quick)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.cap is not None and not args.quick:
+        parser.error("--cap cuts the curves' samples only: use it with --quick")
     results = run(args.sizes, quick=args.quick, recipes=args.recipes, rule=args.rule, cap=args.cap)
     print(results["markdown"])
     if args.json:

@@ -86,7 +86,7 @@ class RewardModel(torch.nn.Module):
         layers = len(decoder_layers(backbone))
         pool_layers = None if tuple(pool_depths) == (1.0,) else tuple(round(d * layers) for d in pool_depths)
         new_head = build_head(head, hidden, features=head_features, init_std=head_init_std, ensemble=head_ensemble,
-                              token_size=hidden * len(pool_layers or (None,)))
+                              token_size=pooled_width(hidden, pool_layers))
         rm = cls(backbone, hidden, new_head, pool_layers).to(next(backbone.parameters()).device)
         rm.tokenizer = load_tokenizer(path, padding_side="right")
         return rm
@@ -113,7 +113,7 @@ class RewardModel(torch.nn.Module):
         if meta["format"] == 1:  # a bare linear head: weight, bias
             stored = {"linear.weight": stored["weight"], "linear.bias": stored["bias"]}
         head = build_head(meta.get("head", "last_token"), hidden, features=int(meta.get("head_features") or 16),
-                          ensemble=int(meta.get("head_ensemble") or 1), token_size=hidden * len(pool_layers or [None]))
+                          ensemble=int(meta.get("head_ensemble") or 1), token_size=pooled_width(hidden, pool_layers))
         head.load_state_dict(stored)
         rm = cls(backbone, hidden, head, pool_layers)
         with torch.no_grad():
@@ -157,14 +157,9 @@ class RewardModel(torch.nn.Module):
         and (B, T, H), float32. Counts B forward passes."""
         out = self._backbone_pass(input_ids, attention_mask, every_layer=self.pool_layers is not None)
         final = out.last_hidden_state.float()
-        return self._pooled_states(out.hidden_states, final), final
-
-    def _pooled_states(self, hidden_states: Sequence[torch.Tensor] | None, final: torch.Tensor) -> torch.Tensor:
-        """The token states the head pools: ``pool_layers``' of ``hidden_states``, concatenated
-        per token, or ``final``. Shape: -> (..., T, H * len(pool_layers)) float32."""
         if self.pool_layers is None:
-            return final
-        return torch.cat([hidden_states[layer].float() for layer in self.pool_layers], dim=-1)
+            return final, final
+        return torch.cat([out.hidden_states[layer].float() for layer in self.pool_layers], dim=-1), final
 
     def _backbone_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_layer: bool) -> Any:
         """The backbone's output on a right-padded batch (with ``every_layer``, every layer's
@@ -312,6 +307,11 @@ class RewardModel(torch.nn.Module):
     def set_bias(self, value: float) -> None:
         with torch.no_grad():
             self.bias.fill_(value)
+
+
+def pooled_width(hidden_size: int, pool_layers: Sequence[int] | None) -> int:
+    """How wide a token's pooled states are: one hidden state per pooled layer (the final one when None)."""
+    return hidden_size * (len(pool_layers) if pool_layers else 1)
 
 
 def head_features(head: torch.nn.Module) -> int | None:
