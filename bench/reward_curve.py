@@ -17,9 +17,13 @@ Recipes (``RMConfig``), all on the same frozen SFT trunk whose output is compute
 per completion (``trainer.trunk_cache``):
 
 - ``pooled head``: the default: the whole trunk frozen, ``trainer.rm_heads.PooledHead`` on
-  the token embeddings and layer 12's states (``RMConfig.pool_depths`` (0.0, 0.4));
-- ``pooled head, layer 12``: the same head on layer 12's states alone (the default before
-  2026-12-04);
+  the token embeddings and layer 12's states (``RMConfig.pool_depths`` (0.0, 0.4)).
+  Nothing above layer 12 is read, so the trunk runs 12 of its 30 layers
+  (``RMConfig.head_last_state`` False);
+- ``pooled head + final state``: the same head also reading the last token's final state
+  (the whole trunk runs; the default until 2026-12-04 evening);
+- ``pooled head, layer 12``: the head with the final state on layer 12's states alone (the
+  default before 2026-12-04);
 - ``last-token head``: the whole trunk frozen, the paper's linear head on the last token;
 - ``top-2 layers``: the top two decoder layers and the paper's head train (the previous
   default), 2 epochs at 3e-4.
@@ -59,7 +63,8 @@ HELD_OUT_SEEDS = (3, 4)  # two held-out labelers rank every test prompt
 CAPS = (64, 96)  # labeling sample lengths measured beside the full 128
 RECIPES: dict[str, dict[str, Any]] = {
     "pooled head": {},
-    "pooled head, layer 12": {"pool_depths": [0.4]},
+    "pooled head, layer 12": {"pool_depths": [0.4], "head_last_state": True},
+    "pooled head + final state": {"head_last_state": True},
     "last-token head": {"head": "last_token"},
     "top-2 layers": {"train_mode": "top_layers", "top_layers": 2, "head": "last_token", "learning_rate": 3e-4,
                      "weight_decay": 0.0, "epochs": 2, "batch_size": 4},

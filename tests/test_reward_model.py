@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -217,12 +218,13 @@ def test_bias_from_bias_prompts(tiny_model_dir, tmp_path):
     torch.testing.assert_close(scores.mean(), torch.tensor(0.0), atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module", params=[("last_token", 1), ("pooled", 1), ("pooled", 3)])
+@pytest.fixture(scope="module", params=[("last_token", 1, True), ("pooled", 1, True), ("pooled", 3, True),
+                                        ("pooled", 3, False)])
 def any_head_rm(request, tiny_model_dir) -> RewardModel:
     torch.manual_seed(0)
-    head, ensemble = request.param
+    head, ensemble, last_state = request.param
     rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head=head,
-                                        pool_depths=(0.0, 0.5), head_ensemble=ensemble)
+                                        pool_depths=(0.0, 0.5), head_ensemble=ensemble, head_last_state=last_state)
     with torch.no_grad():  # a non-trivial standardisation, so that saving it matters
         for buffer in rm.head.buffers():
             buffer.uniform_(0.5, 1.5)
@@ -243,6 +245,37 @@ def test_save_load_round_trip_gives_identical_scores(any_head_rm, tmp_path):
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
     assert meta["bias"] == 0.75 and meta["hidden_size"] == 128 and meta["head"] == rm.head_kind
     rm.set_bias(0.0)
+
+
+def test_a_head_without_the_final_state_cuts_the_backbone_and_scores_the_same(tiny_model_dir, tmp_path):
+    """A pooled head that reads no final state reads nothing above its deepest pooled layer:
+    the RM keeps only the layers up to it (the tiny model's layer 1 of 2), scores exactly as
+    the same head on the whole backbone, and saves a plain model of the kept layers."""
+    torch.manual_seed(0)
+    cut = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled",
+                                         pool_depths=(0.0, 0.5), head_last_state=False)
+    whole = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled",
+                                           pool_depths=(0.0, 0.5), head_last_state=True)
+    head = copy.deepcopy(cut.head)
+    whole.head, whole.pool_layers = head, cut.pool_layers  # the same head on all the layers
+    assert (cut.cut_at, len(cut.backbone.layers), len(whole.backbone.layers)) == (1, 1, 2)
+    texts = ([user_turn("a question"), user_turn("another one")], ["an answer", "a longer answer with words"])
+    expected = whole.score_texts(whole.tokenizer, *texts)
+    torch.testing.assert_close(cut.score_texts(cut.tokenizer, *texts), expected, rtol=1e-5, atol=1e-5)
+    cut.save(tmp_path / "rm")
+    weights = _layer_weights(tmp_path / "rm")
+    assert "norm.weight" in weights and not any(name.startswith("layers.1.") for name in weights)
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["num_hidden_layers"] == 1
+    loaded = RewardModel.load(tmp_path / "rm", dtype="float32", device="cpu")
+    assert (loaded.cut_at, len(loaded.backbone.layers), loaded.head.reads_final) == (1, 1, False)
+    torch.testing.assert_close(loaded.score_texts(loaded.tokenizer, *texts), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_pooling_the_final_layer_keeps_the_whole_backbone(tiny_model_dir):
+    """The final layer's pooled states are the normed ones: nothing to cut."""
+    rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled",
+                                        pool_depths=(0.0, 1.0), head_last_state=False)
+    assert rm.cut_at is None and len(rm.backbone.layers) == 2
 
 
 def test_a_reward_model_saved_with_one_pooled_layer_still_loads(tiny_model_dir, tmp_path):
@@ -425,11 +458,12 @@ def test_rm_config_rejects_bad_values(field, value):
 
 def test_rm_config_defaults_are_the_measured_cpu_recipe():
     """bench.reward_curve chose a pooled head on the frozen, cached trunk reading the token
-    embeddings and layer 12 of 30, an ensemble of 5 heads at a constant learning rate
-    (docs/BENCHMARKS.md)."""
+    embeddings and layer 12 of 30 (nothing above: the trunk is cut there), an ensemble of 5 heads
+    at a constant learning rate (docs/BENCHMARKS.md)."""
     config = RMConfig()
     assert (config.train_mode, config.head, config.cache_trunk) == ("head", "pooled", True)
     assert (config.head_ensemble, config.min_lr_ratio, config.pool_depths) == (5, 1.0, (0.0, 0.4))
+    assert config.head_last_state is False  # the trunk runs up to layer 12 only
 
 
 def test_pool_depths_come_from_a_list_in_a_file_or_a_set_override():

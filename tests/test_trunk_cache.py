@@ -47,13 +47,15 @@ def test_states_equal_a_fresh_trunk_pass_and_repeats_are_computed_once(frozen_rm
     assert all(torch.equal(a, b) for a, b in zip(again, states[:2]))
 
 
-@pytest.mark.parametrize("top_layers, head", [(1, "last_token"), (0, "pooled")])
-def test_rows_sharing_a_prompt_run_it_once_and_get_the_same_states(tiny_model_dir, top_layers, head):
+@pytest.mark.parametrize("top_layers, head, last_state", [(1, "last_token", True), (0, "pooled", True),
+                                                     (0, "pooled", False)])
+def test_rows_sharing_a_prompt_run_it_once_and_get_the_same_states(tiny_model_dir, top_layers, head, last_state):
     """prefix_lengths: a prompt's K completions share its keys and values (one prompt pass);
-    each row's states equal a fresh pass of the whole row (up to float rounding)."""
+    each row's states equal a fresh pass of the whole row (up to float rounding), on the whole
+    backbone and on one cut at the deepest pooled layer alike."""
     torch.manual_seed(0)
     rm = RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head=head,
-                                        pool_depths=(0.0, 0.5)).eval()
+                                        pool_depths=(0.0, 0.5), head_last_state=last_state).eval()
     prompt_a, prompt_b = rows_of_lengths(11, 7, start=20)
     rows = [prompt_a + r for r in rows_of_lengths(5, 1, 9)] + [prompt_b + r for r in rows_of_lengths(3, 6)]
     prefixes = [len(prompt_a)] * 3 + [len(prompt_b)] * 2
@@ -89,6 +91,20 @@ def test_a_new_frozen_trunk_empties_the_cache(frozen_rm, tiny_model_dir, tmp_pat
     assert (cache.computed, len(cache)) == (4, 2)  # recomputed; the old trunk's rows are gone
     with pytest.raises(ValueError, match="top layers"):
         cache.states(frozen_rm, trunk_key(changed, 1, frozen_rm), rows, 2, 0, 8)
+
+
+def test_other_pooled_layers_or_a_cut_trunk_empty_the_cache(tiny_model_dir):
+    """Rows of the head alone hold the pooled layers' states and the last state of the layers
+    run: another choice of either is another trunk."""
+    def rm(depths, last_state):
+        return RewardModel.from_pretrained_lm(tiny_model_dir, dtype="float32", device="cpu", head="pooled",
+                                              pool_depths=depths, head_last_state=last_state).eval()
+
+    cache, rows = TrunkCache(), rows_of_lengths(5, 6)
+    for model in (rm((0.0, 0.5), True), rm((0.5,), True), rm((0.5,), False)):
+        cache.states(model, trunk_key(tiny_model_dir, 0, model), rows, 0, 0, 8)
+        assert (cache.reused, len(cache)) == (0, 2)  # every model's rows computed afresh
+    assert cache.computed == 6
 
 
 def test_the_least_recently_used_rows_go_first(frozen_rm, tiny_model_dir):

@@ -3,7 +3,9 @@
 ``RewardModel`` is the policy's backbone (the causal LM without its LM head) plus a scalar
 head read at each sequence's LAST non-pad token, plus a settable ``bias`` so that scores are
 normalised (labeler demonstrations score mean 0). The PPO value model is a deep copy of it
-and reads ``per_token_values``.
+and reads ``per_token_values``. A pooled head that reads no final state (``last_state``
+False) reads nothing above its deepest pooled layer, so the backbone is CUT there
+(``cut_backbone``): the upper layers are neither run nor saved (SmolLM2: 12 of 30 layers).
 
 Training it on K-way rankings is ``trainer.rm_training``; the frozen trunk's states, cached
 once per completion for every epoch and for the scoring after training, are
@@ -45,7 +47,7 @@ class RewardModel(torch.nn.Module):
     pooled head, every response token."""
 
     def __init__(self, backbone: torch.nn.Module, hidden_size: int, head: torch.nn.Module | None = None,
-                 pool_layers: Sequence[int] | None = None) -> None:
+                 pool_layers: Sequence[int] | None = None, cut_at: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.hidden_size = hidden_size
@@ -54,6 +56,11 @@ class RewardModel(torch.nn.Module):
         # the backbone's hidden_states (0 = embeddings, i = the output of layer i); None = the
         # final states.
         self.pool_layers = tuple(pool_layers) if self.head.reads_tokens and pool_layers is not None else None
+        # ``cut_at``: the backbone keeps its first cut_at decoder layers and no final norm
+        # (``cut_backbone``); the norm taken out is kept in a list (not a registered submodule)
+        # for ``save``, which puts it back so that the folder loads as a plain model.
+        self.cut_at = cut_at
+        self._cut_norm: list[torch.nn.Module] = [] if cut_at is None else [cut_backbone(backbone, cut_at)]
         # The ranking loss is blind to a constant; the bias is SET (normalisation), not learned.
         self.register_buffer("bias", torch.zeros(()))
         self.forward_calls = 0  # sequences through the backbone since creation (or reset)
@@ -75,19 +82,24 @@ class RewardModel(torch.nn.Module):
     def from_pretrained_lm(
         cls, path: Path | str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
         head_init_std: float | None = None, head: str = "last_token", head_features: int = 16,
-        pool_depths: Sequence[float] = (1.0,), head_ensemble: int = 1,
+        pool_depths: Sequence[float] = (1.0,), head_ensemble: int = 1, head_last_state: bool = True,
     ) -> RewardModel:
         """A fresh RM on the backbone of the causal LM in ``path`` (the SFT policy); small head init.
         ``pool_depths``: where the pooled head's token states come from, as fractions of the
-        depth (0 = embeddings, 1 = the final states), concatenated per token."""
+        depth (0 = embeddings, 1 = the final states), concatenated per token; ``head_last_state``
+        False: the pooled head reads those alone (and the backbone is cut above them)."""
         lm = load_causal_lm(path, dtype=dtype, device=device)
         backbone = lm.base_model  # LlamaForCausalLM.model: everything but the LM head
         hidden = lm.config.hidden_size
         layers = len(decoder_layers(backbone))
         pool_layers = None if tuple(pool_depths) == (1.0,) else tuple(round(d * layers) for d in pool_depths)
         new_head = build_head(head, hidden, features=head_features, init_std=head_init_std, ensemble=head_ensemble,
-                              token_size=pooled_width(hidden, pool_layers))
-        rm = cls(backbone, hidden, new_head, pool_layers).to(next(backbone.parameters()).device)
+                              token_size=pooled_width(hidden, pool_layers), last_state=head_last_state)
+        # nothing above the deepest pooled layer is read (the final layer's pooled states are
+        # the normed ones, so a head pooling it keeps the whole backbone)
+        reads_above = new_head.reads_final or not new_head.reads_tokens or pool_layers is None
+        cut_at = None if reads_above or max(pool_layers) == layers else max(pool_layers)
+        rm = cls(backbone, hidden, new_head, pool_layers, cut_at).to(next(backbone.parameters()).device)
         rm.tokenizer = load_tokenizer(path, padding_side="right")
         return rm
 
@@ -113,9 +125,10 @@ class RewardModel(torch.nn.Module):
         if meta["format"] == 1:  # a bare linear head: weight, bias
             stored = {"linear.weight": stored["weight"], "linear.bias": stored["bias"]}
         head = build_head(meta.get("head", "last_token"), hidden, features=int(meta.get("head_features") or 16),
-                          ensemble=int(meta.get("head_ensemble") or 1), token_size=pooled_width(hidden, pool_layers))
+                          ensemble=int(meta.get("head_ensemble") or 1), token_size=pooled_width(hidden, pool_layers),
+                          last_state=bool(meta.get("head_last_state", True)))
         head.load_state_dict(stored)
-        rm = cls(backbone, hidden, head, pool_layers)
+        rm = cls(backbone, hidden, head, pool_layers, meta.get("cut_at"))
         with torch.no_grad():
             rm.bias.copy_(score_bias)
         rm.max_length, rm.max_response_length = meta.get("max_length"), meta.get("max_response_length")
@@ -130,17 +143,27 @@ class RewardModel(torch.nn.Module):
         backbone = self.backbone
         if callable(getattr(backbone, "merge_and_unload", None)):  # LoRA mid-training: save merged weights
             backbone = copy.deepcopy(backbone).merge_and_unload()
-        backbone.save_pretrained(folder)
+        if self._cut_norm:  # a cut backbone saves as a plain model of its kept layers
+            weight = next(backbone.parameters())
+            identity, backbone.norm = backbone.norm, self._cut_norm[0].to(weight.device, weight.dtype)
+            try:
+                backbone.save_pretrained(folder)
+            finally:
+                backbone.norm = identity
+        else:
+            backbone.save_pretrained(folder)
         tensors = {name: t.detach().float().cpu().contiguous() for name, t in self.head.state_dict().items()}
         tensors["score_bias"] = self.bias.detach().float().cpu().contiguous()
         save_file(tensors, str(folder / RM_HEAD))
         meta = {"format": RM_FORMAT, "hidden_size": self.hidden_size, "bias": float(self.bias),
                 "head": self.head_kind, "head_features": head_features(self.head),
-                "head_ensemble": member_count(self.head),
+                "head_ensemble": member_count(self.head), "head_last_state": bool(self.head.reads_final),
+                "cut_at": self.cut_at,
                 "pool_layers": None if self.pool_layers is None else list(self.pool_layers),
                 "backbone_class": type(backbone).__name__, "head_file": RM_HEAD,
                 "max_length": self.max_length, "max_response_length": self.max_response_length,
-                "reads": "final hidden states; score = head(states, masks) + bias (trainer.rm_heads)"}
+                "reads": "hidden states (the final ones unless head_last_state is false); "
+                         "score = head(states, masks) + bias (trainer.rm_heads)"}
         (folder / RM_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
@@ -153,8 +176,9 @@ class RewardModel(torch.nn.Module):
         return self.head_states(input_ids, attention_mask)[1]
 
     def head_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token states the head pools, final states). Shape: (B, T) -> (B, T, H * len(pool_layers))
-        and (B, T, H), float32. Counts B forward passes."""
+        """(token states the head pools, final states: the backbone's output, which for a cut
+        backbone is the deepest pooled layer's, not read). Shape: (B, T) -> (B, T, H *
+        len(pool_layers)) and (B, T, H), float32. Counts B forward passes."""
         out = self._backbone_pass(input_ids, attention_mask, every_layer=self.pool_layers is not None)
         final = out.last_hidden_state.float()
         if self.pool_layers is None:
@@ -307,6 +331,20 @@ class RewardModel(torch.nn.Module):
     def set_bias(self, value: float) -> None:
         with torch.no_grad():
             self.bias.fill_(value)
+
+
+def cut_backbone(backbone: torch.nn.Module, depth: int) -> torch.nn.Module:
+    """Keep a Llama-style backbone's first ``depth`` decoder layers and make its final norm the
+    identity, so that its output and ``hidden_states[depth]`` are layer ``depth``'s own
+    states, as in the whole model. Returns the norm taken out."""
+    layers, norm = getattr(backbone, "layers", None), getattr(backbone, "norm", None)
+    if not isinstance(layers, torch.nn.ModuleList) or norm is None or not 0 <= depth <= len(layers):
+        raise ValueError(f"cannot cut {type(backbone).__name__} at layer {depth}: a pooled head without the final "
+                         "state needs a Llama-style backbone (layers, norm) at least that deep")
+    backbone.layers = torch.nn.ModuleList(list(layers)[:depth])
+    backbone.norm = torch.nn.Identity()
+    backbone.config.num_hidden_layers = depth
+    return norm
 
 
 def pooled_width(hidden_size: int, pool_layers: Sequence[int] | None) -> int:

@@ -142,7 +142,7 @@ def load_reward_model(model_dir_or_rm: Path | str | RewardModel, config: RMConfi
         rm = RewardModel.from_pretrained_lm(model_dir_or_rm, dtype=resolve_dtype(config.dtype, device), device=device,
                                             head_init_std=config.head_init_std, head=config.head,
                                             head_features=config.head_features, pool_depths=config.pool_depths,
-                                            head_ensemble=config.head_ensemble)
+                                            head_ensemble=config.head_ensemble, head_last_state=config.head_last_state)
     if rm.tokenizer is None:
         raise ValueError("the reward model has no tokenizer; load it with from_pretrained_lm or load")
     return rm

@@ -63,6 +63,9 @@ class TrunkKey:
     device: str
     # The head alone (top_layers 0): which hidden states its rows hold (``RewardModel.pool_layers``)
     pool_layers: tuple[int, ...] | None = None
+    # Where the RM's backbone is cut (``reward_model.cut_backbone``; None: whole): its rows end
+    # with that layer's last state instead of the final one
+    cut_at: int | None = None
 
 
 _fingerprints: dict[tuple, str] = {}  # (path, (name, size, mtime_ns)...) -> sha256: hash each folder once
@@ -91,7 +94,7 @@ def trunk_key(model_dir: Path | str, top_layers: int, model: torch.nn.Module) ->
     parameter = next(model.parameters())
     pool_layers = getattr(model, "pool_layers", None) if top_layers == 0 else None
     return TrunkKey(model_fingerprint(model_dir), top_layers, str(parameter.dtype), str(parameter.device),
-                    pool_layers)
+                    pool_layers, getattr(model, "cut_at", None))
 
 
 class TrunkCache:
