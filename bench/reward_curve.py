@@ -292,8 +292,11 @@ def plot(r: dict[str, Any], path: Path) -> None:
     axes[1].axhline(1 - NOISE_P, ls="--", c="grey", label=f"ceiling 1 - p = {1 - NOISE_P:.2f}")
     axes[1].set(title="agreement with held-out noisy labelers", xlabel="training pairs", xscale="log",
                 ylim=(0.45, 0.9))
+    ticks = sorted({p["pairs"] for points in r["curve"].values() for p in points.values()})
     for ax in axes:
         ax.axhline(0.5, ls=":", c="grey")
+        ax.set_xticks(ticks, [f"{n:,}" for n in ticks])  # the measured sizes, not log-scale minor labels
+        ax.minorticks_off()
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
