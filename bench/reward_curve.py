@@ -38,6 +38,7 @@ samples to the demo's labeling length first.
 
     python -m bench.reward_curve [--sizes 250 500 1000 2000 4000 8000] [--quick] [--recipes NAME ...]
                                  [--rule NAME] [--cap TOKENS]
+    python -m bench.reward_curve --trunk-cost   # the cut trunk's pass against the whole one's
 """
 
 from __future__ import annotations
@@ -303,6 +304,36 @@ def plot(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def trunk_cost(rounds: int = 4, rows: int = 16, length: int = 100, threads: int = 2) -> dict[str, Any]:
+    """Seconds of the frozen trunk's pass (``RewardModel.trunk_rows``, what the head-only RM
+    computes once per completion) for the default head, cut at its deepest pooled layer,
+    against the same head reading the final state (the whole trunk): ``rows`` rows of
+    ``length`` tokens, the two alternating for ``rounds`` rounds so that a busy machine
+    weighs on both alike."""
+    import statistics
+
+    import torch
+
+    from common.models import ensure_embedded_model
+    from trainer.config import RMConfig
+    from trainer.reward_model import RewardModel
+
+    torch.set_num_threads(threads)
+    model_dir, config = ensure_embedded_model(), RMConfig()
+    models = {name: RewardModel.from_pretrained_lm(model_dir, dtype="float32", device="cpu", head=config.head,
+                                                   pool_depths=config.pool_depths, head_last_state=last_state).eval()
+              for name, last_state in (("cut", False), ("whole", True))}
+    input_ids = torch.randint(100, 40000, (rows, length), generator=torch.Generator().manual_seed(0))
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, rm in models.items():
+            started = time.perf_counter()
+            rm.trunk_rows(input_ids, torch.ones_like(input_ids), 0)
+            seconds[name].append(time.perf_counter() - started)
+    return {"seconds": seconds, "layers": {name: len(rm.backbone.layers) for name, rm in models.items()},
+            "ratio": statistics.median(seconds["cut"]) / statistics.median(seconds["whole"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
@@ -312,7 +343,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the rule the simulated labelers follow (default: the demo's)")
     parser.add_argument("--cap", type=int, default=None, help="cut the curves' samples to this many tokens (with --quick)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--trunk-cost", action="store_true",
+                        help="only time the trunk's pass, cut at the pooled layer against whole (no curves)")
     args = parser.parse_args(argv)
+    if args.trunk_cost:
+        cost = trunk_cost()
+        print(f"trunk pass, 16 rows x 100 tokens, 2 threads: cut ({cost['layers']['cut']} layers) "
+              f"{', '.join(f'{s:.2f}' for s in cost['seconds']['cut'])} s; whole ({cost['layers']['whole']} layers) "
+              f"{', '.join(f'{s:.2f}' for s in cost['seconds']['whole'])} s; median ratio {cost['ratio']:.2f}x")
+        return 0
     if args.cap is not None and not args.quick:
         parser.error("--cap cuts the curves' samples only: use it with --quick")
     results = run(args.sizes, quick=args.quick, recipes=args.recipes, rule=args.rule, cap=args.cap)

@@ -97,8 +97,8 @@ class RewardModel(torch.nn.Module):
                               token_size=pooled_width(hidden, pool_layers), last_state=head_last_state)
         # nothing above the deepest pooled layer is read (the final layer's pooled states are
         # the normed ones, so a head pooling it keeps the whole backbone)
-        reads_above = new_head.reads_final or not new_head.reads_tokens or pool_layers is None
-        cut_at = None if reads_above or max(pool_layers) == layers else max(pool_layers)
+        whole = new_head.reads_final or pool_layers is None or max(pool_layers) == layers
+        cut_at = None if whole else max(pool_layers)
         rm = cls(backbone, hidden, new_head, pool_layers, cut_at).to(next(backbone.parameters()).device)
         rm.tokenizer = load_tokenizer(path, padding_side="right")
         return rm
