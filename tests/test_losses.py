@@ -31,6 +31,7 @@ from trainer.losses import (
     ranking_loss,
     ranking_pair_accuracy,
     response_logprobs,
+    rloo_advantages,
     sft_loss,
     value_loss,
 )
@@ -284,6 +285,31 @@ def test_gae_outputs_are_detached():
     values = torch.ones(1, 2, requires_grad=True)
     adv, ret = gae(values, torch.ones(1, 2), torch.ones(1, 2), gamma=1.0, lam=0.95)
     assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_rloo_advantages_leave_one_out_per_prompt():
+    # Two prompts, 3 responses each; returns = row sums of the masked rewards:
+    # prompt 1: R = [1, 2 + 1 = 3, 5]  (row 2's third reward is padding: masked out)
+    #   A_1 = 1 - (3 + 5) / 2 = -3;  A_2 = 3 - (1 + 5) / 2 = 0;  A_3 = 5 - (1 + 3) / 2 = 3
+    # prompt 2: R = [-1, -1, 2]
+    #   A_1 = -1 - (-1 + 2) / 2 = -1.5;  A_2 = -1.5;  A_3 = 2 - (-2) / 2 = 3
+    rewards = t([[0.0, 1.0, 0.0], [2.0, 1.0, 9.0], [0.5, 0.5, 4.0],
+                 [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [1.0, 1.0, 0.0]])
+    mask = t([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    adv = rloo_advantages(rewards, mask, group_size=3)
+    close(adv, [[-3.0, -3.0, 0.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0],
+                [-1.5, 0.0, 0.0], [-1.5, -1.5, 0.0], [3.0, 3.0, 3.0]])
+
+
+def test_rloo_advantages_sum_to_zero_per_prompt_and_refuse_bad_groups():
+    rewards, mask = torch.randn(8, 5), torch.ones(8, 5)
+    adv = rloo_advantages(rewards, mask, group_size=4)
+    # sum_i A_i = sum_i R_i - sum_i (S - R_i) / (k - 1) = S - (k S - S) / (k - 1) = 0
+    close(adv[:, 0].view(2, 4).sum(dim=1), [0.0, 0.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(rewards, mask, group_size=1)
+    with pytest.raises(ValueError, match="groups of 3"):
+        rloo_advantages(rewards, mask, group_size=3)
 
 
 # ---------------------------------------------------------------------------- PPO

@@ -307,8 +307,12 @@ class PPOConfig:
 
     # -- rollouts
     rollouts_per_iteration: int = field(
-        default=16, metadata={"help": "Prompts sampled (one response each) per PPO iteration."})
+        default=16, metadata={"help": "Responses sampled per PPO iteration (samples_per_prompt to each prompt)."})
     iterations: int = field(default=10, metadata={"help": "PPO iterations (rollout + update rounds)."})
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={"help": "Responses sampled per prompt in an iteration (OpenRLHF's n_samples_per_prompt): "
+                  "rollouts_per_iteration counts responses and must be a multiple of it."})
     max_new_tokens: int = field(
         default=48, metadata={"help": "Response token cap; a response that hits it has no EOS."})
     temperature: float = field(
@@ -352,6 +356,13 @@ class PPOConfig:
         metadata={"help": "Adaptive controller horizon in episodes: beta changes by at most 20% * episodes / "
                   "horizon per update (Ziegler: 10000, for runs of millions of episodes)."})
     # -- advantages
+    advantage_estimator: Literal["gae", "rloo"] = field(
+        default="gae",
+        metadata={"help": "'gae': per-token GAE against the value model (initialised from the RM; the paper's "
+                  "PPO). 'rloo': each response's KL-penalised return minus the mean return of the other "
+                  "responses to its prompt, on all its tokens (REINFORCE leave-one-out, Ahmadian et al. 2024), "
+                  "under the same clipped objective; needs samples_per_prompt >= 2, and the value model is "
+                  "neither run nor trained."})
     gamma: float = field(default=1.0, metadata={"help": "GAE discount (1.0: the episode is one response)."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_advantages: bool = field(
@@ -399,7 +410,8 @@ class PPOConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",
         metadata={"help": "Frozen models' dtype and the trained models' autocast dtype; 'auto': bf16 on a CUDA "
-                  "device that supports it, else fp32."})
+                  "device that supports it, else fp32. 'bfloat16' on a CPU autocasts there too (CPUs with "
+                  "bf16 instructions; python -m bench.ppo_effect measures it)."})
     num_threads: int | None = field(
         default=None, metadata={"help": "torch.set_num_threads during training; None leaves it."})
 
@@ -407,9 +419,14 @@ class PPOConfig:
         self.lora_targets = tuple(self.lora_targets)
         positive_ints = ("rollouts_per_iteration", "iterations", "max_new_tokens", "max_prompt_tokens", "kl_horizon",
                          "ppo_epochs", "minibatch_size", "ptx_batch_size", "ptx_seq_len", "lora_r", "lora_alpha",
-                         "forward_batch_size")
+                         "forward_batch_size", "samples_per_prompt")
         for name in positive_ints:
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.rollouts_per_iteration % self.samples_per_prompt == 0, "rollouts_per_iteration",
+               f"must be a multiple of samples_per_prompt={self.samples_per_prompt}", self.rollouts_per_iteration)
+        _check(self.advantage_estimator != "rloo" or self.samples_per_prompt >= 2, "samples_per_prompt",
+               "must be >= 2 for advantage_estimator='rloo' (the baseline is the prompt's other responses)",
+               self.samples_per_prompt)
         _check(self.temperature > 0, "temperature", "must be > 0 (PPO samples)", self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)

@@ -263,6 +263,25 @@ def gae(
     return advantages, returns
 
 
+@torch.no_grad()
+def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024; OpenRLHF's ``rloo``): each
+    response's return (the sum of its per-token rewards: the RM score minus the KL penalty)
+    minus the mean return of the OTHER responses to the same prompt, on every one of its tokens.
+
+    Shape: rewards, mask (B, T) -> (B, T), detached, 0 where ``mask`` is 0. Rows come in groups
+    of ``group_size`` (>= 2) consecutive responses to one prompt; B must be a multiple of it.
+    With returns R_1..R_k of one prompt: A_i = R_i - (sum_j R_j - R_i) / (k - 1).
+    """
+    if group_size < 2:
+        raise ValueError(f"rloo needs at least 2 responses per prompt, got group_size={group_size}")
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rows do not split into groups of {group_size}")
+    returns = (rewards * mask).sum(dim=-1).view(-1, group_size)  # (B / k, k)
+    baseline = (returns.sum(dim=-1, keepdim=True) - returns) / (group_size - 1)
+    return (returns - baseline).reshape(-1, 1) * mask
+
+
 # ---------------------------------------------------------------------------- step 3: PPO
 
 
