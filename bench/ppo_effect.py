@@ -25,6 +25,7 @@ The variants start from the demo's ``[cycle.ppo]`` section as it was until 2026-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -78,6 +79,12 @@ def rule_win_rate(rule: Any, prompts: Sequence[str], new: Sequence[str], old: Se
                     torch.tensor([rule(p, a) for p, a in zip(prompts, old)]))
 
 
+def answer_figures(rule: Any, prompts: Sequence[str], answers: Sequence[str]) -> tuple[float, float]:
+    """(the rule's mean score, mean words) of one answer per prompt."""
+    return (sum(rule(p, a) for p, a in zip(prompts, answers)) / len(answers),
+            sum(len(a.split()) for a in answers) / len(answers))
+
+
 def greedy_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     from common.models import load_tokenizer
     from trainer.evaluate import sample_responses
@@ -93,12 +100,13 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
     import torch
 
     from bench.policy_samples import load_or_sample
-    from common import paths
-    from bench.reward_curve import K, comparisons_for, first_pairs
+    from bench.reward_curve import K, comparisons_for, first_pairs, ordered_pairs
     from clients.prompts import load_prompts
     from clients.simulated_labeler import rule_from_name
+    from common import paths
     from common.models import ensure_embedded_model, load_tokenizer
     from trainer.examples import PromptExample, user_turn
+    from trainer.loop_config import config_to_dict
     from trainer.ppo import train_ppo
     from trainer.rm_training import train_reward_model
 
@@ -115,15 +123,15 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
     ppo_prompts = [PromptExample(c.prompt_id, user_turn(samples.rows[int(c.prompt_id)].prompt))
                    for c in split.train[len(train):len(train) + PPO_PROMPTS]]
     cycle = demo_configs()
-    results: dict[str, Any] = {"rule": rule, "pairs": sum(sum(1 for a in c.ranks for b in c.ranks if a < b)
-                                                          for c in train),
+    results: dict[str, Any] = {"rule": rule, "pairs": ordered_pairs(train),
                                "rankings": len(train), "ppo_prompts": len(ppo_prompts), "test_prompts": len(test),
                                "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.perf_counter()
-        # The RM is the same for every variant of one rule and size: kept beside the samples.
-        rm_dir = paths.data_dir() / "bench" / f"ppo-effect-rm-{full.model_fingerprint[:12]}-{rule}-{pairs}"
+        # The RM is the same for every variant of one recipe, rule and size: kept beside the samples.
+        recipe = hashlib.sha256(json.dumps(config_to_dict(cycle.rm), sort_keys=True).encode()).hexdigest()[:8]
+        rm_dir = paths.data_dir() / "bench" / f"ppo-effect-rm-{full.model_fingerprint[:12]}-{recipe}-{rule}-{pairs}"
         if not (rm_dir / "rm.json").exists():
             bias = [(user_turn(row.prompt), row.texts[0]) for row in samples.rows[:32]]
             rm = train_reward_model(model_dir, train, split.test_rule + split.test_held_out, cycle.rm, rm_dir,
@@ -144,12 +152,12 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
             seconds = time.perf_counter() - started
             answers = greedy_answers(work / name, test, max_new)
             last = out.history[-1]
+            rule_mean, mean_words = answer_figures(score, test, answers)
             row = {"rule_vs_start": rule_win_rate(score, test, answers, start_answers), "seconds": seconds,
                    "kl_last": last["kl_ref"], "rm_score_first": out.history[0]["rm_score"],
                    "rm_score_last": last["rm_score"], "approx_kl": last.get("approx_kl"),
                    "clip_frac": last.get("clip_frac"),
-                   "mean_words": sum(len(a.split()) for a in answers) / len(answers),
-                   "rule_mean": sum(score(p, a) for p, a in zip(test, answers)) / len(test),
+                   "mean_words": mean_words, "rule_mean": rule_mean,
                    "changed": sum(a != b for a, b in zip(answers, start_answers)) / len(test),
                    "stopped_fraction": sum(h["stopped_fraction"] for h in out.history) / len(out.history),
                    "phase_seconds": {k: sum(h["seconds"].get(k, 0.0) for h in out.history)
@@ -160,8 +168,7 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
                   f"rm {row['rm_score_first']:.3f} -> {row['rm_score_last']:.3f}  words {row['mean_words']:.1f}  "
                   f"changed {row['changed']:.2f}",
                   flush=True)
-        results["start_mean_words"] = sum(len(a.split()) for a in start_answers) / len(start_answers)
-        results["start_rule_mean"] = sum(score(p, a) for p, a in zip(test, start_answers)) / len(test)
+        results["start_rule_mean"], results["start_mean_words"] = answer_figures(score, test, start_answers)
     results["markdown"] = markdown(results)
     return results
 

@@ -114,6 +114,11 @@ def comparisons_for(samples: SampleSet, seed: int = 0, rule: str = "concise_poli
                  samples.tokens / (len(samples.rows) * samples.k))
 
 
+def ordered_pairs(comparisons: Sequence) -> int:
+    """The pairwise comparisons (pairs of different rank) the rankings hold."""
+    return sum(sum(1 for a in c.ranks for b in c.ranks if a < b) for c in comparisons)
+
+
 def first_pairs(comparisons: Sequence, n: int) -> list:
     """Whole rankings from the start until they hold at least ``n`` ordered pairs."""
     out, pairs = [], 0
@@ -121,7 +126,7 @@ def first_pairs(comparisons: Sequence, n: int) -> list:
         if pairs >= n:
             break
         out.append(c)
-        pairs += sum(1 for a in c.ranks for b in c.ranks if a < b)
+        pairs += ordered_pairs([c])
     return out
 
 
@@ -150,7 +155,7 @@ def train_and_score(model_dir: Path, train: list, split: Split, overrides: dict[
                                 trunk_cache=cache)
     groups = result.val["by_group"]
     return {"rule": groups["rule"]["accuracy"], "held_out": groups["held-out"]["accuracy"],
-            "rankings": len(train), "pairs": sum(sum(1 for a in c.ranks for b in c.ranks if a < b) for c in train),
+            "rankings": len(train), "pairs": ordered_pairs(train),
             "train_seconds": sum(e["seconds"] for e in result.epochs), "seconds": time.perf_counter() - started,
             "trunk_computed": result.trunk_computed}
 
@@ -206,7 +211,7 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         split = comparisons_for(full if cap is None else full.truncated(cap, tokenizer), rule=rule)
-        results["train_pool_pairs"] = sum(sum(1 for a in c.ranks for b in c.ranks if a < b) for c in split.train)
+        results["train_pool_pairs"] = ordered_pairs(split.train)
         for name, overrides in recipes.items():
             for n in sizes:
                 point = train_and_score(model_dir, first_pairs(split.train, n), split, overrides, caches[name], work)
