@@ -14,8 +14,9 @@ what serving through adapters costs against the other modes' full weights.
 Reported per mode:
 
 - stall: the longest wait for a first token of a request sent while the SwapPolicy call
-  ran (a probe sends one every PROBE_EVERY_S during the call, MAX_PROBES at most; the
-  engine has room for them beside the clients' requests), beside the same wait with no
+  ran (a probe sends a short one every PROBE_EVERY_S for as long as the call runs, which
+  with staging includes the seconds before the pause; the engine has room for them
+  beside the clients' requests), beside the same wait with no
   swap (BASELINE_PROBES requests sent the same way just before the call: what a new
   request waits under this load anyway), the median time to first token before the swap
   and the server's own figure (how long new requests could not start); and the freeze: the longest pause between two tokens of a stream that was
@@ -42,6 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from bench.engines import PROMPTS
@@ -50,10 +52,10 @@ from bench.serving import publish_versions
 CLIENTS = 16
 MAX_TOKENS = 128
 SHORT_BOUND_S = 2.0  # the drain bound of the "drain-bounded" run
-PROBE_EVERY_S = 0.5  # new requests sent while the SwapPolicy call runs ...
-MAX_PROBES = 8  # ... at most this many
+PROBE_EVERY_S = 0.5  # new requests sent while the SwapPolicy call runs, for as long as it runs ...
+MAX_PROBES = 120  # ... (at most this many: a minute) ...
+PROBE_TOKENS = 8  # ... and short: their first token is what counts, and they must not pile up
 BASELINE_PROBES = 3  # sent the same way just before the call: a new request's wait with no swap
-BASELINE_TOKENS = 8  # (their first token is what counts; short, so they are done before the call)
 # The engine runs up to 2 x CLIENTS sequences: a probe finds a free slot, so its wait is
 # the swap's, not a queue behind the 16 clients' requests.
 MAX_NUM_SEQS = 2 * CLIENTS
@@ -140,9 +142,11 @@ def read_base_model(checkpoint_dir: Path) -> str:
     return read_manifest(checkpoint_dir).base_model
 
 
-async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1) -> dict[str, Any]:
+async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1,
+                    before_call: Callable[[], None] | None = None) -> dict[str, Any]:
     """CLIENTS clients loop; when all are mid-stream the admin swaps to `new_version`; each
-    client stops after one request sent after the call returned."""
+    client stops after one request sent after the call returned. `before_call` runs just
+    before the call (after the no-swap probes)."""
     import grpc
 
     from clients.client import AsyncRlhfClient
@@ -168,13 +172,13 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
 
     async def probe(client: Any, prompt: str) -> None:
         try:
-            seen.append(await stream(client, prompt, max_tokens, asyncio.Event()))
+            seen.append(await stream(client, prompt, PROBE_TOKENS, asyncio.Event()))
         except grpc.aio.AioRpcError as e:
             failures.append(f"probe: {e.code().name}: {e.details()}")
 
     async def baseline(client: Any, prompt: str) -> None:
         try:
-            baseline_seen.append(await stream(client, prompt, BASELINE_TOKENS, asyncio.Event()))
+            baseline_seen.append(await stream(client, prompt, PROBE_TOKENS, asyncio.Event()))
         except grpc.aio.AioRpcError as e:
             failures.append(f"baseline probe: {e.code().name}: {e.details()}")
 
@@ -186,6 +190,8 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
                 sent.append(asyncio.ensure_future(baseline(admin, PROMPTS[k % len(PROMPTS)])))
                 await asyncio.sleep(PROBE_EVERY_S)
             await asyncio.gather(*sent)
+            if before_call is not None:
+                before_call()
             window["called"] = time.perf_counter()
             call = asyncio.ensure_future(admin.swap_policy(new_version, timeout=600))
             probes, k = [], 0
@@ -231,7 +237,7 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
 
 
 def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: int,
-             keep_kv: str = "recompute", staged_reload: bool = True) -> dict[str, Any]:
+             keep_kv: str = "recompute", staged_reload: bool = True, cold: bool = False) -> dict[str, Any]:
     from common.identity import generate_api_key, hash_api_key
     from common.store import Store, add_api_key
     from server.app import build_server
@@ -260,7 +266,9 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
             await running.start()
             await running.load_engine()
             try:
-                return await swap_once(running.target, key, max_tokens, swap_to)
+                new_checkpoint = tmp / "checkpoints" / f"v{swap_to}"
+                return await swap_once(running.target, key, max_tokens, swap_to,
+                                       (lambda: evict_from_page_cache(new_checkpoint)) if cold else None)
             finally:
                 await running.stop(5)
         finally:
@@ -270,7 +278,21 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
         return asyncio.run(measure(Path(tmp)))
 
 
-def run(modes: list[str] | None = None, max_tokens: int = MAX_TOKENS, model_dir: Path | None = None) -> dict[str, Any]:
+def evict_from_page_cache(folder: Path) -> None:
+    """Drop `folder`'s files from the OS page cache (written out first), so the swap reads
+    them from disk: a checkpoint written long ago, or pushed out by memory pressure."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run(modes: list[str] | None = None, max_tokens: int = MAX_TOKENS, model_dir: Path | None = None,
+        cold: bool = False) -> dict[str, Any]:
     from common.models import ensure_embedded_model
 
     modes = list(DEFAULT_MODES) if modes is None else modes
@@ -279,9 +301,9 @@ def run(modes: list[str] | None = None, max_tokens: int = MAX_TOKENS, model_dir:
     for name in modes:
         swap_mode, bound, keep_kv, staged_reload = MODES[name]
         results[name] = {"drain_bound_s": bound,
-                         **one_mode(model_dir, swap_mode, bound, max_tokens, keep_kv, staged_reload)}
+                         **one_mode(model_dir, swap_mode, bound, max_tokens, keep_kv, staged_reload, cold)}
         print(f"{name}: {results[name]}", flush=True)
-    r = {"model": model_dir.name, "max_tokens": max_tokens, "clients": CLIENTS, "modes": results,
+    r = {"model": model_dir.name, "max_tokens": max_tokens, "clients": CLIENTS, "modes": results, "cold": cold,
          "load_average": os.getloadavg()}
     r["markdown"] = markdown(r)
     return r
@@ -300,7 +322,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"{m['tokens_per_s']:.0f} |")
     return "\n".join([
         f"`python -m bench.swap`: {r['model']}, fp32, vLLM engine on this CPU; {r['clients']} clients stream greedy "
-        f"requests of {r['max_tokens']} tokens in a loop; SwapPolicy is called once all are mid-stream. Load "
+        f"requests of {r['max_tokens']} tokens in a loop; SwapPolicy is called once all are mid-stream"
+        f"{' (the new checkpoint dropped from the page cache just before)' if r.get('cold') else ''}. Load "
         f"average when done: {', '.join(f'{x:.1f}' for x in r['load_average'])}.",
         "",
         "| mode | stall: longest first-token wait of a request sent during the swap | the same with no swap, just "
@@ -414,6 +437,8 @@ def reload_parts(rounds: int = 3, model_dir: Path | None = None) -> list[dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--cold-checkpoint", action="store_true",
+                        help="drop the new checkpoint's files from the page cache just before the swap")
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--prefix-cache", action="store_true",
                         help="instead: a labeling-like load with the prefix cache on (either keep_kv) and off")
@@ -436,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}: choose from {list(MODES)}")
-    result = run(modes, args.max_tokens)
+    result = run(modes, args.max_tokens, cold=args.cold_checkpoint)
     print(result["markdown"])
     return 0 if all(m["failures"] == 0 for m in result["modes"].values()) else 1
 
