@@ -37,7 +37,7 @@ class StagedWeights:
     """A checkpoint's weights loaded AND processed into kernel form beside the live ones,
     while the live model keeps serving; `commit` then swaps them in within milliseconds.
 
-    Why: on a CPU, vLLM's in-place ``reload_weights`` costs 0.5-1.6 s (SmolLM2, 2 cores:
+    Why: on a CPU, vLLM's in-place ``reload_weights`` costs 0.3-2.2 s (SmolLM2, 2 cores:
     docs/BENCHMARKS.md) and every request waits for it. Most of that is not reading the
     files (0.01-0.03 s) but loading them into the model's layout and re-packing each
     linear layer's weight for oneDNN. Here that work runs against a SHELL of the model: a

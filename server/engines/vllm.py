@@ -203,8 +203,7 @@ class VLLMEngine(Engine):
         # keep_kv="reuse": requests with no token yet, and those a swap caught so (-> the old version)
         self._before_first_token: set[str] = set()
         self._prefill_spanned: dict[str, int] = {}
-        self._swaps = 0
-        self._cache_salt = "swap-0"  # keep_kv="reuse": requests share prefix blocks within one swap's salt
+        self._swaps = 0  # keep_kv="reuse": requests share prefix blocks only within one swap's salt
         self._engine: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._gate = SwapGate()
@@ -314,7 +313,7 @@ class VLLMEngine(Engine):
             try:
                 prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
                 if self._keep_kv == "reuse":
-                    prompt["cache_salt"] = self._cache_salt
+                    prompt["cache_salt"] = f"swap-{self._swaps}"
                 stream = engine.generate(prompt, sampling_params(options), request_id, lora_request=adapter)
                 tokens = [0] * options.n
                 unfinished = set(range(options.n))
@@ -538,7 +537,6 @@ class VLLMEngine(Engine):
             # ... and share no prefix block with any request before them (no await since the marking above:
             # a request is either marked and salted as before, or neither).
             self._swaps += 1
-            self._cache_salt = f"swap-{self._swaps}"
         try:
             try:
                 if staged:
