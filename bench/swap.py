@@ -48,6 +48,7 @@ from typing import Any
 
 from bench.engines import PROMPTS
 from bench.serving import publish_versions
+from trainer.config import LORA_TARGETS  # PPO's lora mode's default: every linear layer
 
 CLIENTS = 16
 MAX_TOKENS = 128
@@ -72,8 +73,7 @@ MODES: dict[str, tuple[str, float, str, bool]] = {
 }
 DEFAULT_MODES = ("drain", "keep", "keep-recompute", "drain-bounded", "adapter")
 GOALS_S = {"keep": 1.5, "keep-recompute": 1.5, "keep-inplace": 1.5, "keep-recompute-inplace": 1.5, "adapter": 0.5}
-LORA_RANK = 16
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_RANK = 16  # PPO's lora_r default
 
 
 @dataclass
@@ -237,7 +237,8 @@ async def swap_once(target: str, key: str, max_tokens: int, new_version: int = 1
 
 
 def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: int,
-             keep_kv: str = "recompute", staged_reload: bool = True, cold: bool = False) -> dict[str, Any]:
+             keep_kv: str = "recompute", staged_reload: bool = True, cold: bool = False,
+             adapter_targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, Any]:
     from common.identity import generate_api_key, hash_api_key
     from common.store import Store, add_api_key
     from server.app import build_server
@@ -251,8 +252,9 @@ def one_mode(model_dir: Path, swap_mode: str, drain_bound_s: float, max_tokens: 
             serve, swap_to = 0, 1
             if swap_mode == "adapter":  # a LoRA policy serves (v2), another on the same base comes (v3)
                 serve, swap_to = 2, 3
-                publish_lora_policy(tmp / "checkpoints", store, 2, base_version=0, seed=2, status="serving")
-                publish_lora_policy(tmp / "checkpoints", store, 3, base_version=0, seed=3)
+                publish_lora_policy(tmp / "checkpoints", store, 2, base_version=0, seed=2, status="serving",
+                                    targets=adapter_targets)
+                publish_lora_policy(tmp / "checkpoints", store, 3, base_version=0, seed=3, targets=adapter_targets)
             key = generate_api_key()
             store.write_sync(add_api_key("bench", "admin", hash_api_key(key)))
             # No per-key limit in the way: the probes and the clients share one key.
@@ -292,7 +294,7 @@ def evict_from_page_cache(folder: Path) -> None:
 
 
 def run(modes: list[str] | None = None, max_tokens: int = MAX_TOKENS, model_dir: Path | None = None,
-        cold: bool = False) -> dict[str, Any]:
+        cold: bool = False, adapter_targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, Any]:
     from common.models import ensure_embedded_model
 
     modes = list(DEFAULT_MODES) if modes is None else modes
@@ -301,10 +303,11 @@ def run(modes: list[str] | None = None, max_tokens: int = MAX_TOKENS, model_dir:
     for name in modes:
         swap_mode, bound, keep_kv, staged_reload = MODES[name]
         results[name] = {"drain_bound_s": bound,
-                         **one_mode(model_dir, swap_mode, bound, max_tokens, keep_kv, staged_reload, cold)}
+                         **one_mode(model_dir, swap_mode, bound, max_tokens, keep_kv, staged_reload, cold,
+                                   adapter_targets)}
         print(f"{name}: {results[name]}", flush=True)
     r = {"model": model_dir.name, "max_tokens": max_tokens, "clients": CLIENTS, "modes": results, "cold": cold,
-         "load_average": os.getloadavg()}
+         "adapter_targets": list(adapter_targets), "load_average": os.getloadavg()}
     r["markdown"] = markdown(r)
     return r
 
@@ -445,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="with --prefix-cache: rounds per engine")
     parser.add_argument("--history-turns", type=int, default=0,
                         help="with --prefix-cache: earlier exchanges before each prompt (long prefixes)")
+    parser.add_argument("--adapter-targets", default=",".join(LORA_TARGETS),
+                        help="the adapter mode's LoRA target modules, comma-separated (default: every linear layer, "
+                             "PPO's lora default)")
     parser.add_argument("--reload-parts", action="store_true",
                         help="instead: time an in-place reload against staging and its commit")
     args = parser.parse_args(argv)
@@ -461,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}: choose from {list(MODES)}")
-    result = run(modes, args.max_tokens, cold=args.cold_checkpoint)
+    targets = tuple(t for t in args.adapter_targets.split(",") if t)
+    result = run(modes, args.max_tokens, cold=args.cold_checkpoint, adapter_targets=targets)
     print(result["markdown"])
     return 0 if all(m["failures"] == 0 for m in result["modes"].values()) else 1
 
