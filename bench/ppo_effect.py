@@ -10,7 +10,9 @@ split), on the first ``--pairs`` pairwise comparisons (the demo's first cycle ha
 2,000). Then each PPO variant runs from v0 on prompts of the training pool, and its greedy
 answers to the 64 test prompts (never ranked, never trained on) are compared with v0's by
 the noise-free rule: the win rate (ties half) is what PPO alone did to the policy, as the
-demo's ``rule_vs_start`` column measures it. Its figures also give the wall time, the final
+demo's ``rule_vs_start`` column measures it. The same comparison on every prompt neither
+ranked for the RM nor given to PPO (about 200; the 64 test prompts among them) is reported
+beside it with its standard error. Its figures also give the wall time, the final
 KL to v0 (PPO's own estimate on its last rollouts) and the RM score of the last rollouts.
 
 The variants start from the demo's ``[cycle.ppo]`` section as it was until 2026-12-04
@@ -39,7 +41,7 @@ PPO_PROMPTS = 32  # the demo's first cycle: 32 new train-split prompts (Plan.fir
 # ablations change one thing of BASE, the demo's PPO until 2026-12-04 (fp32, 3 iterations of 12).
 BASE = ["dtype=float32", "iterations=3"]
 VARIANTS: dict[str, list[str]] = {
-    "demo": [],  # scripts/demo_trainer.toml as it is: bf16 autocast, 4 iterations
+    "demo": [],  # scripts/demo_trainer.toml as it is: bf16 autocast, 4 iterations, rollouts at 0.7
     "fp32, 3 iterations": BASE,
     "lr 6e-5": BASE + ["policy_lr=6e-5", "value_lr=6e-5"],
     "lr 2e-4": BASE + ["policy_lr=2e-4", "value_lr=2e-4"],
@@ -59,6 +61,9 @@ VARIANTS: dict[str, list[str]] = {
     "rloo, 4 per prompt, 64-token rollouts": BASE + ["advantage_estimator=rloo", "samples_per_prompt=4",
                                                      "max_new_tokens=64"],
     "bf16 autocast": ["dtype=bfloat16", "iterations=3"],
+    "rollouts at temperature 1.0": ["temperature=1.0"],  # the demo until 2026-12-05
+    "rollouts at temperature 0.7": ["temperature=0.7"],  # the demo now
+    "rollouts at temperature 0.5": ["temperature=0.5"],
 }
 
 
@@ -69,14 +74,15 @@ def demo_configs(overrides: Sequence[str] = ()) -> Any:
     return load_trainer_config(DEMO_TOML, [f"cycle.ppo.{o}" for o in overrides]).cycle
 
 
-def rule_win_rate(rule: Any, prompts: Sequence[str], new: Sequence[str], old: Sequence[str]) -> float:
-    """How often ``new`` answers beat ``old`` by the rule, ties half (trainer.evaluate.win_rate)."""
-    import torch
+def rule_win_and_error(rule: Any, prompts: Sequence[str], new: Sequence[str],
+                       old: Sequence[str]) -> tuple[float, float]:
+    """How often ``new`` answers beat ``old`` by the rule, ties half (as trainer.evaluate.win_rate),
+    and its standard error (the per-prompt outcomes' spread / sqrt(n))."""
+    import statistics
 
-    from trainer.evaluate import win_rate
-
-    return win_rate(torch.tensor([rule(p, a) for p, a in zip(prompts, new)]),
-                    torch.tensor([rule(p, a) for p, a in zip(prompts, old)]))
+    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0
+                for a, b in ((rule(p, x), rule(p, y)) for p, x, y in zip(prompts, new, old))]
+    return statistics.fmean(outcomes), statistics.pstdev(outcomes) / len(outcomes) ** 0.5
 
 
 def answer_figures(rule: Any, prompts: Sequence[str], answers: Sequence[str]) -> tuple[float, float]:
@@ -122,10 +128,15 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
     # PPO's prompts: pool prompts the RM did not rank (the loop's fresh prompts are new ones).
     ppo_prompts = [PromptExample(c.prompt_id, user_turn(samples.rows[int(c.prompt_id)].prompt))
                    for c in split.train[len(train):len(train) + PPO_PROMPTS]]
+    # A second, larger view: every prompt neither ranked for the RM nor given to PPO (the test
+    # prompts and the rest of the pool: about 200), so a win rate's standard error is about half
+    # the 64 test prompts' 0.06.
+    used = {c.prompt_id for c in train} | {p.prompt_id for p in ppo_prompts}
+    unseen = [row.prompt for i, row in enumerate(samples.rows) if str(i) not in used]
     cycle = demo_configs()
     results: dict[str, Any] = {"rule": rule, "pairs": ordered_pairs(train),
                                "rankings": len(train), "ppo_prompts": len(ppo_prompts), "test_prompts": len(test),
-                               "variants": {}}
+                               "unseen_prompts": len(unseen), "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.perf_counter()
@@ -145,15 +156,19 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
               f"held-out {results['rm']['held_out']:.3f}", flush=True)
         max_new = cycle.eval.max_new_tokens
         start_answers = greedy_answers(model_dir, test, max_new)
+        start_unseen = greedy_answers(model_dir, unseen, max_new)
         for name in variants or list(VARIANTS):
             ppo_cfg = demo_configs(VARIANTS[name]).ppo
             started = time.perf_counter()
             out = train_ppo(model_dir, model_dir, rm_dir, ppo_prompts, ppo_cfg, work / name, progress=False)
             seconds = time.perf_counter() - started
             answers = greedy_answers(work / name, test, max_new)
+            unseen_win, unseen_se = rule_win_and_error(score, unseen, greedy_answers(work / name, unseen, max_new),
+                                                       start_unseen)
             last = out.history[-1]
             rule_mean, mean_words = answer_figures(score, test, answers)
-            row = {"rule_vs_start": rule_win_rate(score, test, answers, start_answers), "seconds": seconds,
+            row = {"rule_vs_start": rule_win_and_error(score, test, answers, start_answers)[0], "seconds": seconds,
+                   "rule_vs_start_unseen": unseen_win, "rule_vs_start_unseen_se": unseen_se,
                    "kl_last": last["kl_ref"], "rm_score_first": out.history[0]["rm_score"],
                    "rm_score_last": last["rm_score"], "approx_kl": last.get("approx_kl"),
                    "clip_frac": last.get("clip_frac"),
@@ -164,7 +179,8 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
                                      for k in out.history[0]["seconds"]},
                    "overrides": VARIANTS[name]}
             results["variants"][name] = row
-            print(f"{name:32s} rule vs start {row['rule_vs_start']:.3f}  {seconds:5.0f} s  kl {row['kl_last']:.3f}  "
+            print(f"{name:32s} rule vs start {row['rule_vs_start']:.3f} (unseen {unseen_win:.3f} +- {unseen_se:.3f})  "
+                  f"{seconds:5.0f} s  kl {row['kl_last']:.3f}  "
                   f"rm {row['rm_score_first']:.3f} -> {row['rm_score_last']:.3f}  words {row['mean_words']:.1f}  "
                   f"changed {row['changed']:.2f}",
                   flush=True)
@@ -175,12 +191,13 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as docs/BENCHMARKS.md's table."""
-    lines = ["| variant | rule win vs v0 | rule mean (v0 %.3f) | answers changed | KL to v0 (nats/seq) | approx-KL "
-             "per update | clip fraction | words (v0 %.1f) | seconds |" % (results["start_rule_mean"],
-                                                                          results["start_mean_words"]),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"| variant | rule win vs v0 | on {results['unseen_prompts']} unseen prompts (± s.e.) | rule mean "
+             f"(v0 {results['start_rule_mean']:.3f}) | answers changed | KL to v0 (nats/seq) | approx-KL per update | "
+             f"clip fraction | words (v0 {results['start_mean_words']:.1f}) | seconds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, v in results["variants"].items():
-        lines.append(f"| {name} | {v['rule_vs_start']:.3f} | {v['rule_mean']:.3f} | {v['changed']:.2f} | "
+        lines.append(f"| {name} | {v['rule_vs_start']:.3f} | {v['rule_vs_start_unseen']:.3f} ± "
+                     f"{v['rule_vs_start_unseen_se']:.3f} | {v['rule_mean']:.3f} | {v['changed']:.2f} | "
                      f"{v['kl_last']:.2f} | {v['approx_kl']:.5f} | {v['clip_frac']:.3f} | {v['mean_words']:.1f} | "
                      f"{v['seconds']:.0f} |")
     return "\n".join(lines)
