@@ -47,11 +47,6 @@ def gate_says_better(new: Sequence[float], old: Sequence[float], size: int, rng:
     return passed / SUBSETS
 
 
-def win_rate(new: Sequence[float], old: Sequence[float]) -> float:
-    """How often ``new`` scores above ``old``, ties half (trainer.evaluate.win_rate)."""
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, old)) / len(new)
-
-
 def train_judge_and_rm(run_dir: Path, reference: int, work: Path) -> tuple[Path, Path, dict[str, Any]]:
     """A judge and PPO's RM as a cycle trains them, from the run's final store."""
     from common.store import Store
@@ -82,7 +77,10 @@ def train_judge_and_rm(run_dir: Path, reference: int, work: Path) -> tuple[Path,
 
 
 def run(run_dir: Path, reference: int, pairs: Sequence[tuple[int, int]], seed: int = 0) -> dict[str, Any]:
+    import torch
+
     from clients.simulated_labeler import concise_polite
+    from trainer.evaluate import win_rate
     from trainer.examples import user_turn
     from trainer.reward_model import RewardModel
 
@@ -104,7 +102,7 @@ def run(run_dir: Path, reference: int, pairs: Sequence[tuple[int, int]], seed: i
         row = {}
         for name, by_version in scores.items():
             a, b = by_version[str(new)], by_version[str(old)]
-            row[name] = {"win_rate": win_rate(a, b),
+            row[name] = {"win_rate": win_rate(torch.tensor(a), torch.tensor(b)),
                          "gate_says_better": {n: gate_says_better(a, b, n, rng) for n in GATE_SIZES if n <= len(a)}}
         results["pairs"][f"v{new} vs v{old}"] = row
     return results
