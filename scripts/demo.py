@@ -88,14 +88,14 @@ class Plan:
     ``python -m bench.reward_curve``), so the first cycle's data is larger: 96 tasks of
     K = 9 by the training labelers, about 55 of them on train-split prompts (36 pairs
     each); later cycles add 48. The queue spreads tasks over the cycle's train and val
-    prompts, so their ratio sets the RM's (train) and the judge's (val) share. The judge
-    trains only on val prompts the gate does not evaluate on (all but the first 8): with 16
-    val prompts in cycle 1 it had 13 rankings and stayed at chance (docs/DEMO.md), hence 24.
+    prompts: train-split rankings train PPO's RM, and the gate's judge trains on every
+    ranking but those of the prompts the gate evaluates on (the first 16 val prompts),
+    which measure it.
     """
 
     cycles: int
     first_train_prompts: int = 32  # new train-split prompts in the first cycle (PPO's data, most rankings)
-    first_val_prompts: int = 24  # ... val-split: the judge's rankings, and the gate's evaluation prompts
+    first_val_prompts: int = 24  # ... val-split: the gate's evaluation prompts (16) and more rankings for the judge
     train_prompts: int = 20  # ... in each later cycle
     val_prompts: int = 12
     first_tasks_a: int = 24  # labeling tasks per training labeler (4 of them) in the first cycle

@@ -81,9 +81,10 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     # RM: trained on train-split rankings (group A), measured on val (groups A and B)
     assert m["rm"]["rm"]["num_train"] == 12 and m["rm"]["rm"]["num_val"] == 8
     assert set(m["rm"]["rm"]["val"]["by_group"]) == {"A", "B"}
-    # the judge learns from the val rankings of prompts the gate does not evaluate on (4 of 8), and
-    # is measured on rankings it never saw: the other 4 (the evaluation prompts') and train's 12
-    assert (m["rm"]["judge"]["num_train"], m["rm"]["judge"]["num_val"]) == (4, 16)
+    # the (held-in) judge learns from group A's rankings of every prompt the gate does not
+    # evaluate on (train's 12, val's 4), and is measured on rankings it never saw: the
+    # evaluation prompts' and held-out B's (4)
+    assert (m["rm"]["judge"]["num_train"], m["rm"]["judge"]["num_val"]) == (16, 4)
     # same SFT trunk: the RM ran every completion the judge needs through it (trainer.trunk_cache)
     assert m["rm"]["rm"]["trunk_computed"] > 0 and m["rm"]["rm"]["trunk_reused"] == 0
     assert m["rm"]["judge"]["trunk_computed"] == 0 and m["rm"]["judge"]["trunk_reused"] > 0
@@ -354,19 +355,28 @@ def test_the_judge_never_trains_on_the_prompts_the_gate_evaluates_on() -> None:
                      comparisons={"train": [comparison("t1"), comparison("t2"), comparison("t3")],
                                   "val": [comparison("v1"), comparison("v2")], "test": []},
                      held_out_comparisons=[comparison("v2", "B")])
-    train, unseen = judge_split(data, train_split_sample=2)
+    train, unseen = judge_split(data, train_split_sample=2, rankings="val")
     assert [c.prompt_id for c in train] == ["v2"]
     assert [(c.prompt_id, c.labeler_group) for c in unseen] == [("v1", "A"), ("t2", "A"), ("t3", "A"), ("v2", "B")]
-    # Enough data counts only the judge's own rankings: with every val prompt evaluated, the cycle skips.
+    # The held-in judge trains on the train split's rankings too, so they cannot measure it;
+    # the evaluation prompts' and the held-out labelers' still do.
+    train, unseen = judge_split(data, train_split_sample=2, rankings="held_in")
+    assert [c.prompt_id for c in train] == ["t1", "t2", "t3", "v2"]
+    assert [(c.prompt_id, c.labeler_group) for c in unseen] == [("v1", "A"), ("v2", "B")]
+    # Enough data counts only the judge's own rankings: with every val prompt evaluated, a
+    # val-split judge has none and the cycle skips; a held-in judge still has the train split's.
     from trainer.cycle import CycleSkipped, check_enough_data
     from trainer.loop_config import DataConfig
 
     data.ppo_prompts = [PromptExample("t9", user_turn("t9"))]
-    need = DataConfig(min_new_prompts=1, min_train_comparisons=1, min_val_comparisons=1)
+    need = DataConfig(min_new_prompts=1, min_train_comparisons=1, min_val_comparisons=1, judge_rankings="val")
     check_enough_data(data, need)
     data.eval_prompts.append(PromptExample("v2", user_turn("v2")))
     with pytest.raises(CycleSkipped, match="judge_comparisons 0 < 1"):
         check_enough_data(data, need)
+    check_enough_data(data, DataConfig(min_new_prompts=1, min_train_comparisons=1, min_val_comparisons=3))
+    with pytest.raises(CycleSkipped, match="judge_comparisons 3 < 4"):
+        check_enough_data(data, DataConfig(min_new_prompts=1, min_train_comparisons=1, min_val_comparisons=4))
 
 
 # ---------------------------------------------------------------------------- config

@@ -9,10 +9,11 @@
              reference, PPO starts from it); otherwise PPO starts from the SERVING policy
              and the reference stays the SFT model of the serving lineage
   rm         the reward model on ALL train-split rankings (val-split ones measure it, per
-             labeler group), and the gate's JUDGE on the val-split rankings (the train-split
-             ones measure it): an RM PPO never optimises against. Rankings of the
-             held-out labeler groups (``data.held_out_groups``) train neither; they
-             measure both
+             labeler group), and the gate's JUDGE, a second RM trained apart on the training
+             groups' rankings of every prompt but the evaluation prompts (``judge_split``;
+             ``data.judge_rankings = "val"``: the val split's alone, data PPO's RM never saw).
+             Rankings of the held-out labeler groups (``data.held_out_groups``) train
+             neither; they measure both
   ppo        PPO-ptx on the train-split prompts logged since the last trained cycle
   evaluate   candidate vs serving on the evaluation prompts, judged by the judge
              (``trainer.evaluate.evaluate_candidate``); the KL to SFT on the candidate's samples
@@ -68,7 +69,7 @@ from common.store import (
 )
 from trainer.gate import decide
 from trainer.hygiene import HygieneReport, run_hygiene
-from trainer.loop_config import CycleConfig, DataConfig, TrainerConfig
+from trainer.loop_config import CycleConfig, DataConfig, JudgeRankings, TrainerConfig
 from trainer.publishing import (
     Hook,
     PolicySwapper,
@@ -393,8 +394,8 @@ def hygiene_summary(report: HygieneReport) -> dict[str, Any]:
 def check_enough_data(data: CycleData, need: DataConfig) -> None:
     """Raise CycleSkipped naming every shortfall."""
     counts = data.counts()
-    # The judge trains only on val rankings of prompts the gate does not evaluate on.
-    counts["judge_comparisons"] = len(judge_split(data, need.judge_eval_comparisons)[0])
+    # The judge never trains on the rankings of the prompts the gate evaluates on.
+    counts["judge_comparisons"] = len(judge_split(data, need.judge_eval_comparisons, need.judge_rankings)[0])
     wanted = {"ppo_prompts": need.min_new_prompts, "comparisons_train": need.min_train_comparisons,
               "judge_comparisons": need.min_val_comparisons, "eval_prompts": 1}
     short = [f"{name} {counts[name]} < {least}" for name, least in wanted.items() if counts[name] < least]
@@ -453,9 +454,9 @@ def sft_if_demonstrations_changed(
 def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, work: CycleFolders,
                         trunk_cache: TrunkCache | None = None) -> dict[str, Any]:
     """PPO's RM on the train-split rankings (measured on val), and the gate's JUDGE on the
-    val-split rankings of prompts the gate does NOT evaluate on (``judge_split``), measured
-    on rankings it never saw: the newest train-split ones, those of the evaluation prompts
-    and the held-out labelers'. Both are measured per labeler group (and per sampling
+    training groups' rankings of prompts the gate does NOT evaluate on (``judge_split``,
+    ``data.judge_rankings``), measured on rankings it never saw: those of the evaluation
+    prompts and the held-out labelers'. Both are measured per labeler group (and per sampling
     policy version); both read the frozen trunk's outputs from ``trunk_cache`` (same SFT model)."""
     from trainer.distributed import everywhere
     from trainer.rm_training import train_reward_model
@@ -465,22 +466,27 @@ def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, 
     own = {"trunk_cache": trunk_cache}  # each rank keeps its own cache
     rm = everywhere(train_reward_model, reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm,
                     work.rm, demonstrations=demos, local=own)
-    judge_train, judge_unseen = judge_split(data, cfg.data.judge_eval_comparisons)
+    judge_train, judge_unseen = judge_split(data, cfg.data.judge_eval_comparisons, cfg.data.judge_rankings)
     judge = everywhere(train_reward_model, reference_dir, judge_train, judge_unseen, cfg.rm, work.judge,
                        demonstrations=demos, local=own)
     return {"rm": rm.to_dict(), "judge": judge.to_dict()}
 
 
-def judge_split(data: CycleData, train_split_sample: int) -> tuple[list[Comparison], list[Comparison]]:
-    """(what the judge trains on, what measures it): val-split rankings of prompts the gate
-    will NOT evaluate on train it; those of the evaluation prompts, the newest
-    ``train_split_sample`` train-split ones and the held-out labelers' measure it."""
+def judge_split(data: CycleData, train_split_sample: int, rankings: JudgeRankings
+                ) -> tuple[list[Comparison], list[Comparison]]:
+    """(what the judge trains on, what measures it). It never trains on the rankings of the
+    prompts the gate evaluates on (they measure it) nor on the held-out labelers' (they
+    measure it too). ``rankings`` "val": the val-split rankings of the other prompts train
+    it, and the newest ``train_split_sample`` train-split ones measure it as well; "held_in":
+    the train split's train it too (PPO's RM's data and more: a different model on more
+    data, which replayed demo runs found the better judge, docs/BENCHMARKS.md)."""
     evaluated = {p.prompt_id for p in data.eval_prompts}
     val = data.comparisons["val"]
-    train = [c for c in val if c.prompt_id not in evaluated]
+    val_rest = [c for c in val if c.prompt_id not in evaluated]
     unseen = [c for c in val if c.prompt_id in evaluated]
-    unseen += data.comparisons["train"][-train_split_sample:] + data.held_out_comparisons
-    return train, unseen
+    if rankings == "held_in":
+        return data.comparisons["train"] + val_rest, unseen + data.held_out_comparisons
+    return val_rest, unseen + data.comparisons["train"][-train_split_sample:] + data.held_out_comparisons
 
 
 def pretraining_texts(cfg: CycleConfig) -> tuple[list[str], list[str]]:
