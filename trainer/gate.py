@@ -1,9 +1,12 @@
 """Decide whether to promote a candidate policy, from the numbers ``trainer.evaluate.evaluate_candidate``
 measured (pure: a dict in, a decision out).
 
-The judge is a reward model PPO did NOT optimise against (the cycle trains it on
-validation-split comparisons of prompts the gate does not evaluate on): PPO's own RM is
-exploitable by construction, so a win rate measured with it would reward reward hacking.
+The judge is a second reward model, trained apart from PPO's (the cycle trains it on the
+training labelers' rankings of every prompt the gate does not evaluate on, or with
+``data.judge_rankings = "val"`` on the val split's alone, data PPO's RM never saw): PPO's
+own RM is exploitable by construction, so a win rate measured with it would reward reward
+hacking; the held-in judge is a different model on more data, and replayed on demo runs it
+agreed with the noise-free rule more often than the val-split judge (bench.gate_power).
 Both policies answer the same evaluation prompts (greedy by default); the judge scores
 both answers; the candidate wins a prompt when its answer scores higher (a tie counts
 half). The judge's verdict counts only when the judge itself is better than chance: its
