@@ -147,7 +147,8 @@ def test_a_triggered_cycle_swaps_the_served_policy_without_failing_a_request(
                         {"RLHF_ADMIN_KEY": keys["admin"]})
 
         # users' traffic: train prompts for PPO, val prompts for the judge and the evaluation
-        # (8: the gate evaluates 4, the judge trains on the rankings of the other 4), test prompts
+        # (8: the gate evaluates 4; the judge trains on the rankings of the other 4 and the train
+        # split's), test prompts
         texts, train_prompt_ids = iter(PROMPTS), []
         for name in [k for k in keys if k.split("-")[0] in ("train", "val", "test")]:
             with RlhfClient(target, keys[name]) as user:
