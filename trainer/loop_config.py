@@ -68,9 +68,9 @@ class DataConfig:
         metadata={"help": "What the gate's judge trains on, never the evaluation prompts' rankings nor the "
                   "held-out groups': 'held_in' = every training-group ranking (PPO's RM's train split and the "
                   "other val prompts'), 'val' = the val split's alone, rankings PPO's RM never saw. Replayed on "
-                  "six demo runs (bench.gate_power), the held-in judge agreed with the noise-free rule on "
-                  "0.686 of 1,198 answer pairs, the val judge on 0.637; on 16 gate prompts the held-in judge "
-                  "made the rule's call on 0.698 of 24 version pairs, the val judge on 8 on 0.545."})
+                  "seven demo runs (bench.gate_power), the held-in judge agreed with the noise-free rule on "
+                  "0.684 of 1,429 answer pairs, the val judge on 0.649; on 16 gate prompts the held-in judge "
+                  "made the rule's call on 0.714 of 29 version pairs, the val judge on 8 on 0.554."})
     judge_eval_comparisons: int = field(
         default=64,
         metadata={"help": "judge_rankings='val': the newest train-split rankings (which that judge never sees) "
