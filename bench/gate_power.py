@@ -69,7 +69,7 @@ def train_scorers(run_dir: Path, reference: int, work: Path) -> tuple[dict[str, 
     """The two judges a cycle can train (``trainer.cycle.judge_split``: "val" and "held_in")
     and PPO's RM, from the run's final store, on the demo's recipe."""
     from common.store import Store
-    from trainer.cycle import judge_split
+    from trainer.cycle import judge_split, rm_split
     from trainer.hygiene import run_hygiene
     from trainer.loop_config import load_trainer_config
     from trainer.rm_training import train_reward_model
@@ -85,7 +85,7 @@ def train_scorers(run_dir: Path, reference: int, work: Path) -> tuple[dict[str, 
     reference_dir = run_dir / "data" / "checkpoints" / f"v{reference}"
     demos = data.demonstrations["train"] or None
     splits = {"judge": judge_split(data, cfg.data.judge_eval_comparisons, "val"),
-              "rm": (data.comparisons["train"], data.comparisons["val"] + data.held_out_comparisons),
+              "rm": rm_split(data),
               "held_in": judge_split(data, cfg.data.judge_eval_comparisons, "held_in")}
     sizes: dict[str, Any] = {}
     for name, (train, unseen) in splits.items():

@@ -403,7 +403,7 @@ def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
     (["schedule=weekly"], "schedule must be interval | cron | off"),
     (["cron=not a cron", "schedule=cron"], "Wrong number of fields"),
     (["cycle.data.eval_splits=[\"train\"]"], "never train"),
-    (["cycle.data.judge_rankings=everything"], "judge_rankings must be 'held_in' or 'val'"),
+    (["cycle.data.judge_rankings=everything"], "judge_rankings must be one of \\['held_in', 'val'\\]"),
 ])
 def test_config_rejects_bad_values(overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):

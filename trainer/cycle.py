@@ -462,14 +462,20 @@ def train_reward_models(reference_dir: Path, data: CycleData, cfg: CycleConfig, 
     from trainer.rm_training import train_reward_model
 
     demos = data.demonstrations["train"] or None
-    comparisons, held_out = data.comparisons, data.held_out_comparisons
     own = {"trunk_cache": trunk_cache}  # each rank keeps its own cache
-    rm = everywhere(train_reward_model, reference_dir, comparisons["train"], comparisons["val"] + held_out, cfg.rm,
-                    work.rm, demonstrations=demos, local=own)
+    rm_train, rm_unseen = rm_split(data)
+    rm = everywhere(train_reward_model, reference_dir, rm_train, rm_unseen, cfg.rm, work.rm, demonstrations=demos,
+                    local=own)
     judge_train, judge_unseen = judge_split(data, cfg.data.judge_eval_comparisons, cfg.data.judge_rankings)
     judge = everywhere(train_reward_model, reference_dir, judge_train, judge_unseen, cfg.rm, work.judge,
                        demonstrations=demos, local=own)
     return {"rm": rm.to_dict(), "judge": judge.to_dict()}
+
+
+def rm_split(data: CycleData) -> tuple[list[Comparison], list[Comparison]]:
+    """(what PPO's RM trains on, what measures it): the training groups' train-split rankings;
+    their val-split ones and the held-out labelers'."""
+    return data.comparisons["train"], data.comparisons["val"] + data.held_out_comparisons
 
 
 def judge_split(data: CycleData, train_split_sample: int, rankings: JudgeRankings

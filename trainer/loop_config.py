@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, get_type_hints
 
 from common import paths
-from trainer.config import EvalConfig, PPOConfig, RMConfig, SFTConfig, _check, config_from_overrides
+from trainer.config import EvalConfig, PPOConfig, RMConfig, SFTConfig, _check, _check_literals, config_from_overrides
 from trainer.gate import GateConfig
 from trainer.hygiene import HygieneConfig
 
@@ -94,8 +94,7 @@ class DataConfig:
         _check(self.min_new_prompts <= self.max_ppo_prompts, "min_new_prompts", "must be <= max_ppo_prompts",
                self.min_new_prompts)
         _check(bool(self.ppo_sources), "ppo_sources", "must name a source", self.ppo_sources)
-        _check(self.judge_rankings in ("held_in", "val"), "judge_rankings", "must be 'held_in' or 'val'",
-               self.judge_rankings)
+        _check_literals(self)
         _check(bool(self.eval_splits) and set(self.eval_splits) <= {"val", "test"}, "eval_splits",
                "must be a non-empty subset of ['val', 'test'] (never train)", self.eval_splits)
 
