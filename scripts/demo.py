@@ -52,6 +52,7 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402,F401  first: gRPC's fork setting precedes `import grpc` (common/__init__.py)
 import grpc  # noqa: E402
 
 from clients.client import RlhfClient  # noqa: E402

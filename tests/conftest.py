@@ -14,18 +14,12 @@ import os
 # Before anything imports transformers or huggingface_hub: they read these at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-# Before anything imports grpc: many tests run a gRPC server in a thread of this process and
-# then fork+exec a child (pexpect, subprocess). With fork support on, grpcio >= 1.81 restarts
-# its poller in the child, which can hit the epoll fd closed before exec and abort the child
-# ("epoll_wait error: Bad file descriptor", grpc/grpc#43055): about 1 spawn in 40 here. The
-# suite never uses gRPC in a forked child, so it needs no fork handlers.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from common import paths  # noqa: E402
+from common import paths  # noqa: E402  (importing `common` also turns gRPC's fork support off: common/__init__.py)
 
 TINY_SEED = 0
 
