@@ -64,6 +64,11 @@ VARIANTS: dict[str, list[str]] = {
     "rollouts at temperature 1.0": ["temperature=1.0"],  # the demo until 2026-12-05
     "rollouts at temperature 0.7": ["temperature=0.7"],  # the demo now
     "rollouts at temperature 0.5": ["temperature=0.5"],
+    # train_mode "top_layers" on the demo's section: backward through the top 6 of 30 layers only
+    "top 6 layers": ["train_mode=top_layers", "top_layers=6"],
+    "top 6 layers, 6 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=6"],
+    "top 6 layers, 6 iterations, lr 6e-5": ["train_mode=top_layers", "top_layers=6", "iterations=6",
+                                            "policy_lr=6e-5", "value_lr=6e-5"],
 }
 
 

@@ -293,7 +293,7 @@ class EvalConfig:
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_PPO_LR = {"full": 2e-5, "lora": 2e-4}  # measured on the 135M model (MACHINE-FACTS)
+DEFAULT_PPO_LR = {"full": 2e-5, "lora": 2e-4, "top_layers": 2e-5}  # measured on the 135M model (MACHINE-FACTS)
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
@@ -393,10 +393,15 @@ class PPOConfig:
         metadata={"help": "With the default corpus, the fraction of paragraphs held out (split seed 0) to measure "
                   "the alignment tax; PPO trains on the rest."})
     # -- which weights train
-    train_mode: Literal["full", "lora"] = field(
+    train_mode: Literal["full", "lora", "top_layers"] = field(
         default="full",
         metadata={"help": "'full': every policy and value weight trains; 'lora': adapters on lora_targets of both "
-                  "(the value head trains fully), merged into full weights when the policy is saved."})
+                  "(the value head trains fully), merged into full weights when the policy is saved; "
+                  "'top_layers': the top `top_layers` decoder layers and the final norm of each (and the value "
+                  "head): backward stops below them, so an update costs a forward and a shallow backward."})
+    top_layers: int = field(
+        default=6, metadata={"help": "Decoder layers that train in train_mode='top_layers' (of the value model's "
+                             "trunk, cut at the RM's pooled layer, at most all)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
     lora_targets: tuple[str, ...] = field(
@@ -419,7 +424,7 @@ class PPOConfig:
         self.lora_targets = tuple(self.lora_targets)
         positive_ints = ("rollouts_per_iteration", "iterations", "max_new_tokens", "max_prompt_tokens", "kl_horizon",
                          "ppo_epochs", "minibatch_size", "ptx_batch_size", "ptx_seq_len", "lora_r", "lora_alpha",
-                         "forward_batch_size", "samples_per_prompt")
+                         "forward_batch_size", "samples_per_prompt", "top_layers")
         for name in positive_ints:
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         _check(self.rollouts_per_iteration % self.samples_per_prompt == 0, "rollouts_per_iteration",

@@ -104,6 +104,7 @@ from trainer.losses import (
 )
 from trainer.reward_model import RewardModel
 from trainer.rollout import HFRolloutGenerator, RolloutGenerator, Rollouts
+from trainer.torch_parts import decoder_layers, train_only_top_layers
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class PPOModels:
 def load_models(policy_dir: Path | str, ref_dir: Path | str, rm_dir: Path | str, config: PPOConfig,
                 device: torch.device, dtype: torch.dtype) -> PPOModels:
     """Policy (fp32, trained), reference and RM (``dtype``, frozen), value model (fp32 copy of the RM).
+    Which of the trained models' weights train: ``config.train_mode``.
 
     When the policy's LoRA adapters sit on the reference (``load_lora_policy``), the reference
     is the policy with its adapters disabled, not a second model in memory.
@@ -145,6 +147,10 @@ def load_models(policy_dir: Path | str, ref_dir: Path | str, rm_dir: Path | str,
     if config.train_mode == "lora":
         value_model.backbone = add_lora(value_model.backbone, **lora_shape(config))
         value_model.head.requires_grad_(True)
+    elif config.train_mode == "top_layers":
+        train_only_top_layers(policy, config.top_layers)
+        # The value model's trunk may be cut shorter than the policy's (the RM's, at its pooled layer).
+        train_only_top_layers(value_model.backbone, min(config.top_layers, len(decoder_layers(value_model.backbone))))
     # Dropout stays off (eval mode) so old and new log-probs come from the same function.
     policy.eval()
     value_model.eval()

@@ -41,7 +41,7 @@ from trainer.lora import add_lora
 from trainer.losses import batched_ranking_loss
 from trainer.reward_model import RewardModel
 from trainer.rm_heads import gather_last
-from trainer.torch_parts import build_optimizer, decoder_layers, eval_mode, training_dropout
+from trainer.torch_parts import build_optimizer, eval_mode, train_only_top_layers, training_dropout
 from trainer.trunk_cache import FrozenTrunk, TrunkCache, attach_trunk_states, bind_trunk, scoring_from_trunk
 
 # ---------------------------------------------------------------------------- the recipe
@@ -373,15 +373,7 @@ def configure_trainable(rm: RewardModel, mode: str, *, top_layers: int, lora_r: 
     elif mode == "head":
         rm.requires_grad_(False)  # the whole trunk is frozen: only the head below trains
     elif mode == "top_layers":
-        rm.requires_grad_(False)
-        layers = decoder_layers(rm.backbone)
-        if top_layers > len(layers):
-            raise ValueError(f"top_layers={top_layers} but the backbone has {len(layers)} layers")
-        for layer in layers[len(layers) - top_layers:]:
-            layer.requires_grad_(True)
-        norm = getattr(rm.backbone, "norm", None)
-        if norm is not None:
-            norm.requires_grad_(True)
+        train_only_top_layers(rm.backbone, top_layers)
     elif mode == "lora":
         rm.backbone = add_lora(rm.backbone, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)  # freezes the rest
     else:

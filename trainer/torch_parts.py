@@ -1,7 +1,7 @@
 """Torch building blocks every training stage shares (SFT, the reward model, its trunk cache, PPO).
 
 - model anatomy: ``decoder_layers`` (the decoder block list of a causal LM or its base model),
-  ``model_device``;
+  ``train_only_top_layers`` (what the RM's and PPO's ``top_layers`` modes train), ``model_device``;
 - modes: ``eval_mode`` (dropout off, no autograd, previous mode restored) and
   ``training_dropout`` (residual and attention dropout while training only);
 - batch shapes: ``right_pad`` (rows of token ids or states of different lengths -> one batch);
@@ -35,6 +35,24 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
             if isinstance(layers, torch.nn.ModuleList):
                 return layers
     raise ValueError(f"Unknown architecture: no decoder layer list in {type(model).__name__}")
+
+
+def train_only_top_layers(model: torch.nn.Module, n: int) -> None:
+    """Freeze every weight of ``model`` (a causal LM or its base model) but its top ``n``
+    decoder layers and the final norm above them. Embeddings (and an output layer tied to
+    them) stay frozen, so no gradient flows below the lowest trained layer: the backward
+    pass costs about n / depth of the whole one."""
+    layers = decoder_layers(model)
+    if not 0 <= n <= len(layers):
+        raise ValueError(f"top_layers={n} but the model has {len(layers)} decoder layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - n:]:
+        layer.requires_grad_(True)
+    for owner in (model, getattr(model, "model", None)):
+        norm = getattr(owner, "norm", None) if owner is not None else None
+        if isinstance(norm, torch.nn.Module):
+            norm.requires_grad_(True)
+            break
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
