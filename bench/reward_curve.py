@@ -34,10 +34,12 @@ the same number of sampled completions (the sampling cost).
 
 A recipe must not be chosen for one labeler's rule: ``--rule`` ranks the same samples by
 another of ``clients.simulated_labeler.RULES`` (default: the demo's), and ``--cap`` cuts the
-samples to the demo's labeling length first.
+samples to the demo's labeling length first. ``--noise 0`` trains on the noise-free rule's
+own rankings: the recipe's curve without the labelers' noise, which splits the gap to the
+rule into what the noise costs and what the recipe (its features, its data) leaves.
 
     python -m bench.reward_curve [--sizes 250 500 1000 2000 4000 8000] [--quick] [--recipes NAME ...]
-                                 [--rule NAME] [--cap TOKENS]
+                                 [--rule NAME] [--cap TOKENS] [--noise P]
     python -m bench.reward_curve --trunk-cost   # the cut trunk's pass against the whole one's
 """
 
@@ -83,9 +85,10 @@ class Split:
     tokens_per_sample: float
 
 
-def comparisons_for(samples: SampleSet, seed: int = 0, rule: str = "concise_polite") -> Split:
-    """Rank the samples: training pool by the training labelers, test prompts by the rule and
-    the held-out labelers, all following ``rule`` (``clients.simulated_labeler.RULES``)."""
+def comparisons_for(samples: SampleSet, seed: int = 0, rule: str = "concise_polite", noise: float = NOISE_P) -> Split:
+    """Rank the samples: training pool by the training labelers (noise ``noise``), test prompts by
+    the rule and the held-out labelers (always ``NOISE_P``), all following ``rule``
+    (``clients.simulated_labeler.RULES``)."""
     from clients.simulated_labeler import groups_by_score, noisy_ranking, rule_from_name
     from trainer.examples import Comparison, user_turn
 
@@ -106,7 +109,7 @@ def comparisons_for(samples: SampleSet, seed: int = 0, rule: str = "concise_poli
     def scores(i: int) -> list[float]:
         return [score(samples.rows[i].prompt, t) for t in samples.rows[i].texts]
 
-    train = [comparison(i, noisy_ranking(scores(i), NOISE_P, labelers[n % len(labelers)]), "A")
+    train = [comparison(i, noisy_ranking(scores(i), noise, labelers[n % len(labelers)]), "A")
              for n, i in enumerate(pool)]
     test_rule = [comparison(i, groups_by_score(scores(i)), "rule") for i in test]
     test_held_out = [comparison(i, noisy_ranking(scores(i), NOISE_P, rng), "held-out") for rng in held_out for i in test]
@@ -187,16 +190,18 @@ def keep_trunk(cache: Any) -> None:
 
 
 def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str] | None = None,
-        rule: str = "concise_polite", cap: int | None = None) -> dict[str, Any]:
+        rule: str = "concise_polite", cap: int | None = None, noise: float = NOISE_P) -> dict[str, Any]:
     """The curve of each recipe in ``recipes`` (default: all; ``quick``: the default recipe
     only, without the sample-length and K tables), the labelers following ``rule``, the
-    curves' samples cut to ``cap`` tokens when given."""
+    curves' samples cut to ``cap`` tokens when given, the training labelers inattentive with
+    ``noise`` (0: the noise-free rule's rankings, what no labeler gives: how much of the
+    curve's gap to the rule is the labels' noise and how much the recipe's)."""
     import torch
 
     from clients.prompts import load_prompts
     from common.models import ensure_embedded_model, load_tokenizer
-    if cap is not None and not quick:  # the sample-length and K tables compare against the uncut samples
-        raise ValueError("cap cuts the curves' samples only: use it with quick")
+    if (cap is not None or noise != NOISE_P) and not quick:  # the other tables compare against the defaults
+        raise ValueError("cap and noise change the curves only: use them with quick")
     torch.manual_seed(0)
     model_dir = ensure_embedded_model()
     tokenizer = load_tokenizer(model_dir)
@@ -204,13 +209,14 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False, recipes: Sequence[str
     full = load_or_sample(model_dir, texts, k=K, max_tokens=128)
     results: dict[str, Any] = {"sampling": {"prompts": len(full.rows), "k": full.k, "max_tokens": full.max_tokens,
                                             "tokens": full.tokens, "seconds": full.seconds},
-                               "curve": {}, "caps": {}, "k4_vs_k9": {}, "rule": rule, "cap": cap}
+                               "curve": {}, "caps": {}, "k4_vs_k9": {}, "rule": rule, "cap": cap,
+                               "noise": noise}
     names = recipes or (["pooled head"] if quick else list(RECIPES))
     recipes = {name: RECIPES[name] for name in names}
     caches = {name: cached_trunk(name, full.model_fingerprint) for name in recipes}  # one frozen trunk each
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        split = comparisons_for(full if cap is None else full.truncated(cap, tokenizer), rule=rule)
+        split = comparisons_for(full if cap is None else full.truncated(cap, tokenizer), rule=rule, noise=noise)
         results["train_pool_pairs"] = ordered_pairs(split.train)
         for name, overrides in recipes.items():
             for n in sizes:
@@ -252,7 +258,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"The embedded model's own samples: {s['prompts']} prompts x K = {s['k']}, temperature 1, up to "
         f"{s['max_tokens']} tokens ({s['tokens']} tokens, sampled once by offline vLLM in {s['seconds']:.0f} s and "
         f"kept under `data/bench/`); 64 test prompts, the rest ranked by four training labelers (noise p = "
-        f"{NOISE_P}: {r['train_pool_pairs']} pairs in all). Accuracy on the test prompts' pairs: `rule` against the "
+        f"{r['noise']}: {r['train_pool_pairs']} pairs in all). Accuracy on the test prompts' pairs: `rule` against the "
         "noise-free hidden rule (1.0 = perfect), `held-out` against two held-out noisy labelers (ceiling 1 - p = "
         f"0.84). One training run per point. Labelers' rule: `{r['rule']}`"
         + (f"; samples cut to {r['cap']} tokens." if r["cap"] else "."), "",
@@ -347,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule", choices=sorted(RULES), default="concise_polite",
                         help="the rule the simulated labelers follow (default: the demo's)")
     parser.add_argument("--cap", type=int, default=None, help="cut the curves' samples to this many tokens (with --quick)")
+    parser.add_argument("--noise", type=float, default=NOISE_P,
+                        help="the training labelers' noise p (held-out labelers keep 0.16; 0: the rule's own rankings; with --quick)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--trunk-cost", action="store_true",
                         help="only time the trunk's pass, cut at the pooled layer against whole (no curves)")
@@ -357,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(f'{s:.2f}' for s in cost['seconds']['cut'])} s; whole ({cost['layers']['whole']} layers) "
               f"{', '.join(f'{s:.2f}' for s in cost['seconds']['whole'])} s; median ratio {cost['ratio']:.2f}x")
         return 0
-    if args.cap is not None and not args.quick:
-        parser.error("--cap cuts the curves' samples only: use it with --quick")
-    results = run(args.sizes, quick=args.quick, recipes=args.recipes, rule=args.rule, cap=args.cap)
+    if (args.cap is not None or args.noise != NOISE_P) and not args.quick:
+        parser.error("--cap and --noise change the curves only: use them with --quick")
+    results = run(args.sizes, quick=args.quick, recipes=args.recipes, rule=args.rule, cap=args.cap, noise=args.noise)
     print(results["markdown"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
