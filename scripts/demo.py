@@ -535,6 +535,22 @@ def compare_versions(demo: Demo, version: int, other: int) -> dict[str, Any]:
             "mean_words": mean([len(a.split()) for _, a, _ in pairs])}
 
 
+def gate_rule_win_rate(examples: list[dict[str, Any]]) -> float | None:
+    """The noise-free rule's win rate of the candidate's answers over the serving policy's on
+    the gate's own prompts (the answers its judge scored, kept by ``cycle.eval.keep_answers``;
+    ties count half): whether the gate's call, a refusal included, was the rule's."""
+    import torch
+
+    from trainer.evaluate import win_rate
+
+    if not examples:
+        return None
+    scores = [(concise_polite(e["prompt"], e["candidate"]), concise_polite(e["prompt"], e["serving"]))
+              for e in examples]
+    new_scores, old_scores = (torch.tensor(column) for column in zip(*scores))
+    return win_rate(new_scores, old_scores)
+
+
 # ---------------------------------------------------------------------------- results
 
 
@@ -617,7 +633,8 @@ def summarise(n: int, cycle: admin_pb2.Cycle, version: int, vs_v0: dict[str, Any
         "judge_acc": m.get("rm", {}).get("judge", {}).get("val", {}).get("accuracy"),
         "judge_acc_B": m.get("rm", {}).get("judge", {}).get("val", {}).get("by_group", {}).get(HELD_OUT, {})
         .get("accuracy"),
-        "gate_win": ev.get("judge_win_rate"), "rm_score": ev.get("rm_score_candidate"), "kl": ev.get("kl_to_sft"),
+        "gate_win": ev.get("judge_win_rate"), "gate_rule": gate_rule_win_rate(ev.get("examples", [])),
+        "rm_score": ev.get("rm_score_candidate"), "kl": ev.get("kl_to_sft"),
         "ptx": ev.get("ptx_nll_candidate"), "ptx_reg": ev.get("ptx_regression"),
         "win_B": vs_v0["held_out_win_rate"], "p_B": vs_v0["p_value"], "win_rule": vs_v0["rule_win_rate"],
         "words": vs_v0["mean_words"], "stall": m.get("swap", {}).get("stall_seconds"),
@@ -639,6 +656,8 @@ COLUMNS = [
     ("rm_acc_B", 8, "PPO's RM: pairwise accuracy on held-out group B's rankings (never trained on)"),
     ("rm_acc_B_now", 12, "... on group B's rankings of the samples of the policy serving when the cycle began"),
     ("judge_acc", 9, "the gate's judge: pairwise accuracy on rankings it never trained on"),
+    ("gate_win", 8, "the judge's win rate of the candidate over the serving policy on the gate's prompts"),
+    ("gate_rule", 9, "the noise-free rule's win rate on the same prompts and answers: was the gate's call right?"),
     ("win_B", 6, "serving vs v0 on the test prompts, judged by the held-out labelers (ties dropped)"),
     ("p_B", 7, "one-sided binomial test of win_B > 0.5"),
     ("win_rule", 8, "serving vs v0 judged by the noise-free hidden rule (ties count half)"),

@@ -90,6 +90,9 @@ def test_one_cycle_runs_every_stage_and_publishes_a_serving_candidate(loop) -> N
     assert m["rm"]["judge"]["trunk_computed"] == 0 and m["rm"]["judge"]["trunk_reused"] > 0
     assert m["ppo"]["num_prompts"] == 12
     assert 0 <= m["evaluate"]["judge_win_rate"] <= 1 and m["evaluate"]["num_prompts"] == 4
+    kept = m["evaluate"]["examples"]  # the first cycle.eval.keep_answers (default 3) of the 4 prompts
+    assert len(kept) == 3 and all(
+        {"prompt", "candidate", "serving", "judge_candidate", "judge_serving"} <= set(e) for e in kept)
     assert m["gate"]["promote"] and m["swap"]["via"] == "store"
 
     # v1 = SFT (a new lineage), v2 = the PPO candidate, serving; both complete and recorded

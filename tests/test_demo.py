@@ -50,6 +50,18 @@ def test_identical_answers_carry_no_comparison(demo_module, tmp_path: Path) -> N
     assert result["held_out_wins"] == result["held_out_losses"] == 0 and result["p_value"] == 1.0
 
 
+def test_the_gates_call_is_scored_by_the_rule_on_its_own_answers(demo_module) -> None:
+    prompt = "Tell me about rivers"
+    good = "Thanks for asking about rivers: I am glad to help with a short and clear answer about them today."
+    bad = "In 1999 " + " ".join(itertools.repeat("water flows down", 20))
+    examples = [{"prompt": prompt, "candidate": good, "serving": bad},  # a win by the rule
+                {"prompt": prompt, "candidate": bad, "serving": good},  # a loss
+                {"prompt": prompt, "candidate": good, "serving": good},  # a tie: half
+                {"prompt": prompt, "candidate": good, "serving": bad}]
+    assert demo_module.gate_rule_win_rate(examples) == (1 + 0 + 0.5 + 1) / 4
+    assert demo_module.gate_rule_win_rate([]) is None  # a cycle that kept no answers
+
+
 def test_the_report_table_has_every_column(demo_module, tmp_path: Path) -> None:
     demo = make_demo(demo_module, tmp_path, ["a"], ["b"], ["q"])
     row = {name: 0.5 for name, _, _ in demo_module.COLUMNS} | {"cycle": 1, "state": "promoted", "error": ""}
@@ -80,5 +92,6 @@ def test_no_demonstrations_runs_the_loop_on_rankings_alone(tmp_path: Path, tiny_
     assert row["state"] in ("promoted", "rejected"), row
     assert row["demos"] == 0 and not row["sft"]  # no demonstrations, no SFT
     assert row["rm_pairs"] and row["rm_pairs"] > 0  # the RM trained on the labelers' rankings
+    assert 0.0 <= row["gate_rule"] <= 1.0  # the gate's own answers were kept and scored by the rule
     assert "held-out labelers prefer" in (out / "report.md").read_text()
     assert (out / "cycles.png").exists()

@@ -278,9 +278,16 @@ class EvalConfig:
         metadata={"help": "Samples per evaluation prompt (at PPO's temperature, with PPO's kl_estimator) for the "
                   "candidate's KL to its SFT reference: the KL is measured on the policy's own samples."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    keep_answers: int = field(
+        default=3,
+        metadata={"help": "Evaluation prompts whose answers (candidate's and serving policy's) and judge scores "
+                  "the cycle's record keeps (metrics evaluate.examples), first ones first: for a person reading a "
+                  "cycle, and to check a gate's call afterwards, a refusal included (the candidate of a refused "
+                  "cycle is deleted). 0 keeps none."})
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", self.max_new_tokens)
+        _check(self.keep_answers >= 0, "keep_answers", "must be >= 0", self.keep_answers)
         _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
         _check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1 or None",

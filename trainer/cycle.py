@@ -535,6 +535,7 @@ def evaluate_against_serving(serving: Policy, lineage: Lineage, data: CycleData,
         work.ppo, Path(serving.path), lineage.reference_dir, work.judge, work.rm, data.eval_prompts,
         ptx_held_out, max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
         ptx_max_length=e.ptx_max_length, seed=e.seed, kl_estimator=cfg.ppo.kl_estimator,
-        kl_temperature=cfg.ppo.temperature, kl_samples_per_prompt=e.kl_samples_per_prompt)
+        kl_temperature=cfg.ppo.temperature, kl_samples_per_prompt=e.kl_samples_per_prompt,
+        num_examples=e.keep_answers)
 
 

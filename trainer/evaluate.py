@@ -293,7 +293,8 @@ def evaluate_candidate(
     """What the gate decides on (``trainer.gate.decide``): both policies answer ``prompts``
     (greedy by default), the judge (and, for reference, PPO's RM) scores both answers; the
     candidate's KL to the SFT reference on its own samples (``sampled_kl``, PPO's estimator
-    and temperature); the held-out pretraining NLL of both."""
+    and temperature); the held-out pretraining NLL of both. The first ``num_examples``
+    prompts' answers and judge scores are kept (``examples``)."""
     from common.models import load_causal_lm, load_tokenizer
     from trainer.reward_model import RewardModel
 
@@ -343,8 +344,9 @@ def evaluate_candidate(
         "stopped_fraction_candidate": sum(cand_stopped) / len(cand_stopped),
         "mean_words_candidate": _mean_words(cand_text),
         "mean_words_serving": _mean_words(serve_text),
-        "examples": [{"prompt": m[-1]["content"], "candidate": c, "serving": s}
-                     for m, c, s in zip(messages[:num_examples], cand_text, serve_text)],
+        "examples": [{"prompt": m[-1]["content"], "candidate": c, "serving": s, "judge_candidate": float(jc),
+                      "judge_serving": float(js)}
+                     for m, c, s, jc, js in zip(messages[:num_examples], cand_text, serve_text, judge_c, judge_s)],
     }
 
 
