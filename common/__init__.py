@@ -6,8 +6,9 @@ so every product package (server, trainer, clients, webapp, bench) imports it fi
 its own ``__init__``: gRPC's fork support is OFF unless the environment says otherwise.
 With it on, grpcio >= 1.81 restarts its poller in a forked child, which can find the
 epoll fd already closed and abort the child before it execs ("epoll_wait error: Bad file
-descriptor", grpc/grpc#43055; reproduced here at 1 spawn in 40 of a child spawned beside a
-serving gRPC thread, 0 in 160 with it off). Our processes fork children that never use
+descriptor", grpc/grpc#43055; reproduced here, 2026-12-05, by repeating tests/test_label_tui.py's
+spawn of `rlhf label` beside a serving gRPC thread: an abort at spawn 37 of 40, none in 160
+with it off). Our processes fork children that never use
 gRPC (subprocesses that exec, vLLM's engine processes), so they need no fork handlers.
 """
 
