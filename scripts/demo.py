@@ -23,9 +23,10 @@ After every promotion the serving policy answers a FIXED set of test-split promp
 greedily (beside the next cycle, which swaps only at its end). The held-out labelers compare each answer with v0's answer to the same prompt
 (noisy, as they label); the hidden rule compares them without noise (the truth no model
 sees). At the end: a per-cycle table, `cycles.png`, `report.md` (with the ratings per
-policy version and the labelers' agreement on shared prompts), and a one-sided binomial
-(sign) test of the final policy against v0 on the held-out labelers' comparisons; the
-exit status is 1 unless p < 0.01. Everything lands in runs/demo-<time>/ (store,
+policy version and the labelers' agreement on shared prompts), and a one-sided exact test
+of the final policy against v0 on the held-out labelers' comparisons, with the prompt as
+the unit (``trainer.evaluate.sign_flip_p_value``: the labelers' net preference per prompt);
+the exit status is 1 unless p < 0.01. Everything lands in runs/demo-<time>/ (store,
 checkpoints, logs, summary.json). `make demo` sets RLHF_DEMO_STARTED so the set-up
 (environment, model, server start) is timed too.
 """
@@ -107,7 +108,10 @@ class Plan:
     # (bench.reward_curve, docs/BENCHMARKS.md), and each completion costs the RM's frozen
     # trunk half as much; at 40 tokens (the users' replies) samples barely differed in length.
     label_max_new_tokens: int = 64
-    test_prompts: int = 64  # the fixed measurement set (vN vs v0, greedy)
+    # The fixed measurement set (vN vs v0, greedy). 128: with 64, a policy the noise-free rule
+    # preferred on 70% of the prompts passed the prompt-level test half the time (0.487 of
+    # simulated verdicts; 128 prompts: 0.869; python -m bench.verdict_power).
+    test_prompts: int = 128
     demonstrations: int = 16  # cycle 1 only (0: --no-demonstrations)
     max_new_tokens: int = 40  # users' replies (PPO's rollouts and evaluation: demo_trainer.toml)
 
@@ -510,26 +514,31 @@ def compare_with_v0(demo: Demo, version: int) -> dict[str, Any]:
 
 def compare_versions(demo: Demo, version: int, other: int) -> dict[str, Any]:
     """vN vs another version on the test prompts: every held-out labeler judges every pair
-    (noisy, as they label), and the hidden rule judges it without noise. One-sided binomial
-    test on the held-out labelers' strict preferences (ties carry no comparison)."""
+    (noisy, as they label), and the hidden rule judges it without noise. The p-value is the
+    prompt-level one-sided exact test of the labelers' net preferences (``sign_flip_p_value``:
+    two labelers judging the same pair of answers are not two independent samples; ties carry
+    no comparison). ``p_value_pooled`` is the binomial test on the pooled strict preferences,
+    the demo's test until 2026-12-05, kept so older runs can be compared."""
     import torch
 
-    from trainer.evaluate import binomial_sf_one_sided, win_rate
+    from trainer.evaluate import binomial_sf_one_sided, sign_flip_p_value, win_rate
 
     pairs = list(zip(demo.test_set, demo.answers[version], demo.answers[other]))
     scores = [(concise_polite(q, new), concise_polite(q, old)) for q, new, old in pairs]  # (vN, other) per prompt
     wins = losses = 0
+    net = [0] * len(scores)  # per prompt: the held-out labelers' wins minus losses for vN
     for _, _, seed in [lab for lab in LABELERS if lab[1] == HELD_OUT]:
         rng = random.Random(1000 * seed + version if other == 0 else 1_000_003 * seed + 1000 * version + other)
-        for pair in scores:
+        for i, pair in enumerate(scores):
             if pair[0] == pair[1]:
                 continue  # a tie under the rule: the labeler passes (SimulatedLabeler.rank does too)
             order = noisy_ranking(list(pair), NOISE_P, rng)
-            wins, losses = wins + (order[0] == [0]), losses + (order[0] == [1])
+            won, lost = order[0] == [0], order[0] == [1]
+            wins, losses, net[i] = wins + won, losses + lost, net[i] + won - lost
     new_scores, old_scores = (torch.tensor(column) for column in zip(*scores))
     return {"version": version, "other": other, "held_out_wins": wins, "held_out_losses": losses,
             "held_out_win_rate": wins / (wins + losses) if wins + losses else None,
-            "p_value": binomial_sf_one_sided(wins, wins + losses),
+            "p_value": sign_flip_p_value(net), "p_value_pooled": binomial_sf_one_sided(wins, wins + losses),
             "rule_win_rate": win_rate(new_scores, old_scores),  # ties count half
             "hidden_rule_mean": float(new_scores.mean()), "hidden_rule_mean_v0": float(old_scores.mean()),
             "mean_words": mean([len(a.split()) for _, a, _ in pairs])}
@@ -659,12 +668,12 @@ COLUMNS = [
     ("gate_win", 8, "the judge's win rate of the candidate over the serving policy on the gate's prompts"),
     ("gate_rule", 9, "the noise-free rule's win rate on the same prompts and answers: was the gate's call right?"),
     ("win_B", 6, "serving vs v0 on the test prompts, judged by the held-out labelers (ties dropped)"),
-    ("p_B", 7, "one-sided binomial test of win_B > 0.5"),
+    ("p_B", 7, "one-sided prompt-level test of win_B > 0.5 (sign_flip_p_value)"),
     ("win_rule", 8, "serving vs v0 judged by the noise-free hidden rule (ties count half)"),
     ("ppo_start", 9, "the version this cycle's PPO started from (its SFT model, or the serving policy)"),
     ("rule_vs_start", 13, "a promoted candidate vs its PPO start, by the noise-free rule: what PPO alone did"),
     ("B_vs_start", 10, "... by the held-out labelers (win rate, ties dropped)"),
-    ("p_vs_start", 10, "one-sided binomial test of B_vs_start > 0.5"),
+    ("p_vs_start", 10, "one-sided prompt-level test of B_vs_start > 0.5"),
     ("rule_vs_prev", 12, "a promoted candidate vs the version it replaced, by the noise-free rule"),
     ("B_vs_prev", 9, "... by the held-out labelers"),
     ("rm_score", 8, "mean RM score of the candidate's samples on evaluation prompts"),
@@ -700,7 +709,8 @@ def report(demo: Demo, result: dict[str, Any], set_up_s: float, loop_s: float) -
     final = result["version"]
     verdict = (f"final v{final} vs v0 on {len(demo.test_set)} test prompts (greedy): held-out labelers prefer v{final} "
                f"{result['held_out_wins']} times, v0 {result['held_out_losses']} times "
-               f"(win rate {_cell(result['held_out_win_rate'])}, one-sided binomial p = {result['p_value']:.2g}); "
+               f"(win rate {_cell(result['held_out_win_rate'])}, one-sided p = {result['p_value']:.2g} with the prompt as "
+               f"the unit; {result['p_value_pooled']:.2g} by the pooled binomial test of earlier runs); "
                f"noise-free rule win rate {result['rule_win_rate']:.3f}; hidden-rule mean "
                f"{result['hidden_rule_mean']:.3f} vs {result['hidden_rule_mean_v0']:.3f}")
     timing = f"set-up {set_up_s:.0f} s (goal <= 300 s); loop {loop_s / 60:.1f} min (goal <= 20 min)"

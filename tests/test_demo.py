@@ -1,4 +1,4 @@
-"""The demo's verdict (scripts/demo.py): the held-out labelers' sign test and the rule's win rate."""
+"""The demo's verdict (scripts/demo.py): the held-out labelers' prompt-level test and the rule's win rate."""
 
 from __future__ import annotations
 
@@ -40,6 +40,23 @@ def test_a_policy_that_follows_the_rule_wins_significantly(demo_module, tmp_path
     # Each judgement is right with probability 1 - p = 0.84: far from a coin flip.
     assert 0.7 < result["held_out_win_rate"] < 0.95
     assert result["p_value"] < 1e-6
+    # The prompt is the test's unit: two labelers' verdicts on one pair are not two samples, so
+    # the pooled binomial test of earlier runs (kept for comparison) claims more than it may.
+    assert result["p_value_pooled"] < result["p_value"]
+
+
+def test_the_verdict_counts_prompts_not_judgements(demo_module, tmp_path: Path) -> None:
+    prompts = [f"Tell me about rivers number {i}" for i in range(40)]
+    good = "Thanks for asking about rivers: I am glad to help with a short and clear answer about them today."
+    bad = "In 1999 " + " ".join(itertools.repeat("water flows down", 20))
+    # The rule prefers v3 on 25 prompts and v0 on 15 (0.625): too few prompts for p < 0.01.
+    new, old = [good] * 25 + [bad] * 15, [bad] * 25 + [good] * 15
+    result = demo_module.compare_with_v0(make_demo(demo_module, tmp_path, new, old, prompts), 3)
+    assert result["rule_win_rate"] == 0.625
+    # Were both labelers noise-free, the prompt-level test would be the sign test of 25 of 40,
+    # p = 0.077, where pooling their 50 : 30 verdicts would claim 0.017.
+    assert result["p_value"] > 0.05
+    assert result["held_out_wins"] > result["held_out_losses"]
 
 
 def test_identical_answers_carry_no_comparison(demo_module, tmp_path: Path) -> None:

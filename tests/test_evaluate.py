@@ -14,6 +14,7 @@ from trainer.evaluate import (
     ptx_eval_loss,
     sample_responses,
     sampled_kl,
+    sign_flip_p_value,
     win_rate,
 )
 from trainer.examples import Comparison, user_turn
@@ -40,6 +41,31 @@ def tiny(tiny_model_dir):
 ])
 def test_binomial_sf_hand_values(k, n, p, expected):
     assert binomial_sf_one_sided(k, n, p) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("nets, expected", [
+    ([1, 1], 1 / 4),  # sums of +-1 +-1: 2, 0, 0, -2; only 2 reaches 2
+    ([2, 1], 1 / 4),  # 3, 1, -1, -3: only 3 reaches 3
+    ([2, 1, -1], 3 / 8),  # observed 2; +-2 +-1 +-1: 4, 2, 2, 0, 0, -2, -2, -4: three reach 2
+    ([2, 0, 0], 1 / 2),  # prompts both judges tie carry nothing: +-2
+    ([-1, -2], 1.0),  # the lowest sum: every sign pattern reaches it
+    ([0, 0], 1.0),
+])
+def test_sign_flip_p_value_hand_values(nets, expected):
+    assert sign_flip_p_value(nets) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sign_flip_with_one_judge_per_prompt_is_the_binomial_sign_test():
+    nets = [1] * 14 + [-1] * 6 + [0] * 5
+    assert sign_flip_p_value(nets) == pytest.approx(binomial_sf_one_sided(14, 20), rel=1e-12)
+
+
+def test_two_judges_who_always_agree_count_as_one():
+    # The same verdicts given twice per prompt say no more than once: the pooled binomial
+    # test (28 wins of 40) would call this p = 0.008, the prompt-level test 0.058.
+    doubled, single = [2] * 14 + [-2] * 6, [1] * 14 + [-1] * 6
+    assert sign_flip_p_value(doubled) == pytest.approx(sign_flip_p_value(single), rel=1e-12)
+    assert binomial_sf_one_sided(28, 40) < 0.01 < sign_flip_p_value(doubled)
 
 
 def test_binomial_sf_rejects_bad_arguments():

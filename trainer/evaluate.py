@@ -2,8 +2,9 @@
 
 - ``pairwise_accuracy``: RM agreement with held-out rankings, overall and per labeler group
   (the paper checks held-out labelers: 72.4% vs 69.6%).
-- ``win_rate`` and ``binomial_sf_one_sided``: does the candidate beat the incumbent, and
-  how surprising would that be under a fair coin.
+- ``win_rate``, ``binomial_sf_one_sided`` and ``sign_flip_p_value``: does the candidate beat
+  the incumbent, and how surprising would that be if neither were better (one verdict per
+  prompt; several judges per prompt).
 - ``sampled_kl``: how far the policy moved from the SFT reference, on its own samples.
 - ``ptx_eval_loss``: held-out pretraining NLL, the "alignment tax" PPO-ptx guards against.
 - ``sample_responses``: batched HF generation with left padding.
@@ -139,6 +140,33 @@ def binomial_sf_one_sided(k: int, n: int, p: float = 0.5) -> float:
         return 0.0
     # sum_{i=k}^{n} C(n, i) p^i (1 - p)^(n - i)
     return min(1.0, math.fsum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def sign_flip_p_value(net_preferences: Sequence[int]) -> float:
+    """One-sided exact p-value of ``sum(net_preferences)`` when each prompt's verdict is as
+    likely reversed: P(sum_i s_i |d_i| >= sum_i d_i) over all 2^n equally likely signs s_i.
+
+    ``d_i`` is prompt i's net preference for the candidate among several judges (wins minus
+    losses, e.g. in -2..2 for two labelers). Counting every judge's verdict as its own coin
+    toss, as ``binomial_sf_one_sided`` on the pooled wins would, treats two judgments of the
+    same pair of answers as independent although both follow the same answers, and understates
+    the p-value; the prompt is the unit that was sampled. With one judge per prompt this is
+    the binomial sign test. Exact: the null distribution of the sum by convolution, prompt by
+    prompt (its support is at most 2 * sum |d_i| + 1 integers).
+    """
+    magnitudes = [abs(int(d)) for d in net_preferences if d != 0]
+    observed = sum(int(d) for d in net_preferences)
+    if not magnitudes:
+        return 1.0
+    ways: dict[int, int] = {0: 1}  # sum -> number of sign patterns reaching it
+    for m in magnitudes:
+        step: dict[int, int] = defaultdict(int)
+        for total, count in ways.items():
+            step[total + m] += count
+            step[total - m] += count
+        ways = step
+    at_least = sum(count for total, count in ways.items() if total >= observed)
+    return at_least / 2 ** len(magnitudes)
 
 
 # ---------------------------------------------------------------------------- policy metrics
