@@ -37,6 +37,7 @@ from typing import Any, Sequence
 DEMO_TOML = Path(__file__).resolve().parent.parent / "scripts" / "demo_trainer.toml"
 LABEL_TOKENS = 64  # the demo's labeling sample length (scripts/demo.py Plan.label_max_new_tokens)
 PPO_PROMPTS = 32  # the demo's first cycle: 32 new train-split prompts (Plan.first_train_prompts)
+SAMPLED_ANSWERS = 2  # sampled answers per unseen prompt, at the served temperature, per model
 # Each variant: overrides of the demo's [cycle.ppo] (cycle.ppo.* keys without the prefix). The
 # ablations change one thing of BASE, the demo's PPO until 2026-12-04 (fp32, 3 iterations of 12).
 BASE = ["dtype=float32", "iterations=3"]
@@ -69,6 +70,9 @@ VARIANTS: dict[str, list[str]] = {
     "top 6 layers, 6 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=6"],
     "top 6 layers, 6 iterations, lr 6e-5": ["train_mode=top_layers", "top_layers=6", "iterations=6",
                                             "policy_lr=6e-5", "value_lr=6e-5"],
+    # more rollouts per cycle at what top-layers PPO saves: 12 iterations cost about the demo's 4 full ones x 2
+    "top 6 layers, 12 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=12"],
+    "top 6 layers, 24 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=24"],
 }
 
 
@@ -90,6 +94,19 @@ def rule_win_and_error(rule: Any, prompts: Sequence[str], new: Sequence[str],
     return statistics.fmean(outcomes), statistics.pstdev(outcomes) / len(outcomes) ** 0.5
 
 
+def rule_win_over_samples(rule: Any, prompts: Sequence[str], new: Sequence[Sequence[str]],
+                          old: Sequence[Sequence[str]]) -> tuple[float, float]:
+    """``rule_win_and_error`` over several sampled answers per prompt: ``new[j][i]`` against
+    ``old[j][i]``, the prompt's outcome the mean over its samples, so the standard error is
+    taken over prompts (a prompt's samples are not independent of each other)."""
+    import statistics
+
+    per_prompt = [statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0
+                                   for a, b in ((rule(p, n[i]), rule(p, o[i])) for n, o in zip(new, old)))
+                  for i, p in enumerate(prompts)]
+    return statistics.fmean(per_prompt), statistics.pstdev(per_prompt) / len(per_prompt) ** 0.5
+
+
 def answer_figures(rule: Any, prompts: Sequence[str], answers: Sequence[str]) -> tuple[float, float]:
     """(the rule's mean score, mean words) of one answer per prompt."""
     return (sum(rule(p, a) for p, a in zip(prompts, answers)) / len(answers),
@@ -97,14 +114,22 @@ def answer_figures(rule: Any, prompts: Sequence[str], answers: Sequence[str]) ->
 
 
 def greedy_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    return sampled_answers(model_dir, prompts, max_new_tokens, temperature=0.0, n=1)[0]
+
+
+def sampled_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int, temperature: float,
+                    n: int) -> list[list[str]]:
+    """``n`` answers per prompt (``[j][i]``: the j-th of prompt i; one greedy when ``temperature``
+    is 0), seeds 0..n-1, so two models' j-th samples share their random stream."""
     from common.models import load_tokenizer
     from trainer.evaluate import sample_responses
     from trainer.examples import user_turn
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return sample_responses(model, load_tokenizer(model_dir), [user_turn(p) for p in prompts], max_new_tokens,
-                            batch_size=16)
+    tokenizer = load_tokenizer(model_dir)
+    return [sample_responses(model, tokenizer, [user_turn(p) for p in prompts], max_new_tokens,
+                             temperature=temperature, seed=j, batch_size=16) for j in range(n)]
 
 
 def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str] | None = None) -> dict[str, Any]:
@@ -162,6 +187,9 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
         max_new = cycle.eval.max_new_tokens
         start_answers = greedy_answers(model_dir, test, max_new)
         start_unseen = greedy_answers(model_dir, unseen, max_new)
+        # What the users get: answers sampled at the temperature the demo serves and PPO samples at.
+        served_t = cycle.ppo.temperature
+        start_sampled = sampled_answers(model_dir, unseen, max_new, served_t, SAMPLED_ANSWERS)
         for name in variants or list(VARIANTS):
             ppo_cfg = demo_configs(VARIANTS[name]).ppo
             started = time.perf_counter()
@@ -170,10 +198,13 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
             answers = greedy_answers(work / name, test, max_new)
             unseen_win, unseen_se = rule_win_and_error(score, unseen, greedy_answers(work / name, unseen, max_new),
                                                        start_unseen)
+            sampled = sampled_answers(work / name, unseen, max_new, served_t, SAMPLED_ANSWERS)
+            sampled_win, sampled_se = rule_win_over_samples(score, unseen, sampled, start_sampled)
             last = out.history[-1]
             rule_mean, mean_words = answer_figures(score, test, answers)
             row = {"rule_vs_start": rule_win_and_error(score, test, answers, start_answers)[0], "seconds": seconds,
                    "rule_vs_start_unseen": unseen_win, "rule_vs_start_unseen_se": unseen_se,
+                   "rule_vs_start_sampled": sampled_win, "rule_vs_start_sampled_se": sampled_se,
                    "kl_last": last["kl_ref"], "rm_score_first": out.history[0]["rm_score"],
                    "rm_score_last": last["rm_score"], "approx_kl": last.get("approx_kl"),
                    "clip_frac": last.get("clip_frac"),
@@ -184,25 +215,30 @@ def run(rule: str = "concise_polite", pairs: int = 2000, variants: Sequence[str]
                                      for k in out.history[0]["seconds"]},
                    "overrides": VARIANTS[name]}
             results["variants"][name] = row
-            print(f"{name:32s} rule vs start {row['rule_vs_start']:.3f} (unseen {unseen_win:.3f} +- {unseen_se:.3f})  "
+            print(f"{name:32s} rule vs start {row['rule_vs_start']:.3f} (unseen {unseen_win:.3f} +- {unseen_se:.3f}, "
+                  f"sampled at {served_t} {sampled_win:.3f} +- {sampled_se:.3f})  "
                   f"{seconds:5.0f} s  kl {row['kl_last']:.3f}  "
                   f"rm {row['rm_score_first']:.3f} -> {row['rm_score_last']:.3f}  words {row['mean_words']:.1f}  "
                   f"changed {row['changed']:.2f}",
                   flush=True)
         results["start_rule_mean"], results["start_mean_words"] = answer_figures(score, test, start_answers)
+        results["sampled"] = {"temperature": served_t, "per_prompt": SAMPLED_ANSWERS}
     results["markdown"] = markdown(results)
     return results
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as docs/BENCHMARKS.md's table."""
-    lines = [f"| variant | rule win vs v0 | on {results['unseen_prompts']} unseen prompts (± s.e.) | rule mean "
+    sampled = results["sampled"]
+    lines = [f"| variant | rule win vs v0 | on {results['unseen_prompts']} unseen prompts (± s.e.) | "
+             f"{sampled['per_prompt']} samples each at {sampled['temperature']} (± s.e.) | rule mean "
              f"(v0 {results['start_rule_mean']:.3f}) | answers changed | KL to v0 (nats/seq) | approx-KL per update | "
              f"clip fraction | words (v0 {results['start_mean_words']:.1f}) | seconds |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, v in results["variants"].items():
         lines.append(f"| {name} | {v['rule_vs_start']:.3f} | {v['rule_vs_start_unseen']:.3f} ± "
-                     f"{v['rule_vs_start_unseen_se']:.3f} | {v['rule_mean']:.3f} | {v['changed']:.2f} | "
+                     f"{v['rule_vs_start_unseen_se']:.3f} | {v['rule_vs_start_sampled']:.3f} ± "
+                     f"{v['rule_vs_start_sampled_se']:.3f} | {v['rule_mean']:.3f} | {v['changed']:.2f} | "
                      f"{v['kl_last']:.2f} | {v['approx_kl']:.5f} | {v['clip_frac']:.3f} | {v['mean_words']:.1f} | "
                      f"{v['seconds']:.0f} |")
     return "\n".join(lines)
