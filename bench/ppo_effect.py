@@ -13,7 +13,8 @@ the noise-free rule: the win rate (ties half) is what PPO alone did to the polic
 demo's ``rule_vs_start`` column measures it. The same comparison on every prompt neither
 ranked for the RM nor given to PPO (about 200; the 64 test prompts among them) is reported
 beside it with its standard error, on the greedy answers and on two answers per prompt
-sampled at PPO's temperature (the one the demo serves its users at: what they get). Its figures also give the wall time, the final
+sampled at PPO's temperature (the one the demo serves its users at: what they get). Its
+figures also give the wall time, the final
 KL to v0 (PPO's own estimate on its last rollouts) and the RM score of the last rollouts.
 
 The variants start from the demo's ``[cycle.ppo]`` section as it was until 2026-12-04

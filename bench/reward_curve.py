@@ -59,11 +59,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.policy_samples import SampleSet, load_or_sample
-from clients.simulated_labeler import RULES
+from clients.simulated_labeler import NOISE_P, RULES
 
 SIZES = (250, 500, 1000, 2000, 4000, 8000)
 K = 9
-NOISE_P = 0.16
 TEST_PROMPTS = 64
 TRAIN_SEEDS = (1, 2, 5, 6)  # four training labelers, round robin over the prompts
 HELD_OUT_SEEDS = (3, 4)  # two held-out labelers rank every test prompt

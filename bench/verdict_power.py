@@ -25,17 +25,20 @@ import argparse
 import random
 from typing import Any, Sequence
 
+from clients.simulated_labeler import NOISE_P, noisy_ranking
+
 ALPHA = 0.01  # scripts/demo.py's
-NOISE_P = 0.16  # the demo's labelers: each untied pair reversed with this probability
 HELD_OUT_LABELERS = 2  # the demo's group B
 TIE_SHARE = 0.1  # prompts the rule ties (the labelers pass): about a tenth of the demo's test prompts
+PROMPTS = (64, 128)
+RULE_WINS = (0.5, 0.6, 0.65, 0.7, 0.75)
+TRIALS = 2000
 
 
 def simulate(prompts: int, rule_win: float, trials: int, seed: int = 0, labelers: int = HELD_OUT_LABELERS,
              noise: float = NOISE_P, tie_share: float = TIE_SHARE, alpha: float = ALPHA) -> dict[str, float]:
     """The share of ``trials`` simulated verdicts each test calls significant. ``rule_win``: how
     often the rule prefers the new policy's answer on a prompt it does not tie."""
-    from clients.simulated_labeler import noisy_ranking
     from trainer.evaluate import binomial_sf_one_sided, sign_flip_p_value
 
     rng = random.Random(seed)
@@ -55,11 +58,6 @@ def simulate(prompts: int, rule_win: float, trials: int, seed: int = 0, labelers
         significant["prompt"] += sign_flip_p_value(net) < alpha
         significant["pooled"] += binomial_sf_one_sided(wins, wins + losses) < alpha
     return {name: count / trials for name, count in significant.items()}
-
-
-PROMPTS = (64, 128)
-RULE_WINS = (0.5, 0.6, 0.65, 0.7, 0.75)
-TRIALS = 2000
 
 
 def run(prompts: Sequence[int] = PROMPTS, rule_wins: Sequence[float] = RULE_WINS, trials: int = TRIALS) -> dict[str, Any]:

@@ -58,7 +58,7 @@ import grpc  # noqa: E402
 
 from clients.client import RlhfClient  # noqa: E402
 from clients.prompts import load_prompts  # noqa: E402
-from clients.simulated_labeler import SimulatedLabeler, concise_polite, noisy_ranking  # noqa: E402
+from clients.simulated_labeler import NOISE_P, SimulatedLabeler, concise_polite, noisy_ranking  # noqa: E402
 from common.identity import generate_api_key, hash_api_key, split_for_user  # noqa: E402
 from common.store import Store, add_api_key  # noqa: E402
 from rlhf.v1 import admin_pb2, feedback_pb2_grpc  # noqa: E402
@@ -72,7 +72,6 @@ USERS = {"train": 8, "val": 3, "test": 2}
 LABELERS = [("lab-a1", "A", 1), ("lab-a2", "A", 2), ("lab-a3", "A", 5), ("lab-a4", "A", 6),
             ("lab-b1", "B", 3), ("lab-b2", "B", 4)]
 HELD_OUT = "B"
-NOISE_P = 0.16
 CEILING_RULE = 1 - NOISE_P  # a noisy labeler agrees with the rule this often (0.84)
 CEILING_PEERS = 1 - 2 * NOISE_P * (1 - NOISE_P)  # ... and with another such labeler (0.73)
 ALPHA = 0.01  # the demo fails unless the held-out labelers prefer the final policy at p < ALPHA

@@ -45,7 +45,10 @@ def test_a_policy_that_follows_the_rule_wins_significantly(demo_module, tmp_path
     assert result["p_value_pooled"] < result["p_value"]
 
 
-def test_the_verdict_counts_prompts_not_judgements(demo_module, tmp_path: Path) -> None:
+def test_the_verdict_counts_prompts_not_judgements(demo_module, tmp_path: Path, monkeypatch) -> None:
+    # Noise-free held-out labelers: both give the rule's verdict on every pair, so each prompt's
+    # two verdicts are one observation said twice.
+    monkeypatch.setattr(demo_module, "NOISE_P", 0.0)
     prompts = [f"Tell me about rivers number {i}" for i in range(40)]
     good = "Thanks for asking about rivers: I am glad to help with a short and clear answer about them today."
     bad = "In 1999 " + " ".join(itertools.repeat("water flows down", 20))
@@ -53,10 +56,11 @@ def test_the_verdict_counts_prompts_not_judgements(demo_module, tmp_path: Path) 
     new, old = [good] * 25 + [bad] * 15, [bad] * 25 + [good] * 15
     result = demo_module.compare_with_v0(make_demo(demo_module, tmp_path, new, old, prompts), 3)
     assert result["rule_win_rate"] == 0.625
-    # Were both labelers noise-free, the prompt-level test would be the sign test of 25 of 40,
-    # p = 0.077, where pooling their 50 : 30 verdicts would claim 0.017.
-    assert result["p_value"] > 0.05
-    assert result["held_out_wins"] > result["held_out_losses"]
+    assert (result["held_out_wins"], result["held_out_losses"]) == (50, 30)
+    # The prompt-level test is the sign test of 25 of 40 prompts, p = 0.077; pooling the 50 : 30
+    # verdicts would claim 0.017.
+    assert result["p_value"] == pytest.approx(0.07692997208141605, rel=1e-9)
+    assert result["p_value_pooled"] == pytest.approx(0.01649630921323809, rel=1e-9)
 
 
 def test_identical_answers_carry_no_comparison(demo_module, tmp_path: Path) -> None:
