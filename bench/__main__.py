@@ -34,6 +34,7 @@ BENCHMARKS = [
     ("bench.rollouts", "PPO rollouts in the trainer: HF generate vs a weight-synced vLLM engine"),
     ("bench.reward_curve", "Reward model learning curve: accuracy on unseen rankings vs training comparisons"),
     ("bench.ppo_effect", "PPO's effect in one cycle by the noise-free rule: the demo's recipe and its variants"),
+    ("bench.best_of_n", "What the reward model is worth at best: best-of-n by the RM, judged by the noise-free rule"),
     ("bench.verdict_power", "The demo's verdict as a test: false-positive rate and power"),
 ]
 
