@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from bench import report
 
 SIZES = (500, 2000, 4000, 8000)  # the demo's cycles train on about 2,000 (cycle 1) to 4,000 (cycle 3)
 NS = (1, 2, 4, 8)  # 8: the most a prompt's nine samples allow with one left to meet
@@ -253,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results = distil(args.rule) if args.distil else run(args.rule, args.sizes)
-    print(results["markdown"])
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report(results, args.json)
     return 0
 
 

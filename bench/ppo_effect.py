@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench import report
+
 DEMO_TOML = Path(__file__).resolve().parent.parent / "scripts" / "demo_trainer.toml"
 LABEL_TOKENS = 64  # the demo's labeling sample length (scripts/demo.py Plan.label_max_new_tokens)
 PPO_PROMPTS = 32  # the demo's first cycle: 32 new train-split prompts (Plan.first_train_prompts)
@@ -75,6 +77,8 @@ VARIANTS: dict[str, list[str]] = {
     # more rollouts per cycle at what top-layers PPO saves: 12 iterations cost about the demo's 4 full ones x 2
     "top 6 layers, 12 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=12"],
     "top 6 layers, 24 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=24"],
+    # how far PPO gets with what a cycle cannot afford: 1,152 rollouts (36 passes over the 32 prompts)
+    "top 6 layers, 96 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=96"],
 }
 
 
@@ -254,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results = run(args.rule, args.pairs, args.variants)
-    print(results["markdown"])
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report(results, args.json)
     return 0
 
 

@@ -50,7 +50,6 @@ rule into what the noise costs and what the recipe (its features, its data) leav
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
@@ -58,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench import report
 from bench.policy_samples import SampleSet, load_or_sample
 from clients.simulated_labeler import NOISE_P, RULES
 
@@ -373,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.cap is not None or args.noise != NOISE_P) and not args.quick:
         parser.error("--cap and --noise change the curves only: use them with --quick")
     results = run(args.sizes, quick=args.quick, recipes=args.recipes, rule=args.rule, cap=args.cap, noise=args.noise)
-    print(results["markdown"])
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+    report(results, args.json)
     return 0
 
 
