@@ -79,6 +79,10 @@ VARIANTS: dict[str, list[str]] = {
     "top 6 layers, 24 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=24"],
     # how far PPO gets with what a cycle cannot afford: 1,152 rollouts (36 passes over the 32 prompts)
     "top 6 layers, 96 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=96"],
+    # the same with a KL budget near best-of-8's (1.2 nats per answer, bench.best_of_n): the adaptive controller,
+    # its horizon short enough to move beta up to ~35x within the run
+    "top 6 layers, 96 iterations, KL target 1 nat": ["train_mode=top_layers", "top_layers=6", "iterations=96",
+                                                      "kl_control=adaptive", "kl_target=1.0", "kl_horizon=64"],
 }
 
 
