@@ -19,7 +19,17 @@ picks its RM-best, which meets every sample outside the subset (an independent d
 same policy) by the rule, ties half (``best_of_n_win``). Beside each RM: the rule picking
 (a perfect RM; the ceiling) and a picker at random (0.5, the check).
 
+``--distil``: can a policy LEARN the picks within a cycle's means? Best-of-n costs n samples
+per served answer; one round of rejection-sampling fine-tuning (Llama 2's) makes it the
+policy's own. The RM on the first 2,000 pairs (about the demo's first cycle) picks the best
+of nine on each of the next ``DISTIL_PROMPTS`` pool prompts (prompts it did not train on),
+the demo's ``[cycle.sft]`` trains v0 on the picks, and its greedy answers, and two sampled at
+the served temperature, meet v0's by the rule on every prompt that trained nothing. The
+same with the rule picking (the ceiling) and with a random pick (fine-tuning on the model's
+own samples with no selection: the control).
+
     python -m bench.best_of_n [--rule NAME] [--sizes 500 2000 4000 8000] [--json FILE]
+    python -m bench.best_of_n --distil [--rule NAME] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,6 +52,11 @@ DISTIL_PROMPTS = 96  # pool prompts whose picks train the SFT model
 DISTIL_VAL = 16  # and the picks that choose its epoch (validation loss)
 
 
+def pick(picker: Sequence[float], indexes: Sequence[int]) -> int:
+    """The index among ``indexes`` that ``picker`` scores highest (the first on a tie)."""
+    return max(indexes, key=lambda i: (picker[i], -i))
+
+
 def best_of_n_win(picker: Sequence[float], truth: Sequence[float], n: int) -> float:
     """How often the ``picker``'s best of n samples beats one more sample by ``truth``, ties half.
 
@@ -55,9 +70,9 @@ def best_of_n_win(picker: Sequence[float], truth: Sequence[float], n: int) -> fl
         raise ValueError(f"best of {n} needs 1 <= n < {k} (one sample left to meet)")
     total, meetings = 0.0, 0
     for subset in itertools.combinations(range(k), n):
-        pick = max(subset, key=lambda i: (picker[i], -i))
+        best = pick(picker, subset)
         for other in set(range(k)) - set(subset):
-            total += 1.0 if truth[pick] > truth[other] else 0.5 if truth[pick] == truth[other] else 0.0
+            total += 1.0 if truth[best] > truth[other] else 0.5 if truth[best] == truth[other] else 0.0
             meetings += 1
     return total / meetings
 
@@ -67,15 +82,12 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def win_and_error(per_prompt: Sequence[float]) -> tuple[float, float]:
-    """The mean over prompts and its standard error."""
-    return statistics.fmean(per_prompt), statistics.pstdev(per_prompt) / len(per_prompt) ** 0.5
-
-
 def pickers_figures(pickers: dict[str, list[list[float]]], truth: list[list[float]],
                     ns: Sequence[int] = NS) -> dict[str, dict[int, tuple[float, float]]]:
     """Each picker's best-of-n win by ``truth`` (per prompt: ``picker[i]``, ``truth[i]``), with its error."""
-    return {name: {n: win_and_error([best_of_n_win(p, t, n) for p, t in zip(scores, truth)]) for n in ns}
+    from bench.ppo_effect import mean_and_error
+
+    return {name: {n: mean_and_error([best_of_n_win(p, t, n) for p, t in zip(scores, truth)]) for n in ns}
             for name, scores in pickers.items()}
 
 
@@ -195,8 +207,9 @@ def distil(rule: str = "concise_polite") -> dict[str, Any]:
                    "at random (no selection)": [[coin.random() for _ in row.texts] for row in picked_rows]}
         for name, picker in pickers.items():
             started = time.perf_counter()
-            picks = [Demonstration(user_turn(row.prompt), row.texts[max(range(K), key=lambda j: (p[j], -j))], str(i))
-                     for i, (row, p) in enumerate(zip(picked_rows, picker))]
+            chosen = [pick(p, range(K)) for p in picker]
+            picks = [Demonstration(user_turn(row.prompt), row.texts[j], str(i))
+                     for i, (row, j) in enumerate(zip(picked_rows, chosen))]
             out = work / f"sft-{len(results['pickers'])}"
             train_sft(model_dir, picks[:DISTIL_PROMPTS], picks[DISTIL_PROMPTS:], cycle.sft, out)
             greedy = greedy_answers(out, unseen, max_new)
@@ -204,7 +217,8 @@ def distil(rule: str = "concise_polite") -> dict[str, Any]:
             win, se = rule_win_and_error(score, unseen, greedy, start_greedy)
             win_sampled, se_sampled = rule_win_over_samples(score, unseen, sampled, start_sampled)
             results["pickers"][name] = {
-                "picks_rule_mean": statistics.fmean(score(d.messages[-1]["content"], d.response) for d in picks),
+                "picks_rule_mean": statistics.fmean(score(row.prompt, row.texts[j])
+                                                    for row, j in zip(picked_rows, chosen)),
                 "greedy_win": win, "greedy_se": se, "sampled_win": win_sampled, "sampled_se": se_sampled,
                 "changed": statistics.fmean(a != b for a, b in zip(greedy, start_greedy)),
                 "seconds": time.perf_counter() - started}

@@ -93,15 +93,19 @@ def demo_configs(overrides: Sequence[str] = ()) -> Any:
     return load_trainer_config(DEMO_TOML, [f"cycle.ppo.{o}" for o in overrides]).cycle
 
 
+def mean_and_error(per_prompt: Sequence[float]) -> tuple[float, float]:
+    """The mean of per-prompt outcomes and its standard error (their spread / sqrt(n))."""
+    import statistics
+
+    return statistics.fmean(per_prompt), statistics.pstdev(per_prompt) / len(per_prompt) ** 0.5
+
+
 def rule_win_and_error(rule: Any, prompts: Sequence[str], new: Sequence[str],
                        old: Sequence[str]) -> tuple[float, float]:
     """How often ``new`` answers beat ``old`` by the rule, ties half (as trainer.evaluate.win_rate),
     and its standard error (the per-prompt outcomes' spread / sqrt(n))."""
-    import statistics
-
-    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0
-                for a, b in ((rule(p, x), rule(p, y)) for p, x, y in zip(prompts, new, old))]
-    return statistics.fmean(outcomes), statistics.pstdev(outcomes) / len(outcomes) ** 0.5
+    return mean_and_error([1.0 if a > b else 0.5 if a == b else 0.0
+                           for a, b in ((rule(p, x), rule(p, y)) for p, x, y in zip(prompts, new, old))])
 
 
 def rule_win_over_samples(rule: Any, prompts: Sequence[str], new: Sequence[Sequence[str]],
@@ -114,7 +118,7 @@ def rule_win_over_samples(rule: Any, prompts: Sequence[str], new: Sequence[Seque
     per_prompt = [statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0
                                    for a, b in ((rule(p, n[i]), rule(p, o[i])) for n, o in zip(new, old)))
                   for i, p in enumerate(prompts)]
-    return statistics.fmean(per_prompt), statistics.pstdev(per_prompt) / len(per_prompt) ** 0.5
+    return mean_and_error(per_prompt)
 
 
 def answer_figures(rule: Any, prompts: Sequence[str], answers: Sequence[str]) -> tuple[float, float]:
