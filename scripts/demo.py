@@ -518,9 +518,7 @@ def compare_versions(demo: Demo, version: int, other: int) -> dict[str, Any]:
     two labelers judging the same pair of answers are not two independent samples; ties carry
     no comparison). ``p_value_pooled`` is the binomial test on the pooled strict preferences,
     the demo's test until 2026-12-05, kept so older runs can be compared."""
-    import torch
-
-    from trainer.evaluate import binomial_sf_one_sided, sign_flip_p_value, win_rate
+    from trainer.evaluate import binomial_sf_one_sided, sign_flip_p_value
 
     pairs = list(zip(demo.test_set, demo.answers[version], demo.answers[other]))
     scores = [(concise_polite(q, new), concise_polite(q, old)) for q, new, old in pairs]  # (vN, other) per prompt
@@ -534,12 +532,12 @@ def compare_versions(demo: Demo, version: int, other: int) -> dict[str, Any]:
             order = noisy_ranking(list(pair), NOISE_P, rng)
             won, lost = order[0] == [0], order[0] == [1]
             wins, losses, net[i] = wins + won, losses + lost, net[i] + won - lost
-    new_scores, old_scores = (torch.tensor(column) for column in zip(*scores))
     return {"version": version, "other": other, "held_out_wins": wins, "held_out_losses": losses,
             "held_out_win_rate": wins / (wins + losses) if wins + losses else None,
             "p_value": sign_flip_p_value(net), "p_value_pooled": binomial_sf_one_sided(wins, wins + losses),
-            "rule_win_rate": win_rate(new_scores, old_scores),  # ties count half
-            "hidden_rule_mean": float(new_scores.mean()), "hidden_rule_mean_v0": float(old_scores.mean()),
+            "rule_win_rate": rule_win_rate(scores),
+            "hidden_rule_mean": mean([new for new, _ in scores]),
+            "hidden_rule_mean_v0": mean([old for _, old in scores]),
             "mean_words": mean([len(a.split()) for _, a, _ in pairs])}
 
 
@@ -547,14 +545,19 @@ def gate_rule_win_rate(examples: list[dict[str, Any]]) -> float | None:
     """The noise-free rule's win rate of the candidate's answers over the serving policy's on
     the gate's own prompts (the answers its judge scored, kept by ``cycle.eval.keep_answers``;
     ties count half): whether the gate's call, a refusal included, was the rule's."""
+    if not examples:
+        return None
+    return rule_win_rate([(concise_polite(e["prompt"], e["candidate"]), concise_polite(e["prompt"], e["serving"]))
+                          for e in examples])
+
+
+def rule_win_rate(scores: list[tuple[float, float]]) -> float:
+    """How often the first of each (new, old) pair of the rule's scores is the higher, ties
+    half (``trainer.evaluate.win_rate``, the gate's measure)."""
     import torch
 
     from trainer.evaluate import win_rate
 
-    if not examples:
-        return None
-    scores = [(concise_polite(e["prompt"], e["candidate"]), concise_polite(e["prompt"], e["serving"]))
-              for e in examples]
     new_scores, old_scores = (torch.tensor(column) for column in zip(*scores))
     return win_rate(new_scores, old_scores)
 
