@@ -631,8 +631,11 @@ def summarise(n: int, cycle: admin_pb2.Cycle, version: int, vs_v0: dict[str, Any
     m = json.loads(cycle.metrics_json or "{}")
     rm, ev = m.get("rm", {}).get("rm", {}), m.get("evaluate", {})
     by_group = rm.get("val", {}).get("by_group", {})
-    # the held-out labelers' rankings of samples from the policy serving when the cycle began
-    now = rm.get("val", {}).get("by_group_version", {}).get(HELD_OUT, {}).get(str(cycle.base_version), {})
+    # the held-out labelers' rankings of the newest policy's samples: the policy serving while the
+    # previous cycle trained (people work for cycle n + 1 while cycle n trains), so after a promotion
+    # not yet the one serving when this cycle began
+    held_out_versions = rm.get("val", {}).get("by_group_version", {}).get(HELD_OUT, {})
+    newest = held_out_versions[max(held_out_versions, key=int)] if held_out_versions else {}
     vs_start, vs_replaced = effect.get("vs_start", {}), effect.get("vs_replaced", {})
     return {
         "cycle": n, "id": cycle.cycle_id, "state": FINISHED[cycle.state], "serving": version,
@@ -640,7 +643,8 @@ def summarise(n: int, cycle: admin_pb2.Cycle, version: int, vs_v0: dict[str, Any
         "prompts": data["prompts"], "rankings": data["rankings"], "demos": data["demos"],
         "sft": m.get("sft", {}).get("ran"),
         "rm_acc_A": by_group.get("A", {}).get("accuracy"), "rm_acc_B": by_group.get(HELD_OUT, {}).get("accuracy"),
-        "rm_acc_B_now": now.get("accuracy"), "rm_pairs": rm.get("num_train_pairs"),
+        "rm_acc_B_newest": newest.get("accuracy"), "rm_B_newest_n": newest.get("num_comparisons"),
+        "rm_pairs": rm.get("num_train_pairs"),
         "judge_acc": m.get("rm", {}).get("judge", {}).get("val", {}).get("accuracy"),
         "judge_acc_B": m.get("rm", {}).get("judge", {}).get("val", {}).get("by_group", {}).get(HELD_OUT, {})
         .get("accuracy"),
@@ -665,7 +669,9 @@ COLUMNS = [
     ("rm_pairs", 8, "pairwise comparisons PPO's RM trained on (all train-split rankings of the training labelers)"),
     ("rm_acc_A", 8, "PPO's RM: pairwise accuracy on group A's val-split rankings (unseen)"),
     ("rm_acc_B", 8, "PPO's RM: pairwise accuracy on held-out group B's rankings (never trained on)"),
-    ("rm_acc_B_now", 12, "... on group B's rankings of the samples of the policy serving when the cycle began"),
+    ("rm_acc_B_newest", 15, "... on group B's rankings of the newest policy's samples (the policy serving while "
+                            "the previous cycle trained: people work for the next cycle while one trains)"),
+    ("rm_B_newest_n", 13, "... how many rankings that figure rests on"),
     ("judge_acc", 9, "the gate's judge: pairwise accuracy on rankings it never trained on"),
     ("gate_win", 8, "the judge's win rate of the candidate over the serving policy on the gate's prompts"),
     ("gate_rule", 9, "the noise-free rule's win rate on the same prompts and answers: was the gate's call right?"),
