@@ -45,6 +45,9 @@ SAMPLED_ANSWERS = 2  # sampled answers per unseen prompt, at the served temperat
 # Each variant: overrides of the demo's [cycle.ppo] (cycle.ppo.* keys without the prefix). The
 # ablations change one thing of BASE, the demo's PPO until 2026-12-04 (fp32, 3 iterations of 12).
 BASE = ["dtype=float32", "iterations=3"]
+TOP6 = ["train_mode=top_layers", "top_layers=6"]  # backward through the top 6 of 30 layers only
+KL_1_NAT = ["kl_control=adaptive", "kl_target=1.0", "kl_horizon=64"]  # adaptive beta, target 1 nat per answer
+
 VARIANTS: dict[str, list[str]] = {
     "demo": [],  # scripts/demo_trainer.toml as it is: bf16 autocast, 4 iterations, rollouts at 0.7
     "fp32, 3 iterations": BASE,
@@ -69,29 +72,25 @@ VARIANTS: dict[str, list[str]] = {
     "rollouts at temperature 1.0": ["temperature=1.0"],  # the demo until 2026-12-05
     "rollouts at temperature 0.7": ["temperature=0.7"],  # the demo now
     "rollouts at temperature 0.5": ["temperature=0.5"],
-    # train_mode "top_layers" on the demo's section: backward through the top 6 of 30 layers only
-    "top 6 layers": ["train_mode=top_layers", "top_layers=6"],
-    "top 6 layers, 6 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=6"],
-    "top 6 layers, 6 iterations, lr 6e-5": ["train_mode=top_layers", "top_layers=6", "iterations=6",
-                                            "policy_lr=6e-5", "value_lr=6e-5"],
+    # train_mode "top_layers" on the demo's section (TOP6)
+    "top 6 layers": TOP6,
+    "top 6 layers, 6 iterations": TOP6 + ["iterations=6"],
+    "top 6 layers, 6 iterations, lr 6e-5": TOP6 + ["iterations=6", "policy_lr=6e-5", "value_lr=6e-5"],
     # more rollouts per cycle at what top-layers PPO saves: 12 iterations cost about the demo's 4 full ones x 2
-    "top 6 layers, 12 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=12"],
-    "top 6 layers, 24 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=24"],
+    "top 6 layers, 12 iterations": TOP6 + ["iterations=12"],
+    "top 6 layers, 24 iterations": TOP6 + ["iterations=24"],
     # how far PPO gets with what a cycle cannot afford: 1,152 rollouts (36 passes over the 32 prompts)
-    "top 6 layers, 96 iterations": ["train_mode=top_layers", "top_layers=6", "iterations=96"],
+    "top 6 layers, 96 iterations": TOP6 + ["iterations=96"],
     # the same with a KL budget near best-of-8's (1.2 nats per answer, bench.best_of_n): the adaptive controller,
     # its horizon short enough to move beta up to ~35x within the run
-    "top 6 layers, 96 iterations, KL target 1 nat": ["train_mode=top_layers", "top_layers=6", "iterations=96",
-                                                      "kl_control=adaptive", "kl_target=1.0", "kl_horizon=64"],
+    "top 6 layers, 96 iterations, KL target 1 nat": TOP6 + ["iterations=96"] + KL_1_NAT,
     # within a cycle's budget: the same 1-nat budget at 288 rollouts, as 24 iterations of 12 and as 6 of 48 (one
     # generate call and one forward per 48 rollouts: cheaper per rollout on a CPU; the same 72 update steps)
-    "top 6 layers, 24 iterations, KL target 1 nat": ["train_mode=top_layers", "top_layers=6", "iterations=24",
-                                                      "kl_control=adaptive", "kl_target=1.0", "kl_horizon=64"],
-    "top 6 layers, 6 iterations of 48": ["train_mode=top_layers", "top_layers=6", "iterations=6",
-                                         "rollouts_per_iteration=48", "forward_batch_size=24"],
-    "top 6 layers, 6 iterations of 48, KL target 1 nat": ["train_mode=top_layers", "top_layers=6", "iterations=6",
-                                                           "rollouts_per_iteration=48", "forward_batch_size=24",
-                                                           "kl_control=adaptive", "kl_target=1.0", "kl_horizon=64"],
+    "top 6 layers, 24 iterations, KL target 1 nat": TOP6 + ["iterations=24"] + KL_1_NAT,
+    "top 6 layers, 6 iterations of 48": TOP6 + ["iterations=6", "rollouts_per_iteration=48",
+                                                "forward_batch_size=24"],
+    "top 6 layers, 6 iterations of 48, KL target 1 nat": TOP6 + ["iterations=6", "rollouts_per_iteration=48",
+                                                                 "forward_batch_size=24"] + KL_1_NAT,
 }
 
 
