@@ -63,6 +63,8 @@ def best_of_n_win(picker: Sequence[float], truth: Sequence[float], n: int) -> fl
     Exact over one prompt's K samples: every n-subset (its pick: the highest ``picker`` score,
     the first on a tie) against every sample outside it; needs 1 <= n < K.
     """
+    from bench.ppo_effect import duel
+
     k = len(truth)
     if len(picker) != k:
         raise ValueError(f"{len(picker)} picker scores for {k} samples")
@@ -72,7 +74,7 @@ def best_of_n_win(picker: Sequence[float], truth: Sequence[float], n: int) -> fl
     for subset in itertools.combinations(range(k), n):
         best = pick(picker, subset)
         for other in set(range(k)) - set(subset):
-            total += 1.0 if truth[best] > truth[other] else 0.5 if truth[best] == truth[other] else 0.0
+            total += duel(truth[best], truth[other])
             meetings += 1
     return total / meetings
 

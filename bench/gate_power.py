@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.ppo_effect import DEMO_TOML
+from bench.ppo_effect import DEMO_TOML, duel
 
 GATE_SIZES = (8, 16, 32)
 SCORERS = ("judge", "rm", "held_in")  # the val-split judge, PPO's RM, the held-in judge
@@ -42,7 +42,7 @@ SUBSETS = 2000  # random prompt subsets per gate size
 
 def gate_says_better(new: Sequence[float], old: Sequence[float], size: int, rng: random.Random) -> float:
     """The share of random ``size``-prompt subsets on which ``new`` wins more than half (ties half)."""
-    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, old)]
+    outcomes = [duel(a, b) for a, b in zip(new, old)]
     passed = 0
     for _ in range(SUBSETS):
         picked = rng.sample(outcomes, size)

@@ -101,6 +101,12 @@ def demo_configs(overrides: Sequence[str] = ()) -> Any:
     return load_trainer_config(DEMO_TOML, [f"cycle.ppo.{o}" for o in overrides]).cycle
 
 
+def duel(a: float, b: float) -> float:
+    """One meeting of two scores: 1 when ``a`` is higher, 0.5 on a tie, else 0 (the win rates'
+    unit here and in ``trainer.evaluate.win_rate``)."""
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
 def mean_and_error(per_prompt: Sequence[float]) -> tuple[float, float]:
     """The mean of per-prompt outcomes and its standard error (their spread / sqrt(n))."""
     import statistics
@@ -112,8 +118,7 @@ def rule_win_and_error(rule: Any, prompts: Sequence[str], new: Sequence[str],
                        old: Sequence[str]) -> tuple[float, float]:
     """How often ``new`` answers beat ``old`` by the rule, ties half (as trainer.evaluate.win_rate),
     and its standard error (the per-prompt outcomes' spread / sqrt(n))."""
-    return mean_and_error([1.0 if a > b else 0.5 if a == b else 0.0
-                           for a, b in ((rule(p, x), rule(p, y)) for p, x, y in zip(prompts, new, old))])
+    return mean_and_error([duel(rule(p, x), rule(p, y)) for p, x, y in zip(prompts, new, old)])
 
 
 def rule_win_over_samples(rule: Any, prompts: Sequence[str], new: Sequence[Sequence[str]],
@@ -123,8 +128,7 @@ def rule_win_over_samples(rule: Any, prompts: Sequence[str], new: Sequence[Seque
     taken over prompts (a prompt's samples are not independent of each other)."""
     import statistics
 
-    per_prompt = [statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0
-                                   for a, b in ((rule(p, n[i]), rule(p, o[i])) for n, o in zip(new, old)))
+    per_prompt = [statistics.fmean(duel(rule(p, n[i]), rule(p, o[i])) for n, o in zip(new, old))
                   for i, p in enumerate(prompts)]
     return mean_and_error(per_prompt)
 
