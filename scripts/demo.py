@@ -626,16 +626,22 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def newest_version(by_version: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The figures of the newest policy version in a ``{version: figures}`` map (versions are
+    JSON keys, so compared as numbers: "10" is newer than "2"); ``{}`` when there is none.
+
+    The RM's accuracy on the held-out labelers' rankings of the newest policy's samples: the
+    policy serving while the previous cycle trained (people work for cycle n + 1 while cycle n
+    trains), so after a promotion not yet the one serving when this cycle began."""
+    return by_version[max(by_version, key=int)] if by_version else {}
+
+
 def summarise(n: int, cycle: admin_pb2.Cycle, version: int, vs_v0: dict[str, Any], effect: dict[str, Any],
               data: dict, during: dict, seconds: float) -> dict[str, Any]:
     m = json.loads(cycle.metrics_json or "{}")
     rm, ev = m.get("rm", {}).get("rm", {}), m.get("evaluate", {})
     by_group = rm.get("val", {}).get("by_group", {})
-    # the held-out labelers' rankings of the newest policy's samples: the policy serving while the
-    # previous cycle trained (people work for cycle n + 1 while cycle n trains), so after a promotion
-    # not yet the one serving when this cycle began
-    held_out_versions = rm.get("val", {}).get("by_group_version", {}).get(HELD_OUT, {})
-    newest = held_out_versions[max(held_out_versions, key=int)] if held_out_versions else {}
+    newest = newest_version(rm.get("val", {}).get("by_group_version", {}).get(HELD_OUT, {}))
     vs_start, vs_replaced = effect.get("vs_start", {}), effect.get("vs_replaced", {})
     return {
         "cycle": n, "id": cycle.cycle_id, "state": FINISHED[cycle.state], "serving": version,

@@ -83,6 +83,12 @@ def test_the_gates_call_is_scored_by_the_rule_on_its_own_answers(demo_module) ->
     assert demo_module.gate_rule_win_rate([]) is None  # a cycle that kept no answers
 
 
+def test_the_newest_version_is_picked_by_number_not_by_text(demo_module) -> None:
+    by_version = {"0": {"accuracy": 0.64}, "10": {"accuracy": 0.71}, "2": {"accuracy": 0.69}}
+    assert demo_module.newest_version(by_version) == {"accuracy": 0.71}  # "2" > "10" as text
+    assert demo_module.newest_version({}) == {}
+
+
 def test_the_report_table_has_every_column(demo_module, tmp_path: Path) -> None:
     demo = make_demo(demo_module, tmp_path, ["a"], ["b"], ["q"])
     row = {name: 0.5 for name, _, _ in demo_module.COLUMNS} | {"cycle": 1, "state": "promoted", "error": ""}
